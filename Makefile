@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:
+#   make demo   the whole pipeline on a tiny bundled subset, offline, on CPU
+#   make test   the test suite (what CI runs)
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test install bench clean
+
+$(BIN)/muse: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# The CPU build of torch from local disk first; the package only asks for a range.
+	$(BIN)/pip install -q torch==2.13.0
+	NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/pip install -q -e '.[dev]'
+	touch $(BIN)/muse
+
+install: $(BIN)/muse
+
+demo: install
+	$(BIN)/python -m flows.demo --output demo-output
+
+test: install
+	$(BIN)/python -m pytest -q
+
+bench: install
+	bash bench/all.sh
+
+clean:
+	rm -rf demo-output muse-data

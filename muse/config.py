@@ -1,0 +1,251 @@
+"""Typed pipeline configuration: one YAML file (`pipeline.yaml`), validated at load.
+
+Every section is a pydantic model with `extra="forbid"`, so a misspelt key fails with
+its dotted path instead of being silently ignored. `--set a.b=value` overrides are
+parsed as YAML scalars and merged before validation, so they get the same checks.
+Cross-field rules (an impossible combination) live in `PipelineConfig._check`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the dotted key and what is allowed."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class StorageConfig(_Section):
+    root: str = Field("./muse-data", description="local folder or gs://bucket/prefix")
+    gcs_project: Optional[str] = Field(None, description="GCP project for gcsfs")
+    work_dir: Optional[str] = Field(
+        None, description="local scratch folder for img2dataset (default: a temp dir)"
+    )
+
+
+class SourceConfig(_Section):
+    paths: list[str] = Field(..., min_length=1, description="URL-list files or globs (local or remote)")
+    format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
+    url_column: str = "URL"
+    caption_column: str = "TEXT"
+    carry_columns: Optional[list[str]] = Field(
+        None, description="extra columns kept in the output; null keeps all other columns"
+    )
+    max_samples: Optional[int] = Field(None, ge=1, description="tiny subset: first N rows overall")
+
+
+class DownloadConfig(_Section):
+    image_size: int = Field(256, ge=8, le=4096)
+    resize_mode: Literal["no", "keep_ratio", "keep_ratio_largest", "center_crop", "border"] = "center_crop"
+    processes: int = Field(4, ge=1)
+    threads: int = Field(32, ge=1)
+    shard_size: int = Field(10000, ge=1)
+    retries: int = Field(2, ge=0)
+    timeout_s: float = Field(10.0, gt=0, description="per socket read (img2dataset's timeout)")
+    deadline_s: float = Field(6 * 3600.0, gt=0, description="overall limit for one img2dataset run")
+    encode_quality: int = Field(95, ge=1, le=100)
+    distributor: Literal["multiprocessing", "spark"] = "multiprocessing"
+    user_agent_token: Optional[str] = None
+
+
+class EncodeConfig(_Section):
+    text_model: str = "google/t5-v1_1-base"
+    text_max_length: int = Field(77, ge=1, le=512)
+    text_dtype: Literal["fp32", "bf16"] = "fp32"
+    vq_model: str = "amused/amused-256"
+    vq_subfolder: Optional[str] = "vqvae"
+    vq_format: Literal["diffusers", "open-muse"] = "diffusers"
+    superres: bool = False
+    superres_vq_model: str = "warp-ai/wuerstchen"
+    superres_vq_subfolder: Optional[str] = "vqgan"
+    superres_vq_format: Literal["diffusers", "open-muse"] = "diffusers"
+    batch_size: int = Field(64, ge=1)
+    row_group_size: int = Field(256, ge=1)
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    prefetch_batches: int = Field(2, ge=0)
+
+    def version(self) -> str:
+        """Dataset version: a short hash of everything that changes the encoded values."""
+        keys = ("text_model", "text_max_length", "text_dtype", "vq_model", "vq_subfolder",
+                "vq_format", "superres", "superres_vq_model", "superres_vq_subfolder",
+                "superres_vq_format")
+        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+class ModelConfig(_Section):
+    kind: Literal["base", "superres"] = "base"
+    preset: Literal["tiny", "small", "base"] = "base"
+    # Optional overrides of the preset; null keeps the preset's value.
+    hidden_size: Optional[int] = Field(None, ge=8)
+    depth: Optional[int] = Field(None, ge=1)
+    num_heads: Optional[int] = Field(None, ge=1)
+    mlp_ratio: Optional[float] = Field(None, gt=0)
+    mlp: Optional[Literal["gelu", "geglu"]] = None
+    dropout: Optional[float] = Field(None, ge=0, lt=1)
+    codebook_size: int = Field(8192, ge=2)
+    text_dim: int = Field(768, ge=1, description="T5 hidden size of the encoded data")
+
+
+class TrainConfig(_Section):
+    run_name: str = "muse"
+    batch_size: int = Field(16, ge=1, description="per device, per micro-step")
+    grad_accum: int = Field(32, ge=1)
+    epochs: int = Field(1, ge=1)
+    max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; stops early")
+    lr: float = Field(1e-4, gt=0)
+    lr_schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_steps: int = Field(500, ge=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.045, ge=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = Field(1.0, ge=0, description="0 disables clipping")
+    label_smoothing: float = Field(0.1, ge=0, lt=1)
+    cond_dropout: float = Field(0.1, ge=0, le=1, description="P(text replaced by empty caption)")
+    mixed_precision: bool = True
+    nonfinite_fallback: bool = Field(False, description="on K non-finite steps, continue in fp32")
+    max_nonfinite_steps: int = Field(10, ge=1)
+    ema: bool = False
+    ema_decay: float = Field(0.9999, gt=0, lt=1)
+    compile: bool = False
+    seed: int = 0
+    num_workers: int = Field(2, ge=0)
+    shuffle_buffer: int = Field(2048, ge=1)
+    replaced_rows: Literal["keep", "drop", "downweight"] = "keep"
+    replaced_weight: float = Field(0.1, ge=0, le=1)
+    checkpoint_every: int = Field(1000, ge=1)
+    keep_checkpoints: int = Field(3, ge=1)
+    log_every: int = Field(10, ge=1)
+    sample_every: Optional[int] = Field(None, ge=1)
+    nproc_per_node: str = Field("auto", description="torchrun --nproc-per-node: auto, gpu or N")
+    device: str = "auto"
+
+
+class SampleConfig(_Section):
+    prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
+    prompts_file: Optional[str] = None
+    checkpoint: Optional[str] = Field(None, description="base checkpoint dir; null: latest of train.run_name")
+    superres_checkpoint: Optional[str] = None
+    steps: int = Field(24, ge=1)
+    superres_steps: int = Field(8, ge=1)
+    guidance_scale: float = Field(4.0, ge=0)
+    temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
+    seed: int = 0
+    out: str = "samples/sample.png"
+    device: str = "auto"
+
+
+class ScheduleConfig(_Section):
+    cron: str = "0 3 * * *"
+    timezone: str = "UTC"
+    active: bool = True
+
+
+class PipelineConfig(_Section):
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    source: SourceConfig
+    download: DownloadConfig = Field(default_factory=DownloadConfig)
+    encode: EncodeConfig = Field(default_factory=EncodeConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    sample: SampleConfig = Field(default_factory=SampleConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+
+    @model_validator(mode="after")
+    def _check(self) -> "PipelineConfig":
+        if self.encode.superres and self.download.image_size < 512:
+            raise ValueError(
+                "encode.superres=true needs 512px images: set download.image_size >= 512 "
+                f"(it is {self.download.image_size})"
+            )
+        if self.model.kind == "superres" and not self.encode.superres:
+            raise ValueError("model.kind=superres needs the 64x64 tokens: set encode.superres=true")
+        if self.model.hidden_size and self.model.num_heads and self.model.hidden_size % self.model.num_heads:
+            raise ValueError(
+                f"model.hidden_size ({self.model.hidden_size}) must be divisible by "
+                f"model.num_heads ({self.model.num_heads})"
+            )
+        return self
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------- loading
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], value parsed as a YAML scalar/list)."""
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    key, raw = item.split("=", 1)
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {item!r}: empty key segment in {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: cannot parse value {raw!r}: {e}") from None
+    return parts, value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        parts, value = parse_override(item)
+        node = data
+        for i, p in enumerate(parts[:-1]):
+            nxt = node.get(p)
+            if nxt is None:
+                nxt = node[p] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item}: {'.'.join(parts[:i + 1])} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return data
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    lines = [f"invalid config ({source}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "combination"
+        msg = e["msg"].removeprefix("Value error, ")
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key (check spelling; see pipeline.yaml for the allowed keys)"
+        elif e["type"] == "missing":
+            msg = "required value is missing"
+        elif e["type"] == "literal_error":
+            msg = f"{msg}; got {e.get('input')!r}"
+        elif "input" in e and not isinstance(e["input"], dict):
+            msg = f"{msg}; got {e['input']!r}"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def load_config(path: str | Path | None = "pipeline.yaml", overrides: list[str] | None = None,
+                data: dict | None = None) -> PipelineConfig:
+    """Read YAML (or take `data`), apply `--set` overrides, validate. Raises ConfigError."""
+    source = str(path) if data is None else "<dict>"
+    if data is None:
+        p = Path(path)
+        if not p.exists():
+            raise ConfigError(f"config file not found: {p} (pass --config PATH)")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    data = apply_overrides(json.loads(json.dumps(data)), overrides or [])
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as e:
+        raise ConfigError(_format_errors(e, source)) from None

@@ -1,0 +1,176 @@
+"""The storage root: the only module that talks to fsspec.
+
+A root is a local folder (default) or `gs://bucket/prefix` (gcsfs). Everything the
+pipeline writes goes through `Storage`, with paths relative to the root:
+
+    images/00042.parquet            phase 1 shards (+ images/00042_stats.json)
+    encoded/<version>/00042.parquet phase 2 shards (+ encoded/<version>/_MANIFEST.json)
+    checkpoints/<run>/step-000100/  training checkpoints
+
+Writes are atomic: bytes are built in memory and land with one `pipe_file` (GCS objects
+appear only when the upload completes) or a temp file + `os.replace` locally. We never
+use `with fs.open(p, "wb")`, which finalises a truncated object when the body raises.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any, Iterable
+
+# gcsfs 2026.x probes hierarchical-namespace support on every bucket operation, which
+# takes 40-80 s against an emulator; it must be switched off before gcsfs is imported.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+
+import fsspec  # noqa: E402
+
+import yaml  # noqa: E402
+
+
+def shard_name(phase: str, shard_id: int, suffix: str = ".parquet") -> str:
+    """Deterministic shard path: ("images", 42) -> "images/00042.parquet"."""
+    return f"{phase}/{shard_id:05d}{suffix}"
+
+
+def shard_id_of(path: str) -> int:
+    """Inverse of `shard_name` for the file part: ".../00042.parquet" -> 42."""
+    stem = path.rsplit("/", 1)[-1].split(".", 1)[0].split("_", 1)[0]
+    return int(stem)
+
+
+def _make_fs(protocol: str, gcs_project: str | None):
+    if protocol in ("gs", "gcs"):
+        kwargs: dict[str, Any] = {}
+        if gcs_project:
+            kwargs["project"] = gcs_project
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        if emulator:  # fake-gcs-server in tests and the demo: no credentials
+            kwargs.setdefault("project", "test")
+            kwargs["token"] = "anon"
+            kwargs["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
+        return fsspec.filesystem("gs", **kwargs)
+    return fsspec.filesystem(protocol or "file")
+
+
+class Storage:
+    """A storage root with atomic writes. Create one per process (gcsfs is not fork-safe)."""
+
+    def __init__(self, root: str, gcs_project: str | None = None):
+        self.uri = root.rstrip("/") or root
+        self.gcs_project = gcs_project
+        protocol, path = fsspec.core.split_protocol(self.uri)
+        self.protocol = protocol or "file"
+        self.is_local = self.protocol in ("file", "local")
+        if self.is_local:
+            path = str(Path(path).expanduser().resolve())
+        self.root = path.rstrip("/")
+        self.fs = _make_fs(self.protocol, gcs_project)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Storage":
+        """From a PipelineConfig (or its StorageConfig)."""
+        s = getattr(cfg, "storage", cfg)
+        return cls(s.root, s.gcs_project)
+
+    def __getstate__(self):  # rebuild the filesystem in the receiving process
+        return {"uri": self.uri, "gcs_project": self.gcs_project}
+
+    def __setstate__(self, state):
+        self.__init__(state["uri"], state["gcs_project"])
+
+    def __repr__(self) -> str:
+        return f"Storage({self.uri!r})"
+
+    # -- paths
+    def path(self, rel: str) -> str:
+        """Filesystem path (no protocol) of `rel`, for `self.fs` calls."""
+        return f"{self.root}/{rel.lstrip('/')}" if rel else self.root
+
+    def url(self, rel: str = "") -> str:
+        """Full URI of `rel` (gs://bucket/prefix/rel or /abs/path/rel)."""
+        p = self.path(rel)
+        return p if self.is_local else f"{self.protocol}://{p}"
+
+    # -- reads
+    def exists(self, rel: str) -> bool:
+        return self.fs.exists(self.path(rel))
+
+    def read_bytes(self, rel: str) -> bytes:
+        return self.fs.cat_file(self.path(rel))
+
+    def read_json(self, rel: str) -> Any:
+        return json.loads(self.read_bytes(rel))
+
+    def open(self, rel: str, mode: str = "rb"):
+        if "w" in mode or "a" in mode:
+            raise ValueError("use write_bytes/write_json: writes must be atomic")
+        return self.fs.open(self.path(rel), mode)
+
+    def size(self, rel: str) -> int:
+        return int(self.fs.size(self.path(rel)))
+
+    def list(self, prefix: str, suffix: str = "") -> list[str]:
+        """Sorted relative paths of files directly under `prefix` ending with `suffix`."""
+        self.invalidate()
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return []
+        out = []
+        for p in self.fs.ls(base, detail=False):
+            name = p.rstrip("/").rsplit("/", 1)[-1]
+            if name.endswith(suffix) and not name.startswith("."):
+                out.append(f"{prefix.rstrip('/')}/{name}")
+        return sorted(out)
+
+    def invalidate(self) -> None:
+        """Forget cached listings (another process may have written since)."""
+        if hasattr(self.fs, "invalidate_cache"):
+            self.fs.invalidate_cache()
+
+    # -- writes (all atomic)
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.path(rel)
+        if self.is_local:
+            Path(target).parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{Path(target).name}.", suffix=f".{uuid.uuid4().hex[:6]}.tmp",
+                                       dir=str(Path(target).parent))
+            try:
+                with os.fdopen(fd, "wb") as f:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                Path(tmp).unlink(missing_ok=True)
+                raise
+        else:
+            self.fs.pipe_file(target, data)
+        self.invalidate()
+
+    def write_json(self, rel: str, obj: Any) -> None:
+        self.write_bytes(rel, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+
+    def write_text(self, rel: str, text: str) -> None:
+        self.write_bytes(rel, text.encode())
+
+    def write_config(self, rel_dir: str, cfg) -> None:
+        """The resolved config next to the outputs it produced: `<rel_dir>/_config.yaml`."""
+        text = cfg.to_yaml() if hasattr(cfg, "to_yaml") else yaml.safe_dump(cfg, sort_keys=False)
+        self.write_text(f"{rel_dir.rstrip('/')}/_config.yaml", text)
+
+    def upload_file(self, local_path: str | Path, rel: str) -> None:
+        """Copy a local file to `rel` atomically (read into memory: shards are bounded)."""
+        self.write_bytes(rel, Path(local_path).read_bytes())
+
+    def delete(self, rel: str, recursive: bool = False) -> None:
+        p = self.path(rel)
+        if self.fs.exists(p):
+            self.fs.rm(p, recursive=recursive)
+        self.invalidate()
+
+    def delete_many(self, rels: Iterable[str]) -> None:
+        for r in rels:
+            self.delete(r)

@@ -1,0 +1,35 @@
+"""Shared fixtures: a real GCS emulator, quiet threads, offline hub."""
+
+import os
+
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+import pytest  # noqa: E402
+
+from muse.emulator import GCSEmulator  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def gcs_emulator():
+    """One fake-gcs-server for the session; sets STORAGE_EMULATOR_HOST."""
+    with GCSEmulator() as emu:
+        yield emu
+
+
+@pytest.fixture
+def gcs_root(gcs_emulator) -> str:
+    """A fresh bucket per test: 'gs://b-xxxx/data'."""
+    return gcs_emulator.new_root()
+
+
+@pytest.fixture(params=["local", "gcs"])
+def any_root(request, tmp_path) -> str:
+    """Run a test against a local folder and against the GCS emulator."""
+    if request.param == "local":
+        return str(tmp_path / "root")
+    return request.getfixturevalue("gcs_root")
