@@ -32,10 +32,11 @@ SLOW_SECONDS = 6.0
 def source_image(n: int, w: int = 320, h: int = 240) -> Image.Image:
     """A deterministic, non-uniform RGB picture (so resizing is observable)."""
     yy, xx = np.mgrid[0:h, 0:w]
-    r = (xx * 255 // max(w - 1, 1) + 37 * n) % 256
-    g = (yy * 255 // max(h - 1, 1) + 91 * n) % 256
-    b = ((xx // 40 + yy // 40) % 2) * 180 + (n * 13) % 60
-    return Image.fromarray(np.stack([r, g, b], -1).astype(np.uint8), "RGB")
+    # smooth ramps and a soft wave (hard edges would make JPEG error dominate the checks)
+    r = xx * 180 / max(w - 1, 1) + (37 * n) % 60
+    g = yy * 180 / max(h - 1, 1) + (91 * n) % 60
+    b = 120 + 100 * np.sin(xx / w * 6.28 + n) * np.cos(yy / h * 3.14)
+    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8), "RGB")
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -79,6 +80,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_GET(self):  # noqa: N802
         path = self.path.split("?", 1)[0]
+        self.server.requests.append(path)  # tests check what was (not) fetched
         if path == "/slow":
             time.sleep(SLOW_SECONDS)  # longer than the client's socket timeout
             path = "/img/1.jpg"
@@ -104,8 +106,13 @@ class ImageServer:
     def __init__(self):
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
+        self.httpd.requests = []
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[str]:
+        return self.httpd.requests
 
     def url(self, path: str) -> str:
         return f"http://127.0.0.1:{self.port}{path}"

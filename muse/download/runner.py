@@ -8,6 +8,7 @@ neither failed shards nor a non-zero exit, so we run its CLI in its own process 
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import subprocess
@@ -51,6 +52,22 @@ def _tail(log: Path, n: int = 2000) -> str:
         return ""
 
 
+def _kill_leftover(pgid_file: Path) -> None:
+    """A crashed earlier run can leave img2dataset running in this work dir: stop it first."""
+    try:
+        pgid = int(pgid_file.read_text())
+        cmdline = Path(f"/proc/{pgid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return
+    if b"img2dataset" in cmdline:  # the pid was not reused by something else
+        print(f"[download] stopping a leftover img2dataset (process group {pgid})", file=sys.stderr)
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        time.sleep(0.5)
+
+
 def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label: str,
                     expected: int) -> None:
     """Run to completion or raise DownloadError; progress lines go to stderr."""
@@ -59,10 +76,18 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
     cmd = [sys.executable, "-c", "from img2dataset.main import main; main()",
            *img2dataset_args(input_path, out_dir, dl, shard_size)]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
+    lock = open(out_dir.parent / ".lock", "w")  # noqa: SIM115 - held until we return
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise DownloadError(f"{label}: another download is using {out_dir.parent}") from None
+    pgid_file = out_dir.parent / "img2dataset.pgid"
+    _kill_leftover(pgid_file)
     start = time.monotonic()
-    with open(log, "ab") as logf:
+    with lock, open(log, "ab") as logf:
         proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 env=env, start_new_session=True)
+        pgid_file.write_text(str(proc.pid))
         try:
             last = start
             while proc.poll() is None:
