@@ -45,6 +45,20 @@ def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> li
     return [f"--{k}={v}" for k, v in args.items()]
 
 
+def _launcher(distributor: str) -> str:
+    """Python code that starts img2dataset's CLI.
+
+    For spark we create the session first with `getOrCreate()`, which honours the usual
+    Spark settings (PYSPARK_SUBMIT_ARGS="--master spark://host:7077 pyspark-shell",
+    $SPARK_CONF_DIR/spark-defaults.conf); img2dataset then uses that active session
+    instead of building its own `local[processes]` one.
+    """
+    run = "from img2dataset.main import main; main()"
+    if distributor == "spark":
+        return "from pyspark.sql import SparkSession; SparkSession.builder.appName('muse-download').getOrCreate(); " + run
+    return run
+
+
 def _tail(log: Path, n: int = 2000) -> str:
     try:
         return log.read_text(errors="replace")[-n:]
@@ -73,8 +87,7 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
     """Run to completion or raise DownloadError; progress lines go to stderr."""
     log = out_dir.parent / "img2dataset.log"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", "from img2dataset.main import main; main()",
-           *img2dataset_args(input_path, out_dir, dl, shard_size)]
+    cmd = [sys.executable, "-c", _launcher(dl.distributor), *img2dataset_args(input_path, out_dir, dl, shard_size)]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
     lock = open(out_dir.parent / ".lock", "w")  # noqa: SIM115 - held until we return
     try:
