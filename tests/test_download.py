@@ -44,7 +44,7 @@ def cases(srv) -> list[tuple]:
         (srv.url("/gray/3.png"), "", None, 3),
         (srv.url("/redirect/4.jpg"), None, None, 4),
         (srv.url("/huge/5.jpg"), LONG_CAPTION, None, 5),
-        (srv.url("/img/6.jpg"), "six", None, 6),
+        (srv.url("/img/6.jpg?q=fuchs-ü"), "non-ascii url", None, 6),
         (srv.url("/404"), "missing", "http_404", None),
         (srv.url("/500"), "server error", "http_5xx", None),
         (refused_url(), "refused", "connection_refused", None),

@@ -84,7 +84,9 @@ def download_part(cfg, part: DownloadPart) -> list[dict]:
           file=sys.stderr, flush=True)
     run_img2dataset(work / "input.parquet", out_dir, cfg.download, part.shard_size, label, part.num_shards)
     stats = [_write_shard(cfg, storage, part, sid, table, out_dir, label) for sid in todo]
-    shutil.rmtree(work, ignore_errors=True)
+    # keep img2dataset.log (small, useful after the fact); drop the bulky intermediate data
+    shutil.rmtree(out_dir, ignore_errors=True)
+    (work / "input.parquet").unlink(missing_ok=True)
     return stats
 
 

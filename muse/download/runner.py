@@ -89,6 +89,7 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", _launcher(dl.distributor), *img2dataset_args(input_path, out_dir, dl, shard_size)]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
+    env.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark workers need img2dataset too
     lock = open(out_dir.parent / ".lock", "w")  # noqa: SIM115 - held until we return
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
