@@ -100,7 +100,8 @@ def _read_raw(uri: str, fmt: str, gcs_project: str | None, text_cols: list[str])
     if fmt == "csv":
         # URL and caption stay strings ("123" is a caption, not a number).
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_cols})
-        return pcsv.read_csv(io.BytesIO(data), convert_options=convert)
+        parse = pcsv.ParseOptions(newlines_in_values=True)  # captions may span lines
+        return pcsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
     rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
     return pa.Table.from_pylist(rows)
 
