@@ -162,10 +162,15 @@ def test_stats_registry_and_config_written(reference, tmp_path):
 
 def test_same_download_to_gcs_is_identical(reference, gcs_root, tmp_path):
     rows, src, _, ref = reference
-    summary = run_download(make_cfg(gcs_root, [src], tmp_path))
+    st = Storage(gcs_root)
+    st.upload_file(src, "sources/part-0.parquet")  # the URL list is remote too
+    remote_src = st.url("sources/part-0.parquet")
+    summary = run_download(make_cfg(gcs_root, [remote_src], tmp_path))
     assert summary["rows_in"] == len(rows)
+    assert remote_src in st.read_json(REGISTRY)["sources"]
     out = read_all(gcs_root)
     assert out.equals(ref)  # same keys, captions, placeholder colours, image bytes
+    assert plan_download(make_cfg(gcs_root, [remote_src], tmp_path)) == []  # stable fingerprint
 
 
 def test_killed_download_reruns_to_the_same_output(reference, tmp_path):
