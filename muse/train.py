@@ -41,8 +41,9 @@ def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], r
     n = cfg.train.nproc_per_node
     if n in ("auto", "gpu"):
         n = str(max(torch.cuda.device_count(), 1))
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={n}", "-m", "muse.train",
-           "--config", str(config_path), "--resume", resume]
+    # --standalone: a free local rendezvous port; multi-node runs call torchrun directly
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", "muse.train", "--config", str(config_path), "--resume", resume]
     for o in overrides:
         cmd += ["--set", o]
     print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)

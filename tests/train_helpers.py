@@ -45,7 +45,7 @@ def run_train(config_path: Path, *extra: str, nproc: int = 0, env: dict | None =
     cmd = [sys.executable, "-m", "muse.train", "--config", str(config_path), *extra]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-               "--master-port=0", *cmd[1:]]
+               "--standalone", *cmd[1:]]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **(env or {})}
     if not wait:
         return subprocess.Popen(cmd, env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -62,3 +62,29 @@ def read_trace(prefix: str | Path, rank: int = 0) -> dict[int, dict]:
             rec = json.loads(line)
             out[rec["step"]] = rec
     return out
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants (torchrun starts each worker in its own session)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        todo += children.get(p, [])
+    return out
+
+
+def signal_tree(pid: int, sig: int) -> None:
+    """Signal a job the way a preempted VM does: every process of it."""
+    for p in process_tree(pid):
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
