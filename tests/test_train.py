@@ -153,3 +153,22 @@ def test_muse_train_launches_torchrun(tmp_path):
 
     assert main(["train", "--config", str(config), "--set", "train.nproc_per_node='1'"]) == 0
     assert checkpoint.latest(Storage(str(tmp_path / "root")), "t").endswith("step-00000002")
+
+
+def test_superres_with_ema_and_downweight_trains_and_saves(tmp_path):
+    from muse.config import load_config
+
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, ema=True, ema_decay=0.5,
+                         replaced_rows="downweight", batch_size=2, grad_accum=1)
+    text = config.read_text().replace("model:\n", "model:\n  kind: superres\n")
+    config.write_text(text + "encode:\n  superres: true\ndownload:\n  image_size: 512\n")
+    make_data(config, shards=1, rows=8, row_group_size=4, superres=True, replaced_every=2)
+    out = run_train(config)
+    assert out.returncode == 0, out.stdout + out.stderr
+    storage = Storage.from_config(load_config(config))
+    rel = checkpoint.latest(storage, "t")
+    state, loader = checkpoint.load_trainer_state(storage, rel)
+    params = list(checkpoint.load_model(storage, rel).parameters())
+    assert state["step"] == 2 and len(loader["ranks"]) == 1
+    assert [e.shape for e in state["ema"]] == [p.shape for p in params]
+    assert any(not torch.equal(e, p) for e, p in zip(state["ema"], params))  # an average, not a copy
