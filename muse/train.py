@@ -253,6 +253,8 @@ def main(argv=None) -> int:
         if ddp:
             dist.barrier()
 
+    if step >= total_steps:
+        log(f"nothing to do: {rel} is at step {step} of {total_steps} (raise train.max_steps or --resume none)")
     # ---- the loop
     nonfinite_run, t0 = 0, time.time()
     samples_since, tokens_per_sample = 0, raw_model.config.grid_size ** 2
