@@ -120,7 +120,8 @@ class TrainConfig(_Section):
     compile: bool = False
     seed: int = 0
     num_workers: int = Field(2, ge=0)
-    shuffle_buffer: int = Field(2048, ge=1)
+    shuffle_buffer: int = Field(2048, ge=1, description="rows per loader stream")
+    loader_streams: int = Field(8, ge=1, description="fixed data order; num_workers must divide it")
     replaced_rows: Literal["keep", "drop", "downweight"] = "keep"
     replaced_weight: float = Field(0.1, ge=0, le=1)
     checkpoint_every: int = Field(1000, ge=1)

@@ -1,0 +1,122 @@
+"""Loader vs trainer throughput: can the data stream keep the accelerator busy?
+
+Writes encoded shards in the base-model row format (fp16 T5 of LAION-like caption lengths +
+16x16 ids) to a local root and to the GCS emulator, streams them through
+`muse.data.StreamingDataset` + DataLoader workers, and times a training step of the
+configured model on the same batch size. The last line is loader / trainer samples/s
+(above 1: the loader is not what the model waits for).
+
+    python bench/loader.py --tiny         # seconds (used by the test)
+    python bench/loader.py                # small CPU sizes
+    python bench/loader.py --gpu          # real sizes on CUDA (T5-base 768, base preset)
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from muse.config import ModelConfig  # noqa: E402
+from muse.data import StreamingDataset, worker_init, write_test_dataset  # noqa: E402
+from muse.emulator import GCSEmulator  # noqa: E402
+from muse.storage import Storage  # noqa: E402
+
+DIR = "encoded/bench"
+
+
+def loader_rate(root: str, a, warmup: int = 2) -> float:
+    ds = StreamingDataset(root, DIR, shuffle_buffer=a.buffer, batch_size=a.batch, streams=a.streams)
+    dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=a.workers,
+                                     worker_init_fn=worker_init if a.workers else None,
+                                     prefetch_factor=4 if a.workers else None)
+    it = iter(dl)
+    for _ in range(warmup):
+        next(it)
+    t0 = time.perf_counter()
+    for _ in itertools.islice(it, a.batches):
+        pass
+    return a.batches * a.batch / (time.perf_counter() - t0)
+
+
+def trainer_rate(a, device: torch.device) -> float:
+    from muse.masking import mask_tokens, masked_loss
+    from muse.models import build_model
+
+    mc = ModelConfig(preset=a.preset, text_dim=a.text_dim, codebook_size=8192,
+                     **({"hidden_size": a.hidden, "depth": a.depth, "num_heads": a.heads} if a.hidden else {}))
+    model = build_model(mc).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    gen = torch.Generator(device=device).manual_seed(0)
+    ids = torch.randint(0, 8192, (a.batch, 256), device=device)
+    hidden = torch.randn(a.batch, a.max_len, a.text_dim, device=device)
+    mask = torch.ones(a.batch, a.max_len, dtype=torch.bool, device=device)
+    amp = torch.bfloat16 if device.type == "cuda" else None
+
+    def step():
+        inp, m = mask_tokens(ids, model.config.mask_token_id, gen)
+        with torch.autocast(device.type, dtype=amp, enabled=amp is not None):
+            logits = model(inp, hidden, mask, None)
+        masked_loss(logits.float(), ids, m, 0.1).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(a.steps):
+        step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return a.steps * a.batch / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tiny", action="store_true")
+    p.add_argument("--gpu", action="store_true")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args()
+    # sizes: (shards, rows, text_dim, max_len, batches, trainer steps, preset/hidden)
+    a.batch, a.streams, a.buffer = 16, 2, 256
+    a.shards, a.rows, a.text_dim, a.max_len, a.batches, a.steps = 2, 512, 768, 77, 40, 3
+    a.preset, a.hidden, a.depth, a.heads = "tiny", None, None, None
+    if a.tiny:
+        a.shards, a.rows, a.text_dim, a.max_len, a.batches, a.steps, a.buffer = 1, 64, 64, 16, 4, 1, 32
+        a.hidden, a.depth, a.heads = 32, 1, 2
+    if a.gpu:
+        a.shards, a.rows, a.batches, a.steps, a.preset, a.workers = 4, 4096, 200, 20, "base", max(a.workers, 4)
+        a.streams = 8
+    torch.set_num_threads(1 if not a.gpu else torch.get_num_threads())
+    device = torch.device("cuda" if a.gpu and torch.cuda.is_available() else "cpu")
+
+    def fill(root: str) -> None:
+        write_test_dataset(Storage(root), DIR, shards=a.shards, rows=a.rows, row_group_size=256,
+                           text_dim=a.text_dim, codebook_size=8192, max_len=a.max_len)
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp, GCSEmulator() as gcs:
+        for name, root in [("local", os.path.join(tmp, "root")), ("gcs-emulator", gcs.new_root())]:
+            fill(root)
+            rows.append((f"loader {name} ({a.workers} workers)", loader_rate(root, a)))
+    train = trainer_rate(a, device)
+    rows.append((f"trainer step ({a.preset if not a.hidden else f'hidden {a.hidden}'}, {device.type})", train))
+    print(f"batch {a.batch}, T5 dim {a.text_dim}, captions 1..{a.max_len} tokens")
+    print(f"{'what':<44}{'samples/s':>12}")
+    for name, v in rows:
+        print(f"{name:<44}{v:>12.1f}")
+    slowest = min(rows[0][1], rows[1][1])
+    print(f"{'ratio slowest loader / trainer':<44}{slowest / train:>12.2f}")
+
+
+if __name__ == "__main__":
+    main()
