@@ -361,6 +361,10 @@ def main(argv=None) -> int:
         if t.sample_every and step % t.sample_every == 0 and master:
             _sample_best_effort(cfg, step, storage)
 
+    # Stop the loader workers now: they ignore SIGTERM (see data.worker_init), so leaving them
+    # to multiprocessing's exit handler (terminate + join) would hang the process forever.
+    if hasattr(batches, "_shutdown_workers"):
+        batches._shutdown_workers()
     if ddp:
         dist.destroy_process_group()
     return 0
