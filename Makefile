@@ -13,6 +13,9 @@ $(BIN)/muse: pyproject.toml
 	# The CPU build of torch from local disk first; the package only asks for a range.
 	$(BIN)/pip install -q torch==2.13.0
 	NO_ALBUMENTATIONS_UPDATE=1 $(BIN)/pip install -q -e '.[dev]'
+	# img2dataset pulls the py3.6 `dataclasses` backport; Prefect's local server puts
+	# site-packages first on sys.path, where that file then shadows the stdlib module.
+	$(BIN)/pip uninstall -y -q dataclasses
 	touch $(BIN)/muse
 
 install: $(BIN)/muse

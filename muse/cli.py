@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     phases = ["download", "encode", "train", "sample"] if args.command == "run" else [args.command]
     for phase in phases:
-        run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"))
+        try:
+            run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"))
+        except (RuntimeError, ValueError, FileNotFoundError) as e:  # our errors say what and where
+            print(f"muse {phase}: {type(e).__name__}: {e}", file=sys.stderr)
+            return 1
     return 0
 
 

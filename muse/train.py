@@ -36,6 +36,10 @@ from muse.storage import Storage
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
+class TrainError(RuntimeError):
+    """The training job failed; its own log says why."""
+
+
 def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest") -> None:
     """`muse train`: run torchrun with one process per GPU (train.nproc_per_node)."""
     n = cfg.train.nproc_per_node
@@ -49,7 +53,7 @@ def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], r
     print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)
     rc = subprocess.call(cmd)
     if rc:
-        raise SystemExit(rc)
+        raise TrainError(f"training failed: torchrun exited with code {rc} (see the log above)")
 
 
 def dataset_dir(cfg: PipelineConfig) -> str:

@@ -75,6 +75,13 @@ def _read_state(folder: str) -> dict:
 
 
 def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
+    from muse.encode.text import LOAD_LOCK
+
+    with LOAD_LOCK:
+        return _load_unlocked(cls, name_or_path, subfolder, fmt, convert)
+
+
+def _load_unlocked(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
     if fmt == "diffusers":
         return cls.from_pretrained(name_or_path, subfolder=subfolder)
     if fmt != "open-muse":

@@ -74,11 +74,14 @@ class Encoders:
 
     @classmethod
     def get(cls, e) -> "Encoders":
+        from muse.encode.text import LOAD_LOCK
+
         key = e.model_dump_json()
-        if key not in cls._cache:
-            cls._cache.clear()
-            cls._cache[key] = cls(e)
-        return cls._cache[key]
+        with LOAD_LOCK:  # shard tasks in threads share one set of models
+            if key not in cls._cache:
+                cls._cache.clear()
+                cls._cache[key] = cls(e)
+            return cls._cache[key]
 
     def info(self, e) -> dict:
         return {"schema_version": SCHEMA_VERSION, "text_model": e.text_model, "text_dim": self.text.dim,

@@ -7,8 +7,14 @@ bf16 are offered.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
+
+# transformers/diffusers patch torch globally while they build a model (meta-device init),
+# which is not thread-safe: Prefect runs tasks in threads, so loads go one at a time.
+LOAD_LOCK = threading.RLock()
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -27,8 +33,9 @@ class TextEncoder:
         if dtype not in DTYPES:
             raise ValueError(f"encode.text_dtype must be one of {sorted(DTYPES)} (T5 overflows in fp16), got {dtype!r}")
         dev = torch.device(device)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        model = T5EncoderModel.from_pretrained(name_or_path, torch_dtype=DTYPES[dtype]).to(dev).eval()
+        with LOAD_LOCK:
+            tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+            model = T5EncoderModel.from_pretrained(name_or_path, dtype=DTYPES[dtype]).to(dev).eval()
         return cls(model, tokenizer, max_length, dev)
 
     @torch.inference_mode()

@@ -1,0 +1,57 @@
+"""Prefect flow for phase 1: one task per source file, then the summary as a table artifact."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+
+from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from muse.download import download_part, finalize_download, plan_download
+
+
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
+      task_run_name="download-{part.source}")
+def download_part_task(config_path: str, overrides: list[str], part) -> list[dict]:
+    """img2dataset over one source file's unfinished shards (idempotent: finished shards are skipped)."""
+    return download_part(cfg_from(config_path, overrides), part)
+
+
+@task
+def plan_task(config_path: str, overrides: list[str]) -> list:
+    return plan_download(cfg_from(config_path, overrides))
+
+
+@task
+def finalize_task(config_path: str, overrides: list[str]) -> dict:
+    return finalize_download(cfg_from(config_path, overrides))
+
+
+def summary_rows(summary: dict) -> list[dict]:
+    n = max(summary["rows_in"], 1)
+    rows = [{"what": "shards", "count": len(summary["shards"]), "share": ""},
+            {"what": "rows in", "count": summary["rows_in"], "share": "100%"},
+            {"what": "succeeded", "count": summary["succeeded"], "share": f"{100 * summary['succeeded'] / n:.1f}%"}]
+    for reason, c in sorted(summary["replaced_by_reason"].items(), key=lambda x: -x[1]):
+        rows.append({"what": f"replaced: {reason}", "count": c, "share": f"{100 * c / n:.1f}%"})
+    return rows
+
+
+@flow(name="download", log_prints=True)
+def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
+    """URL lists -> image shards; every row kept, failures replaced. Returns the summary."""
+    overrides = list(overrides or [])
+    parts = plan_task(config_path, overrides)
+    progress = create_progress_artifact(0.0, key="download-progress", description="source files downloaded")
+    futures = [download_part_task.submit(config_path, overrides, p) for p in parts]
+    failed = []
+    for i, fut in enumerate(futures):
+        try:
+            fut.result()
+        except Exception as exc:  # noqa: BLE001 - the others go on; reported below
+            failed.append(f"{parts[i].source}: {exc}")
+        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
+    summary = finalize_task(config_path, overrides)
+    stats_table("download-stats", summary_rows(summary), "rows in, succeeded and replaced by reason")
+    if failed:
+        raise RuntimeError(f"{len(failed)} source file(s) failed (re-run to finish them): " + "; ".join(failed))
+    return summary

@@ -1,0 +1,43 @@
+"""End to end: download -> encode -> train -> sample, and the scheduled data refresh."""
+
+from __future__ import annotations
+
+from prefect import flow, task
+
+from flows.common import cfg_from
+from flows.download import download_flow
+from flows.encode import encode_flow
+from flows.train import report_task, train_flow
+
+
+@task
+def sample_task(config_path: str, overrides: list[str]) -> list[str]:
+    from muse.sample import run_sample
+
+    return run_sample(cfg_from(config_path, overrides))
+
+
+@flow(name="pipeline", log_prints=True)
+def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None,
+                  train_on: str = "local", resume: str = "latest") -> dict:
+    """The whole pipeline. `train_on="deployment"` hands training to the `train` deployment (GPU pool)."""
+    overrides = list(overrides or [])
+    cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
+    downloaded = download_flow(config_path, overrides)
+    encoded = encode_flow(config_path, overrides)
+    checkpoint = train_flow(config_path, overrides, resume=resume, on=train_on)
+    samples = sample_task(config_path, overrides)
+    report_task(config_path, overrides, samples)
+    out = {"rows": downloaded["rows_in"], "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],
+           "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
+    print(f"pipeline done: {out}")
+    return out
+
+
+@flow(name="data-refresh", log_prints=True)
+def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
+    """Download + encode only what is new: unchanged source files and finished shards are skipped."""
+    overrides = list(overrides or [])
+    downloaded = download_flow(config_path, overrides)
+    encoded = encode_flow(config_path, overrides)
+    return {"rows": downloaded["rows_in"], "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}

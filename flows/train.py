@@ -1,0 +1,92 @@
+"""Prefect flow for training: a torchrun job, locally or as the `train` deployment on a GPU pool.
+
+`on="local"` runs `muse train` (torchrun, one process per GPU) where this flow runs: this
+is what the `train` deployment does on its GPU work pool. `on="deployment"` (or a
+deployment name) calls `run_deployment` so a CPU-side pipeline hands training to the GPU
+pool; the job reads the encoded shards straight from the storage root.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.deployments import run_deployment
+
+from flows.common import cfg_from
+from muse import checkpoint
+from muse.storage import Storage
+
+TRAIN_DEPLOYMENT = "train/train"
+
+
+@task(task_run_name="torchrun")
+def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
+    from muse.train import launch
+
+    cfg = cfg_from(config_path, overrides)
+    launch(cfg, config_path=config_path, overrides=overrides, resume=resume)
+    storage = Storage.from_config(cfg)
+    latest = checkpoint.latest(storage, cfg.train.run_name)
+    return storage.url(latest) if latest else ""
+
+
+@task
+def report_task(config_path: str, overrides: list[str], samples: list[str] | None = None) -> str:
+    """Markdown artifact: last metrics, loss curve, sample images (embedded PNGs)."""
+    cfg = cfg_from(config_path, overrides)
+    storage = Storage.from_config(cfg)
+    run = checkpoint.run_dir(cfg.train.run_name)
+    records = checkpoint.read_metrics(storage, cfg.train.run_name)
+    latest = checkpoint.latest(storage, cfg.train.run_name)
+    lines = [f"# Training `{cfg.train.run_name}`", "",
+             f"- checkpoint: `{storage.url(latest) if latest else 'none'}`",
+             f"- steps: {records[-1]['step'] if records else 0}", ""]
+    if records:
+        last = records[-1]
+        lines += ["| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in last.items()]
+        first = next((r["loss"] for r in records if "loss" in r), None)
+        if first is not None:
+            lines += ["", f"loss: {first:.4f} at the first step -> {last.get('loss', float('nan')):.4f} now"]
+    for title, rel in [("Loss curve", f"{run}/loss.png")] + [(f"Sample {i}", s) for i, s in enumerate(samples or [])]:
+        data = _read(storage, rel)
+        if data:
+            lines += ["", f"## {title}", f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})",
+                      f"`{rel}`"]
+    md = "\n".join(lines)
+    create_markdown_artifact(key="training-summary", markdown=md, description=f"run {cfg.train.run_name}")
+    return md
+
+
+def _read(storage: Storage, ref: str) -> bytes | None:
+    from pathlib import Path
+
+    try:
+        root = storage.url("")
+        if ref.startswith(root + "/"):
+            return storage.read_bytes(ref[len(root) + 1:])
+        if Path(ref).is_absolute():
+            return Path(ref).read_bytes() if Path(ref).exists() else None
+        return storage.read_bytes(ref) if storage.exists(ref) else None
+    except OSError:
+        return None
+
+
+@flow(name="train", log_prints=True)
+def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: str = "latest",
+               on: str = "local") -> str:
+    """Train with torchrun here (`on="local"`), or on the GPU pool (`on="deployment"` or a deployment name)."""
+    overrides = list(overrides or [])
+    if on == "local":
+        latest = torchrun_task(config_path, overrides, resume)
+        report_task(config_path, overrides)
+        return latest
+    name = TRAIN_DEPLOYMENT if on == "deployment" else on
+    run = run_deployment(name=name, parameters={"config_path": config_path, "overrides": overrides,
+                                                "resume": resume, "on": "local"})
+    if not run.state or not run.state.is_completed():
+        raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
+                           f"see flow run {run.id}")
+    return str(run.id)
