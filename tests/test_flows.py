@@ -1,0 +1,93 @@
+"""The Prefect flows on the tiny demo subset, under Prefect's test harness, writing to the GCS emulator."""
+
+import asyncio
+import os
+
+import pytest
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+from prefect.client.orchestration import get_client  # noqa: E402
+from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.testing.utilities import prefect_test_harness  # noqa: E402
+
+from muse import demo  # noqa: E402
+from muse.config import load_config  # noqa: E402
+from muse.encode import dataset_dir  # noqa: E402
+from muse.storage import Storage  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def harness():
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture(scope="module")
+def demo_files(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    config, images = demo.prepare(out)
+    with demo.ImageServer(images, port=0) as url:
+        demo.write_urls(out, url)
+        yield out, config
+
+
+def _flow_run_id(state):
+    return state.state_details.flow_run_id
+
+
+async def _task_runs(flow_run_id):
+    async with get_client() as client:
+        return await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+async def _artifacts(keys):
+    async with get_client() as client:
+        return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
+
+
+def test_pipeline_flow_end_to_end_on_gcs(harness, demo_files, gcs_root, tmp_path):
+    from flows.pipeline import pipeline_flow
+
+    out, config = demo_files
+    overrides = [f"storage.root={gcs_root}", f"storage.work_dir={tmp_path / 'work'}"]
+    result = pipeline_flow(str(config), overrides)
+    cfg = load_config(config, overrides)
+    storage = Storage.from_config(cfg)
+    assert result["rows"] == 50 and result["succeeded"] == 48 and result["encoded_rows"] == 50
+    manifest = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    assert manifest["rows"] == 50 and manifest["replaced"] == 2
+    assert storage.exists("images/_config.yaml") and storage.exists(f"{dataset_dir(cfg)}/_config.yaml")
+    assert result["checkpoint"].startswith(gcs_root) and storage.exists("checkpoints/demo/LATEST")
+    assert len(result["samples"]) == 3 and all(s.startswith(gcs_root) for s in result["samples"])
+    assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
+    arts = asyncio.run(_artifacts(["download-stats", "encode-stats", "training-summary"]))
+    keys = {a.key for a in arts}
+    assert keys == {"download-stats", "encode-stats", "training-summary"}
+    summary = next(a for a in arts if a.key == "training-summary")
+    assert "data:image/png;base64," in summary.data and "loss" in summary.data
+
+
+def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_files, tmp_path):
+    from flows.download import download_flow
+    from flows.encode import encode_flow
+
+    out, config = demo_files
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    download_flow(str(config), overrides)
+    storage = Storage.from_config(load_config(config, overrides))
+    good = storage.read_bytes("images/00001.parquet")
+    storage.write_bytes("images/00001.parquet", b"PAR1 corrupt")
+    state = encode_flow(str(config), overrides, return_state=True)
+    assert state.is_failed() and "00001" in state.message
+    runs = {r.name: r for r in asyncio.run(_task_runs(_flow_run_id(state)))}
+    assert runs["encode-shard-00001"].state.is_failed()
+    assert "00001" in runs["encode-shard-00001"].state.message
+    assert runs["encode-shard-00000"].state.is_completed()
+    assert runs["encode-shard-00001"].run_count == 1       # bad data is not retried
+    storage.write_bytes("images/00001.parquet", good)      # the data is fixed: a re-run finishes the rest
+    state = encode_flow(str(config), overrides, return_state=True)
+    assert state.is_completed()
+    assert [r.name for r in asyncio.run(_task_runs(_flow_run_id(state))) if r.name.startswith("encode-shard")] == [
+        "encode-shard-00001"]
+    assert state.result()["rows"] == 50
