@@ -66,9 +66,9 @@ class EncodeConfig(_Section):
     vq_subfolder: Optional[str] = "vqvae"
     vq_format: Literal["diffusers", "open-muse"] = "diffusers"
     superres: bool = False
-    superres_vq_model: str = "warp-ai/wuerstchen"
-    superres_vq_subfolder: Optional[str] = "vqgan"
-    superres_vq_format: Literal["diffusers", "open-muse"] = "diffusers"
+    superres_vq_model: str = "openMUSE/paellavq-f8-8192-laion"
+    superres_vq_subfolder: Optional[str] = None
+    superres_vq_format: Literal["diffusers", "open-muse"] = "open-muse"
     batch_size: int = Field(64, ge=1)
     row_group_size: int = Field(256, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")

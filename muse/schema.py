@@ -3,7 +3,7 @@
 Phase 1, `images/NNNNN.parquet` (one row per input row, failures replaced):
     key str, caption str, caption_was_null bool, url str, image binary (JPEG, RGB,
     image_size x image_size), width int32, height int32, replaced bool, status str,
-    error_message str, + carried source columns (e.g. SAMPLE_ID, similarity).
+    error_message str, reason str (normalised), + carried source columns (e.g. SAMPLE_ID, similarity).
 
 Phase 2, `encoded/<version>/NNNNN.parquet`:
     key str, caption str, replaced bool,
@@ -28,7 +28,7 @@ GRID_BASE = 16      # 256px / f16
 GRID_SUPERRES = 64  # 512px / f8
 
 IMAGE_COLUMNS = ["key", "caption", "caption_was_null", "url", "image", "width", "height",
-                 "replaced", "status", "error_message"]
+                 "replaced", "status", "error_message", "reason"]
 
 
 def encoded_schema(superres: bool, info: dict | None = None) -> pa.Schema:

@@ -55,6 +55,14 @@ def _make_fs(protocol: str, gcs_project: str | None):
     return fsspec.filesystem(protocol or "file")
 
 
+def source_fs(uri: str, gcs_project: str | None = None):
+    """(filesystem, path) for an arbitrary input URI (source URL lists outside the root)."""
+    protocol, path = fsspec.core.split_protocol(uri)
+    if not protocol or protocol in ("file", "local"):
+        return _make_fs("file", None), str(Path(path).expanduser().resolve())
+    return _make_fs(protocol, gcs_project), path
+
+
 class Storage:
     """A storage root with atomic writes. Create one per process (gcsfs is not fork-safe)."""
 

@@ -1,0 +1,163 @@
+"""Muse model speed vs a plain-PyTorch SDPA reference transformer of the same width/depth/heads.
+
+Times (1) a training step (forward + backward + AdamW) and (2) a 12-step guided generation
+(cond + uncond batched), for our model and for `Reference`, a textbook pre-norm
+transformer written here with nn.Linear + F.scaled_dot_product_attention (self-attn,
+cross-attn to the text, GELU MLP). Both run in the same process, interleaved, best of
+several repeats. The last line is the step-time ratio (goal <= 1.05).
+
+    python bench/model.py            # small preset on CPU
+    python bench/model.py --tiny     # seconds (smoke test)
+    python bench/model.py --gpu      # base preset (~632M) in bf16 on CUDA, with MFU
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.nn as nn  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from muse.config import ModelConfig  # noqa: E402
+from muse.masking import mask_tokens, masked_loss  # noqa: E402
+from muse.models import build_model  # noqa: E402
+from muse.sample import generate  # noqa: E402
+
+H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, SXM
+
+
+class RefBlock(nn.Module):
+    def __init__(self, d, h, ratio):
+        super().__init__()
+        self.h = h
+        self.n1, self.n2, self.n3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.o1 = nn.Linear(d, 3 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.q, self.kv, self.o2 = nn.Linear(d, d, bias=False), nn.Linear(d, 2 * d, bias=False), nn.Linear(d, d, bias=False)
+        self.fc1, self.fc2 = nn.Linear(d, int(d * ratio)), nn.Linear(int(d * ratio), d)
+
+    def heads(self, t):
+        B, N, C = t.shape
+        return t.view(B, N, self.h, C // self.h).transpose(1, 2)
+
+    def merge(self, t):
+        B, H, N, D = t.shape
+        return t.transpose(1, 2).reshape(B, N, H * D)
+
+    def forward(self, x, mem, mask):
+        q, k, v = self.qkv(self.n1(x)).chunk(3, dim=-1)
+        x = x + self.o1(self.merge(F.scaled_dot_product_attention(self.heads(q), self.heads(k), self.heads(v))))
+        k, v = self.kv(mem).chunk(2, dim=-1)
+        a = F.scaled_dot_product_attention(self.heads(self.q(self.n2(x))), self.heads(k), self.heads(v),
+                                           attn_mask=mask[:, None, None, :])
+        x = x + self.o2(self.merge(a))
+        return x + self.fc2(F.gelu(self.fc1(self.n3(x))))
+
+
+class Reference(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.config = c
+        self.emb = nn.Embedding(c.codebook_size + 1, c.hidden_size)
+        self.pos = nn.Parameter(torch.zeros(c.grid_size ** 2, c.hidden_size))
+        self.text = nn.Linear(c.text_dim, c.hidden_size)
+        self.blocks = nn.ModuleList(RefBlock(c.hidden_size, c.num_heads, c.mlp_ratio) for _ in range(c.depth))
+        self.norm, self.head = nn.LayerNorm(c.hidden_size), nn.Linear(c.hidden_size, c.codebook_size)
+
+    def forward(self, ids, hidden, mask, low_res_ids=None):
+        x, mem = self.emb(ids) + self.pos, self.text(hidden)
+        for b in self.blocks:
+            x = b(x, mem, mask)
+        return self.head(self.norm(x))
+
+
+def timeit(fn, warmup, repeats, sync):
+    for _ in range(warmup):
+        fn()
+    sync()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        sync()
+        best = min(best, time.perf_counter() - t)
+    return best
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--batch", type=int)
+    ap.add_argument("--repeats", type=int, default=3)
+    args = ap.parse_args(argv)
+    if args.gpu and not torch.cuda.is_available():
+        sys.exit("--gpu: no CUDA device")
+    device = torch.device("cuda" if args.gpu else "cpu")
+    if args.gpu:
+        preset, overrides, batch = "base", {}, 32
+    elif args.tiny:
+        preset, overrides, batch = "tiny", {}, 2
+    else:  # "small" cut to a size 2 CPU cores time in seconds
+        preset, overrides, batch = "small", {"depth": 4, "hidden_size": 256, "num_heads": 8}, 4
+    batch = args.batch or batch
+    dtype = torch.bfloat16 if args.gpu else None
+    torch.manual_seed(0)
+    mc = ModelConfig(preset=preset, **overrides)
+    ours = build_model(mc).to(device)
+    ref = Reference(ours.config).to(device)
+    c = ours.config
+    g = torch.Generator(device=device).manual_seed(0)
+    targets = torch.randint(0, c.codebook_size, (batch, c.grid_size ** 2), device=device, generator=g)
+    hidden = torch.randn(batch, 77, c.text_dim, device=device, generator=g)
+    mask = torch.ones(batch, 77, dtype=torch.bool, device=device)
+    mask[:, 40:] = False
+    sync = torch.cuda.synchronize if args.gpu else (lambda: None)
+
+    def train_step(model, opt):
+        def step():
+            inp, m = mask_tokens(targets, c.mask_token_id, g)
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                logits = model(inp, hidden, mask)
+            loss = masked_loss(logits.float(), targets, m, 0.1)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def gen(model):
+        def run():
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
+                generate(model, hidden[:1].expand(batch, -1, -1), mask[:1].expand(batch, -1), hidden[:1, :1],
+                         mask[:1, :1], steps=12, guidance_scale=4.0, generator=torch.Generator(device).manual_seed(0))
+        return run
+
+    opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=args.gpu)
+    opt_r = torch.optim.AdamW(ref.parameters(), lr=1e-4, fused=args.gpu)
+    warm, rep = (1, 2) if args.tiny else (2, args.repeats)
+    t_ref = timeit(train_step(ref, opt_r), warm, rep, sync)
+    t_ours = timeit(train_step(ours, opt_o), warm, rep, sync)
+    t_ref = min(t_ref, timeit(train_step(ref, opt_r), 0, rep, sync))   # A-B-A: less order bias
+    ours.eval(), ref.eval()
+    g_ref = timeit(gen(ref), 1, max(1, rep - 1), sync)
+    g_ours = timeit(gen(ours), 1, max(1, rep - 1), sync)
+    n_params = sum(p.numel() for p in ours.parameters())
+    print(f"# model bench: preset={preset} params={n_params / 1e6:.1f}M batch={batch} device={device} "
+          f"dtype={'bf16' if dtype else 'fp32'} threads={torch.get_num_threads()}")
+    print(f"{'what':<32}{'ours':>12}{'reference':>12}{'ratio':>8}")
+    print(f"{'train step (s)':<32}{t_ours:>12.4f}{t_ref:>12.4f}{t_ours / t_ref:>8.3f}")
+    print(f"{'train samples/s':<32}{batch / t_ours:>12.1f}{batch / t_ref:>12.1f}")
+    print(f"{'12-step guided generation (s)':<32}{g_ours:>12.4f}{g_ref:>12.4f}{g_ours / g_ref:>8.3f}")
+    if args.gpu:
+        mfu = ours.num_flops_per_sample() * batch / t_ours / H100_BF16_PEAK
+        print(f"MFU (vs {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16): {100 * mfu:.1f}%")
+    print(f"ratio (train step, ours / reference; goal <= 1.05): {t_ours / t_ref:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,205 @@
+"""Reader and source registry: URL-list files -> tables, and which shard ids each file owns.
+
+`images/_SOURCES.json` maps every source file (its URI as listed in `source.paths`, globs
+expanded) to a fingerprint (size + md5/etag/mtime), the rows taken from it, and a
+contiguous range of global shard ids. A new file gets the next free ids; a changed file's
+old shards are retired (stats deleted first, so the shard reads as incomplete at once) and
+it gets fresh ids; an unchanged file whose shards are all present is skipped. Files
+removed from `source.paths` keep their shards.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from dataclasses import asdict, dataclass
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.csv as pcsv
+import pyarrow.parquet as pq
+
+from muse.schema import IMAGE_COLUMNS
+from muse.storage import Storage, shard_name, source_fs
+
+REGISTRY = "images/_SOURCES.json"
+ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
+
+
+class SourceError(ValueError):
+    """A source file that cannot be used: names the file and what to do."""
+
+
+@dataclass
+class DownloadPart:
+    """One source file's share of the work: rows [0, rows) -> shards first_shard.. ."""
+
+    source: str
+    fingerprint: str
+    first_shard: int
+    num_shards: int
+    rows: int
+    shard_size: int
+
+    def shard_ids(self) -> list[int]:
+        return list(range(self.first_shard, self.first_shard + self.num_shards))
+
+    def row_range(self, shard_id: int) -> tuple[int, int]:
+        start = (shard_id - self.first_shard) * self.shard_size
+        return start, min(start + self.shard_size, self.rows)
+
+
+# ----------------------------------------------------------------------------- files
+
+def expand_sources(paths: list[str], gcs_project: str | None = None) -> list[str]:
+    """`source.paths` with globs expanded, as URIs, in listed order (globs sorted)."""
+    out: list[str] = []
+    for uri in paths:
+        fs, path = source_fs(uri, gcs_project)
+        prefix = uri.split("://", 1)[0] + "://" if "://" in uri else ""
+        if any(c in path for c in "*?["):
+            matches = sorted(fs.glob(path))
+            if not matches:
+                raise SourceError(f"source.paths: no file matches {uri!r}")
+            out += [prefix + m if prefix else m for m in matches]
+        elif not fs.exists(path):
+            raise SourceError(f"source.paths: file not found: {uri!r}")
+        else:
+            out.append(uri)
+    return out
+
+
+def fingerprint(uri: str, gcs_project: str | None = None) -> str:
+    """size + the best change marker the filesystem offers (md5/etag/generation/mtime)."""
+    fs, path = source_fs(uri, gcs_project)
+    info = fs.info(path)
+    for k in ("md5Hash", "ETag", "etag", "generation", "mtime", "updated", "LastModified", "created"):
+        if info.get(k) is not None:
+            return f"{info.get('size')}:{k}={info[k]}"
+    return f"{info.get('size')}"
+
+
+def detect_format(uri: str, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    name = uri.lower().removesuffix(".gz")
+    for ext, f in ((".parquet", "parquet"), (".csv", "csv"), (".jsonl", "jsonl"), (".json", "jsonl")):
+        if name.endswith(ext):
+            return f
+    raise SourceError(f"{uri}: cannot tell the format from the extension; set source.format")
+
+
+def _read_raw(uri: str, fmt: str, gcs_project: str | None, text_cols: list[str]) -> pa.Table:
+    fs, path = source_fs(uri, gcs_project)
+    compression = "gzip" if path.endswith(".gz") else None
+    with fs.open(path, "rb", compression=compression) as f:
+        if fmt == "parquet":
+            return pq.read_table(f)
+        data = f.read()
+    if fmt == "csv":
+        # URL and caption stay strings ("123" is a caption, not a number).
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in text_cols})
+        parse = pcsv.ParseOptions(newlines_in_values=True)  # captions may span lines
+        return pcsv.read_csv(io.BytesIO(data), parse_options=parse, convert_options=convert)
+    rows = [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+    return pa.Table.from_pylist(rows)
+
+
+def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | None = None) -> pa.Table:
+    """Columns: url, caption (strings, may be null), carried columns, ROW (0..n-1)."""
+    fmt = detect_format(uri, src_cfg.format)
+    url_col, cap_col = src_cfg.url_column, src_cfg.caption_column
+    try:
+        table = _read_raw(uri, fmt, gcs_project, [url_col, cap_col])
+    except SourceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser error: say which file
+        raise SourceError(f"{uri}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
+    for col, key in ((url_col, "source.url_column"), (cap_col, "source.caption_column")):
+        if col not in table.column_names:
+            raise SourceError(f"{uri}: no column {col!r} ({key}); columns are {table.column_names}")
+    if limit is not None:
+        table = table.slice(0, limit)
+    carry = src_cfg.carry_columns
+    if carry is None:
+        carry = [c for c in table.column_names if c not in (url_col, cap_col)]
+    missing = [c for c in carry if c not in table.column_names]
+    if missing:
+        raise SourceError(f"{uri}: source.carry_columns {missing} not in {table.column_names}")
+    cols = {"url": pc.cast(table[url_col], pa.string()), "caption": pc.cast(table[cap_col], pa.string())}
+    for c in carry:
+        # A carried column may not shadow an output column: LAION has none, others might.
+        cols[f"source_{c}" if c in IMAGE_COLUMNS or c == "reason" else c] = table[c]
+    cols[ROW] = pa.array(range(table.num_rows), pa.int64())
+    return pa.table(cols)
+
+
+def count_rows(uri: str, src_cfg, gcs_project: str | None = None) -> int:
+    if detect_format(uri, src_cfg.format) == "parquet":
+        fs, path = source_fs(uri, gcs_project)
+        try:
+            with fs.open(path, "rb") as f:
+                return pq.ParquetFile(f).metadata.num_rows
+        except Exception as e:  # noqa: BLE001
+            raise SourceError(f"{uri}: cannot read as parquet: {type(e).__name__}: {e}") from None
+    return read_source(uri, src_cfg, gcs_project).num_rows
+
+
+# ----------------------------------------------------------------------------- registry
+
+def load_registry(storage: Storage) -> dict:
+    if storage.exists(REGISTRY):
+        return storage.read_json(REGISTRY)
+    return {"next_shard": 0, "sources": {}}
+
+
+def shard_complete(storage: Storage, shard_id: int) -> bool:
+    return storage.exists(shard_name("images", shard_id, "_stats.json")) and \
+        storage.exists(shard_name("images", shard_id))
+
+
+def retire(storage: Storage, entry: dict) -> None:
+    """Delete a changed file's old shards: stats first (the done marker), then parquet."""
+    for sid in range(entry["first_shard"], entry["first_shard"] + entry["num_shards"]):
+        storage.delete(shard_name("images", sid, "_stats.json"))
+        storage.delete(shard_name("images", sid))
+
+
+def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
+    """Assign shard ids to new/changed files, retire stale shards; return unfinished parts."""
+    reg = load_registry(storage)
+    gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
+    remaining = src.max_samples
+    parts: list[DownloadPart] = []
+    for uri in expand_sources(src.paths, gp):
+        if remaining == 0:
+            break
+        fp = fingerprint(uri, gp)
+        entry = reg["sources"].get(uri)
+        unchanged = entry is not None and entry["fingerprint"] == fp
+        if unchanged and remaining is None and entry.get("max_samples") is None:
+            rows = entry["rows"]
+        else:
+            rows = count_rows(uri, src, gp)
+            rows = rows if remaining is None else min(rows, remaining)
+        if remaining is not None:
+            remaining -= rows
+        if not (unchanged and entry["rows"] == rows):
+            if entry is not None:
+                retire(storage, entry)
+            entry = {"fingerprint": fp, "rows": rows, "max_samples": src.max_samples,
+                     "first_shard": reg["next_shard"], "num_shards": math.ceil(rows / size),
+                     "shard_size": size}
+            reg["next_shard"] += entry["num_shards"]
+            reg["sources"][uri] = entry
+        part = DownloadPart(uri, fp, entry["first_shard"], entry["num_shards"], entry["rows"],
+                            entry["shard_size"])
+        if not all(shard_complete(storage, s) for s in part.shard_ids()):
+            parts.append(part)
+    storage.write_json(REGISTRY, reg)
+    return parts
+
+
+def part_to_dict(part: DownloadPart) -> dict:
+    return asdict(part)

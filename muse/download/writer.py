@@ -1,0 +1,129 @@
+"""Build a final image shard: exactly one row per input row, failures replaced.
+
+Input: our slice of the source table and img2dataset's per-shard parquet (it lists every
+row it was given, failures included, with `status` and `error_message`). Output: the
+columns of `muse.schema.IMAGE_COLUMNS` + `reason` + the carried source columns. A success
+is kept as RGB JPEG (grayscale converted); a perfectly uniform decode (16-bit PNGs come out
+pure white) is treated as failed `blank_image`. Every failed row gets
+`placeholders.solid_color(key)`.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from muse.download.sources import ROW
+from muse.placeholders import solid_color
+
+BAD_URL_MESSAGE = "not an http(s) URL: not fetched"
+
+
+def make_key(shard_id: int, row: int, shard_size: int) -> str:
+    """Stable, unique in the dataset: 5-digit shard id + row in shard (>= 5 digits)."""
+    width = max(5, len(str(shard_size - 1)))
+    return f"{shard_id:05d}{row:0{width}d}"
+
+
+def is_http(url) -> bool:
+    return isinstance(url, str) and url.strip().lower().startswith(("http://", "https://"))
+
+
+def reason_of(status: str | None, message: str | None) -> str:
+    """Normalise img2dataset's status + error message into a short reason."""
+    m = (message or "").lower()
+    code = re.search(r"http error (\d{3})", m)
+    if code:
+        return "http_5xx" if code.group(1).startswith("5") else f"http_{code.group(1)}"
+    for needle, reason in (("refused", "connection_refused"), ("timed out", "timeout"),
+                           ("timeout", "timeout"), ("image decoding error", "decode_error"),
+                           ("unknown url type", "bad_url"), ("name or service", "dns"),
+                           ("getaddrinfo", "dns"), ("ssl", "ssl"), ("certificate", "ssl"),
+                           ("redirect", "redirect"), ("remote end closed", "connection_closed"),
+                           ("reset by peer", "connection_reset")):
+        if needle in m:
+            return reason
+    return "resize_error" if status == "failed_to_resize" else "download_error"
+
+
+def _jpeg(img: Image.Image, quality: int) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def check_image(data: bytes, quality: int) -> tuple[bytes | None, int, int, str | None]:
+    """(RGB JPEG bytes, w, h, None) or (None, 0, 0, reason) for a downloaded image."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception:  # noqa: BLE001 - img2dataset wrote something PIL cannot read
+        return None, 0, 0, "decode_error"
+    arr = np.asarray(img)
+    if arr.size and arr.min() == arr.max():
+        return None, 0, 0, "blank_image"
+    if img.mode != "RGB":  # grayscale (1 channel) -> 3 channels, same pixels
+        data = _jpeg(img.convert("RGB"), quality)
+    return data, img.size[0], img.size[1], None
+
+
+def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: int,
+                image_size: int, quality: int) -> tuple[bytes, dict]:
+    """(parquet bytes, stats) for one shard; `rows` is our slice, `fetched` img2dataset's."""
+    by_row = {r: i for i, r in enumerate(fetched.column(ROW).to_pylist())}
+    f_status = fetched.column("status").to_pylist()
+    f_error = fetched.column("error_message").to_pylist()
+    f_jpg = fetched.column("jpg")
+    out = {c: [] for c in ("key", "caption", "caption_was_null", "url", "image", "width", "height",
+                           "replaced", "status", "error_message", "reason")}
+    counts: dict[str, int] = {}
+    urls, captions = rows.column("url").to_pylist(), rows.column("caption").to_pylist()
+    for i, row in enumerate(rows.column(ROW).to_pylist()):
+        key = make_key(shard_id, i, shard_size)
+        j = by_row.get(row)
+        if j is None:
+            raise ValueError(f"shard {shard_id}: row {row} missing from img2dataset's output")
+        status, error, image, w, h, reason = f_status[j], f_error[j], None, 0, 0, None
+        if not is_http(urls[i]):
+            status, error, reason = "not_fetched", BAD_URL_MESSAGE, "bad_url"
+        elif status == "success":
+            image, w, h, reason = check_image(f_jpg[j].as_py(), quality)
+            if reason:
+                status, error = "failed_to_resize", f"{reason}: decoded image is {reason}"
+        else:
+            reason = reason_of(status, error)
+        replaced = image is None
+        if replaced:
+            image = _jpeg(solid_color(key, image_size), quality)
+            w = h = image_size
+            counts[reason] = counts.get(reason, 0) + 1
+        out["key"].append(key)
+        out["caption"].append(captions[i] if captions[i] is not None else "")
+        out["caption_was_null"].append(captions[i] is None)
+        out["url"].append(urls[i] if urls[i] is not None else "")
+        for c, v in (("image", image), ("width", w), ("height", h), ("replaced", replaced),
+                     ("status", status), ("error_message", error or ""), ("reason", reason or "")):
+            out[c].append(v)
+    table = _to_table(out, rows)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    stats = {"shard": shard_id, "rows_in": rows.num_rows, "succeeded": rows.num_rows - sum(counts.values()),
+             "replaced": sum(counts.values()), "replaced_by_reason": dict(sorted(counts.items()))}
+    return buf.getvalue(), stats
+
+
+def _to_table(out: dict, rows: pa.Table) -> pa.Table:
+    types = {"key": pa.string(), "caption": pa.string(), "caption_was_null": pa.bool_(),
+             "url": pa.string(), "image": pa.binary(), "width": pa.int32(), "height": pa.int32(),
+             "replaced": pa.bool_(), "status": pa.string(), "error_message": pa.string(),
+             "reason": pa.string()}
+    cols = {c: pa.array(v, types[c]) for c, v in out.items()}
+    for c in rows.column_names:
+        if c not in ("url", "caption", ROW):
+            cols[c] = rows.column(c)
+    return pa.table(cols)

@@ -1,0 +1,166 @@
+"""Images <-> VQ token ids: the open-muse VQGAN f16 (base, 256px -> 16x16) through diffusers'
+`VQModel`, and PaellaVQ f8 (super-resolution, 512px -> 64x64) through `PaellaVQModel`.
+
+Both load diffusers-format weights (`from_pretrained` of a hub id or local folder) or an
+original open-muse checkpoint (`fmt="open-muse"`) through a key mapping. Inputs are RGB in
+[0, 1]; the VQGAN runs in fp32 (it produces NaN in fp16).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import torch
+
+# ----------------------------------------------------------------------------- key mappings
+
+def openmuse_vqgan_to_diffusers(state: dict, num_levels: int) -> dict:
+    """open-muse VQGAN (taming layout) state dict -> diffusers VQModel names (FACTS.md)."""
+    out = {}
+    for key, value in state.items():
+        k = key
+        k = re.sub(r"encoder\.down\.(\d+)\.block\.(\d+)", r"encoder.down_blocks.\1.resnets.\2", k)
+        k = re.sub(r"encoder\.down\.(\d+)\.downsample\.conv", r"encoder.down_blocks.\1.downsamplers.0.conv", k)
+        k = re.sub(r"decoder\.up\.(\d+)\.block\.(\d+)",
+                   lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.resnets.{m[2]}", k)
+        k = re.sub(r"decoder\.up\.(\d+)\.upsample\.conv",
+                   lambda m: f"decoder.up_blocks.{num_levels - 1 - int(m[1])}.upsamplers.0.conv", k)
+        k = re.sub(r"mid\.block_(\d)", lambda m: f"mid_block.resnets.{int(m[1]) - 1}", k)
+        k = k.replace("nin_shortcut", "conv_shortcut").replace("norm_out", "conv_norm_out")
+        out[k] = value
+    return out
+
+
+def openmuse_paella_to_diffusers(state: dict) -> dict:
+    """open-muse PaellaVQ state dict -> diffusers PaellaVQModel names (the codebook is renamed)."""
+    return {k.replace("vquantizer.codebook.weight", "vquantizer.embedding.weight"): v for k, v in state.items()}
+
+
+# ----------------------------------------------------------------------------- loading
+
+def paella_class():
+    """PaellaVQModel moved between diffusers versions."""
+    try:
+        from diffusers.pipelines.deprecated.wuerstchen import PaellaVQModel
+    except ImportError:  # diffusers < 0.30
+        from diffusers.pipelines.wuerstchen import PaellaVQModel
+    return PaellaVQModel
+
+
+def _resolve(name_or_path: str, subfolder: str | None) -> str:
+    """Local folder (+subfolder) or download a hub snapshot (only needed for open-muse format)."""
+    p = Path(name_or_path)
+    if not p.exists():
+        from huggingface_hub import snapshot_download
+
+        p = Path(snapshot_download(name_or_path))
+    return str(p / subfolder) if subfolder else str(p)
+
+
+def _read_state(folder: str) -> dict:
+    f = Path(folder)
+    for name in ("model.safetensors", "diffusion_pytorch_model.safetensors", "pytorch_model.safetensors"):
+        if (f / name).exists():
+            from safetensors.torch import load_file
+
+            return load_file(str(f / name))
+    for name in ("pytorch_model.bin", "model.ckpt", "vqgan.ckpt"):
+        if (f / name).exists():
+            state = torch.load(str(f / name), map_location="cpu", weights_only=True)
+            return state.get("state_dict", state)
+    raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin")
+
+
+def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
+    if fmt == "diffusers":
+        return cls.from_pretrained(name_or_path, subfolder=subfolder)
+    if fmt != "open-muse":
+        raise ValueError(f"unknown VQ format {fmt!r}: diffusers or open-muse")
+    folder = _resolve(name_or_path, subfolder)
+    config = json.loads((Path(folder) / "config.json").read_text())
+    model = cls.from_config(_openmuse_config(cls, config))
+    state = convert(_read_state(folder), model)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{folder}: open-muse checkpoint does not match after key mapping: "
+                         f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+    return model
+
+
+def _openmuse_config(cls, config: dict) -> dict:
+    """open-muse config.json -> diffusers config (same names where the repo already converted)."""
+    if cls.__name__ == "VQModel" and "resolution" in config:  # taming-style keys
+        mult = config.get("channel_mult", [1, 2, 2, 4, 6])
+        ch = config.get("hidden_channels", config.get("ch", 128))
+        n = len(mult)
+        return dict(block_out_channels=[ch * m for m in mult], layers_per_block=config.get("num_res_blocks", 2),
+                    down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
+                    latent_channels=config.get("z_channels", 64), num_vq_embeddings=config.get("num_embeddings", 8192),
+                    vq_embed_dim=config.get("quantized_embed_dim", config.get("z_channels", 64)),
+                    mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True)
+    return {k: v for k, v in config.items() if not k.startswith("_")}
+
+
+class VQTokenizer:
+    """Batched image <-> ids with a diffusers VQModel or PaellaVQModel."""
+
+    def __init__(self, model, device: torch.device, factor: int):
+        self.model, self.device, self.factor = model.to(device).eval(), device, factor
+        self.is_paella = type(model).__name__ == "PaellaVQModel"
+        quant = model.vquantizer if self.is_paella else model.quantize
+        self.codebook_size = int(quant.embedding.weight.shape[0])
+
+    def _quantizer(self):
+        return self.model.vquantizer if self.is_paella else self.model.quantize
+
+    @torch.inference_mode()
+    def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """uint8 (B, H, W, 3) -> ids (B, H/f, W/f) int64 (on CPU)."""
+        x = torch.as_tensor(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
+        latents = self.model.encode(x).latents
+        _, _, (_, _, idx) = self._quantizer()(latents)
+        B, _, h, w = latents.shape
+        return idx.reshape(B, h, w).cpu()
+
+    @torch.inference_mode()
+    def decode(self, ids: torch.Tensor) -> np.ndarray:
+        """ids (B, h, w) -> uint8 images (B, h*f, w*f, 3)."""
+        ids = ids.to(self.device).long()
+        B, h, w = ids.shape
+        q = self._quantizer()
+        C = q.embedding.weight.shape[1]
+        quant = q.embedding(ids.reshape(-1)).view(B, h, w, C).permute(0, 3, 1, 2).contiguous()
+        if self.is_paella:
+            x = self.model.decode(quant, force_not_quantize=True).sample
+        else:
+            x = self.model.decoder(self.model.post_quant_conv(quant), None)
+        return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _factor(model) -> int:
+    if type(model).__name__ == "PaellaVQModel":
+        c = model.config
+        return int(c.up_down_scale_factor * 2 ** (c.levels - 1))
+    return int(2 ** (len(model.config.block_out_channels) - 1))
+
+
+def load_vq(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
+            device: str = "cpu") -> VQTokenizer:
+    """The base tokenizer (open-muse VQGAN f16) as a VQTokenizer, fp32."""
+    from diffusers import VQModel
+
+    def convert(state, model):
+        return openmuse_vqgan_to_diffusers(state, len(model.config.block_out_channels))
+
+    model = _load(VQModel, name_or_path, subfolder, fmt, convert).float()
+    return VQTokenizer(model, torch.device(device), _factor(model))
+
+
+def load_paella(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
+                device: str = "cpu") -> VQTokenizer:
+    """The super-resolution tokenizer (PaellaVQ f8) as a VQTokenizer, fp32, eval mode (BatchNorm)."""
+    model = _load(paella_class(), name_or_path, subfolder, fmt, lambda s, m: openmuse_paella_to_diffusers(s)).float()
+    return VQTokenizer(model, torch.device(device), _factor(model))

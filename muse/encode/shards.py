@@ -1,0 +1,278 @@
+"""Phase 2 per shard: images/NNNNN.parquet -> encoded/<version>/NNNNN.parquet (+ record) -> manifest.
+
+One output shard per input shard, same id. A shard is done when its record
+`encoded/<version>/NNNNN.json` exists (written after the Parquet file); the manifest is
+rebuilt from the records of the current image shards and written last. So N workers can
+encode disjoint shards of one dataset concurrently, a killed run leaves nothing that a
+reader trusts, and a re-run does only what is missing. The version is a hash of the
+encoder config: a changed encoder never mixes with an old dataset.
+
+Throughput: a reader thread decodes the next batches while the models run, and a writer
+thread serialises and uploads the previous shard.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import queue
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from PIL import Image
+
+from muse.schema import GRID_BASE, GRID_SUPERRES, SCHEMA_VERSION, encoded_schema, t5_to_bytes
+from muse.storage import Storage, shard_name
+
+MANIFEST = "_MANIFEST.json"
+
+
+class EncodeError(RuntimeError):
+    """A shard could not be encoded; the message names it."""
+
+
+def dataset_dir(cfg) -> str:
+    return f"encoded/{cfg.encode.version()}"
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Encoders:
+    """T5 + VQ tokenizers, loaded once per process (cached by config)."""
+
+    _cache: dict = {}
+
+    def __init__(self, e):
+        from muse.encode.image import load_paella, load_vq
+        from muse.encode.text import TextEncoder
+
+        dev = _device(e.device)
+        self.text = TextEncoder.from_pretrained(e.text_model, e.text_max_length, e.text_dtype, str(dev))
+        self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev))
+        self.paella = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format,
+                                  str(dev)) if e.superres else None
+        for name, tok, px, grid in [("vq_model", self.vq, 256, GRID_BASE),
+                                    ("superres_vq_model", self.paella, 512, GRID_SUPERRES)]:
+            if tok is not None and px // tok.factor != grid:
+                raise EncodeError(f"encode.{name}: downsamples by {tok.factor}, so {px}px gives "
+                                  f"{px // tok.factor}x{px // tok.factor} ids, expected {grid}x{grid}")
+        if self.paella is not None and self.paella.codebook_size != self.vq.codebook_size:
+            raise EncodeError("encode: the two VQ tokenizers have different codebook sizes "
+                              f"({self.vq.codebook_size} vs {self.paella.codebook_size})")
+
+    @classmethod
+    def get(cls, e) -> "Encoders":
+        key = e.model_dump_json()
+        if key not in cls._cache:
+            cls._cache.clear()
+            cls._cache[key] = cls(e)
+        return cls._cache[key]
+
+    def info(self, e) -> dict:
+        return {"schema_version": SCHEMA_VERSION, "text_model": e.text_model, "text_dim": self.text.dim,
+                "text_max_length": e.text_max_length, "text_dtype": e.text_dtype,
+                "vq_model": e.vq_model, "vq_subfolder": e.vq_subfolder, "vq_format": e.vq_format,
+                "codebook_size": self.vq.codebook_size, "grid": GRID_BASE,
+                "superres_vq_model": e.superres_vq_model if e.superres else None,
+                "superres_grid": GRID_SUPERRES if e.superres else None}
+
+
+def _decode(jpeg: bytes, size: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
+    return np.asarray(img)
+
+
+def _batches(table: pa.Table, batch_size: int, superres: bool, depth: int, where: str):
+    """Decode image batches in a background thread, `depth` batches ahead of the models."""
+    q: queue.Queue = queue.Queue(maxsize=max(1, depth))
+
+    def work():
+        try:
+            images = table.column("image").to_pylist()
+            for start in range(0, table.num_rows, batch_size):
+                chunk = images[start:start + batch_size]
+                lo = np.stack([_decode(b, 256) for b in chunk])
+                hi = np.stack([_decode(b, 512) for b in chunk]) if superres else None
+                q.put((start, lo, hi))
+        except Exception as err:  # noqa: BLE001 - handed to the consumer with the shard named
+            q.put(EncodeError(f"{where}: cannot decode an image: {type(err).__name__}: {err}"))
+        q.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    while (item := q.get()) is not None:
+        if isinstance(item, Exception):
+            raise item
+        yield item
+
+
+def encode_table(table: pa.Table, enc: Encoders, e, where: str) -> pa.Table:
+    """An image shard table -> the encoded table (schema.encoded_schema)."""
+    captions = table.column("caption").to_pylist()
+    t5, t5_len, vq16, vq64 = [], [], [], []
+    for start, lo, hi in _batches(table, e.batch_size, e.superres, e.prefetch_batches, where):
+        for arr in enc.text.encode(captions[start:start + len(lo)]):
+            t5.append(t5_to_bytes(arr))
+            t5_len.append(arr.shape[0])
+        vq16.append(enc.vq.encode(lo).reshape(len(lo), -1).numpy().astype(np.int16))
+        if hi is not None:
+            vq64.append(enc.paella.encode(hi).reshape(len(hi), -1).numpy().astype(np.int16))
+    schema = encoded_schema(e.superres, enc.info(e))
+    n = table.num_rows
+    cols = {
+        "key": table.column("key").cast(pa.string()), "caption": pa.array(captions, pa.string()),
+        "replaced": table.column("replaced").cast(pa.bool_()), "t5": pa.array(t5, pa.binary()),
+        "t5_len": pa.array(np.asarray(t5_len, dtype=np.int16)),
+        "vq16": pa.FixedSizeListArray.from_arrays(np.concatenate(vq16).reshape(-1) if n else
+                                                  np.zeros(0, np.int16), GRID_BASE * GRID_BASE),
+    }
+    if e.superres:
+        cols["vq64"] = pa.FixedSizeListArray.from_arrays(np.concatenate(vq64).reshape(-1) if n else
+                                                         np.zeros(0, np.int16), GRID_SUPERRES * GRID_SUPERRES)
+    return pa.table(cols, schema=schema)
+
+
+def _to_parquet(table: pa.Table, row_group_size: int) -> bytes:
+    buf = io.BytesIO()
+    pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd",
+                   use_dictionary=["key", "caption"], write_statistics=False)
+    return buf.getvalue()
+
+
+def _read_images(storage: Storage, shard_id: int) -> pa.Table:
+    src = shard_name("images", shard_id)
+    try:
+        with storage.open(src) as f:
+            table = pq.read_table(f, columns=["key", "caption", "replaced", "image"])
+    except Exception as err:  # noqa: BLE001
+        raise EncodeError(f"{storage.url(src)}: unreadable image shard ({type(err).__name__}: {err}); "
+                          f"re-run `muse download` to rebuild it") from err
+    return table
+
+
+def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: ThreadPoolExecutor | None = None):
+    """Encode one shard; returns its record (or a Future of it when `writer` is given)."""
+    storage = storage or Storage.from_config(cfg)
+    e, ds = cfg.encode, dataset_dir(cfg)
+    enc = Encoders.get(e)
+    table = _read_images(storage, shard_id)
+    out = encode_table(table, enc, e, storage.url(shard_name("images", shard_id)))
+
+    def write() -> dict:
+        data = _to_parquet(out, e.row_group_size)
+        rel = f"{ds}/{shard_id:05d}.parquet"
+        storage.write_bytes(rel, data)
+        record = {"id": shard_id, "path": f"{shard_id:05d}.parquet", "rows": out.num_rows, "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name("images", shard_id),
+                  "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False)))}
+        storage.write_json(f"{ds}/{shard_id:05d}.json", record)  # the done marker, after the data
+        return record
+
+    return writer.submit(write) if writer else write()
+
+
+def _image_shards(storage: Storage) -> list[int]:
+    from muse.download import list_image_shards
+
+    return list_image_shards(storage)
+
+
+def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
+    """Image shards that have no encoded record yet in this dataset version."""
+    storage = storage or Storage.from_config(cfg)
+    done = {int(p.rsplit("/", 1)[1][:5]) for p in storage.list(dataset_dir(cfg), ".json")
+            if not p.rsplit("/", 1)[1].startswith("_")}
+    return [s for s in _image_shards(storage) if s not in done]
+
+
+def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
+    """Write `_MANIFEST.json` (last) from the records of the current image shards."""
+    storage = storage or Storage.from_config(cfg)
+    e, ds = cfg.encode, dataset_dir(cfg)
+    enc = Encoders.get(e)
+    shards, pending = [], []
+    for sid in _image_shards(storage):
+        rel = f"{ds}/{sid:05d}.json"
+        if storage.exists(rel):
+            shards.append(storage.read_json(rel))
+        else:
+            pending.append(sid)
+    empty = enc.text.encode([""])[0]
+    info = enc.info(e)
+    manifest = {
+        "schema_version": SCHEMA_VERSION, "version": e.version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "models": {k: info[k] for k in ("text_model", "vq_model", "superres_vq_model")},
+        "encode": e.model_dump(mode="json"), "text_dim": info["text_dim"], "grid": GRID_BASE,
+        "superres_grid": info["superres_grid"], "codebook_size": info["codebook_size"],
+        "empty_caption": {"t5": base64.b64encode(t5_to_bytes(empty)).decode(), "t5_len": int(empty.shape[0])},
+        "rows": sum(s["rows"] for s in shards), "replaced": sum(s.get("replaced", 0) for s in shards),
+        "shards": shards, "pending": pending,
+    }
+    storage.write_config(ds, cfg)
+    storage.write_json(f"{ds}/{MANIFEST}", manifest)
+    return manifest
+
+
+def run_encode(cfg) -> dict:
+    """`muse encode`: every image shard not yet encoded, then the manifest. Raises if any shard failed."""
+    storage = Storage.from_config(cfg)
+    todo = plan_encode(cfg, storage)
+    total = len(_image_shards(storage))
+    print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}", file=sys.stderr)
+    failed: dict[int, str] = {}
+    t0, rows = time.time(), 0
+    with ThreadPoolExecutor(max_workers=1) as writer:
+        pending: list[tuple[int, Future]] = []
+        for i, sid in enumerate(todo):
+            try:
+                pending.append((sid, encode_shard(cfg, sid, storage, writer)))
+            except Exception as err:  # noqa: BLE001 - one bad shard must not stop the others
+                failed[sid] = str(err)
+                print(f"encode: shard {sid:05d} FAILED: {err}", file=sys.stderr)
+            done = [(s, f) for s, f in pending if f.done()]
+            for s, f in done:
+                rows += _collect(s, f, failed)
+                pending.remove((s, f))
+            print(f"encode: {i + 1}/{len(todo)} shards, {rows} rows, {rows / max(time.time() - t0, 1e-9):.1f} rows/s",
+                  file=sys.stderr)
+        for s, f in pending:
+            rows += _collect(s, f, failed)
+    manifest = finalize_manifest(cfg, storage)
+    summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
+               "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
+               "failed": {f"{k:05d}": v for k, v in failed.items()}}
+    print(f"encode: {summary['shards']} shards, {summary['rows']} rows ({summary['replaced']} replaced) "
+          f"in {summary['dataset']}", file=sys.stderr)
+    if failed:
+        names = ", ".join(f"{k:05d}" for k in failed)
+        raise EncodeError(f"{len(failed)} shard(s) failed: {names}; the others are in the manifest. "
+                          f"First error: {next(iter(failed.values()))}")
+    return summary
+
+
+def _collect(sid: int, fut: Future, failed: dict) -> int:
+    try:
+        return fut.result()["rows"]
+    except Exception as err:  # noqa: BLE001
+        failed[sid] = f"writing shard {sid:05d}: {err}"
+        return 0
+
+
+def read_manifest(storage: Storage, ds: str) -> dict:
+    rel = f"{ds}/{MANIFEST}"
+    if not storage.exists(rel):
+        raise FileNotFoundError(f"{storage.url(rel)} not found: run `muse encode` first")
+    return json.loads(storage.read_bytes(rel))

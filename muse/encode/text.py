@@ -1,0 +1,49 @@
+"""Caption -> T5 encoder hidden states (real tokens only, EOS included, no padding).
+
+`TextEncoder.from_pretrained` takes a hub id (`google/t5-v1_1-base`) or a local folder
+holding a `T5EncoderModel` and its tokenizer. T5 overflows in fp16, so only fp32 and
+bf16 are offered.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+class TextEncoder:
+    def __init__(self, model, tokenizer, max_length: int, device: torch.device):
+        self.model, self.tokenizer = model, tokenizer
+        self.max_length, self.device = max_length, device
+        self.dim = int(model.config.d_model)
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, max_length: int = 77, dtype: str = "fp32",
+                        device: str = "cpu") -> "TextEncoder":
+        from transformers import AutoTokenizer, T5EncoderModel
+
+        if dtype not in DTYPES:
+            raise ValueError(f"encode.text_dtype must be one of {sorted(DTYPES)} (T5 overflows in fp16), got {dtype!r}")
+        dev = torch.device(device)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        model = T5EncoderModel.from_pretrained(name_or_path, torch_dtype=DTYPES[dtype]).to(dev).eval()
+        return cls(model, tokenizer, max_length, dev)
+
+    @torch.inference_mode()
+    def encode_batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (hidden (B, L, D) float32 on device, lengths (B,)) with L = longest caption in tokens."""
+        tok = self.tokenizer(list(captions), max_length=self.max_length, truncation=True, padding="longest",
+                             return_tensors="pt")
+        ids, mask = tok["input_ids"].to(self.device), tok["attention_mask"].to(self.device)
+        hidden = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        return hidden, mask.sum(1)
+
+    def encode(self, captions: list[str]) -> list[np.ndarray]:
+        """-> one float32 array [L_i, D] per caption, real tokens only."""
+        if not captions:
+            return []
+        hidden, lengths = self.encode_batch(captions)
+        hidden = hidden.cpu().numpy()
+        return [hidden[i, : int(n)] for i, n in enumerate(lengths.tolist())]

@@ -1,0 +1,71 @@
+"""The Muse training objective, as pure functions with an explicit `torch.Generator`.
+
+- mask ratio r = cos(pi/2 * u), u ~ U(0, 1) per example (the cosine schedule; peers that
+  mask a fixed 50% train a different model);
+- mask round(r * N) positions (at least one) chosen uniformly, replace them by the mask id;
+- cross-entropy with label smoothing on the masked positions only;
+- conditioning dropout for classifier-free guidance: the caption is replaced by the
+  empty-caption embedding with probability p, i.e. KEPT with probability 1 - p
+  (open-muse and diffusers' aMUSEd script invert this and keep it only p of the time).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def mask_ratio(u: torch.Tensor) -> torch.Tensor:
+    """Fraction of tokens to mask for u in [0, 1]: cos(pi/2 u) (1 at u=0, 0 at u=1)."""
+    return torch.cos(math.pi / 2 * u)
+
+
+def mask_tokens(ids: torch.Tensor, mask_token_id: int, generator: torch.Generator | None = None):
+    """ids (B, N) -> (input_ids with mask ids, mask (B, N) bool: True where masked)."""
+    B, N = ids.shape
+    u = torch.rand(B, 1, generator=generator, device=ids.device)
+    n_masked = (mask_ratio(u) * N).round().clamp(min=1, max=N)                  # (B, 1)
+    scores = torch.rand(B, N, generator=generator, device=ids.device)
+    rank = scores.argsort(dim=1).argsort(dim=1)                                 # a random permutation rank
+    mask = rank < n_masked
+    return torch.where(mask, torch.full_like(ids, mask_token_id), ids), mask
+
+
+def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
+                label_smoothing: float = 0.1, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean cross-entropy over masked positions; `weights` (B,) scales each example."""
+    per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
+                                label_smoothing=label_smoothing)                # (B, N)
+    w = mask.to(per_token.dtype)
+    if weights is not None:
+        w = w * weights.to(per_token.dtype)[:, None]
+    return (per_token * w).sum() / mask.sum().clamp(min=1)
+
+
+def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    extra = length - x.shape[dim]
+    if extra <= 0:
+        return x
+    pad = [0, 0] * (x.dim() - dim - 1) + [0, extra]
+    return F.pad(x, pad)
+
+
+def drop_condition(hidden: torch.Tensor, attn_mask: torch.Tensor, empty_hidden: torch.Tensor,
+                   empty_mask: torch.Tensor, p: float, generator: torch.Generator | None = None):
+    """Replace each example's text by the empty caption with probability p.
+
+    hidden (B, L, D), attn_mask (B, L) bool; empty_hidden (Le, D) or (1, Le, D), empty_mask
+    (Le,) or (1, Le). Returns (hidden, attn_mask, kept (B,) bool), padded to max(L, Le).
+    """
+    B = hidden.shape[0]
+    empty_hidden = empty_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
+    empty_mask = empty_mask.reshape(1, -1).bool()
+    L = max(hidden.shape[1], empty_hidden.shape[1])
+    hidden, attn_mask = _pad_to(hidden, L, 1), _pad_to(attn_mask.bool(), L, 1)
+    empty_hidden, empty_mask = _pad_to(empty_hidden, L, 1), _pad_to(empty_mask, L, 1)
+    kept = torch.rand(B, generator=generator, device=hidden.device) >= p
+    hidden = torch.where(kept[:, None, None], hidden, empty_hidden.expand(B, -1, -1))
+    attn_mask = torch.where(kept[:, None], attn_mask, empty_mask.expand(B, -1))
+    return hidden, attn_mask, kept

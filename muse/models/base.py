@@ -1,0 +1,142 @@
+"""Muse base transformer: 16x16 VQ tokens (256px) conditioned on a T5 sequence.
+
+    ids (B, 256) --embed + 2-D pos--> x (B, 256, C)
+    text (B, L, text_dim) --Linear + LN--> memory (B, L, C)
+    depth x Block(self-attn, cross-attn(memory), MLP) --LN, Linear--> logits (B, 256, codebook)
+
+The mask token is an extra input id (`mask_token_id == codebook_size`) that the head
+never predicts. Weights are saved diffusers-style: `config.json` + `model.safetensors`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from safetensors.torch import load_file, save_file
+
+from muse.models.layers import Block, Grid2DPositions
+
+
+@dataclass
+class MuseConfig:
+    kind: str = "base"
+    hidden_size: int = 1536
+    depth: int = 16
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    mlp: str = "gelu"
+    dropout: float = 0.0
+    codebook_size: int = 8192
+    text_dim: int = 768
+    grid_size: int = 16
+    text_len_for_flops: int = 77  # only used by num_flops_per_sample
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.codebook_size
+
+    @property
+    def num_tokens(self) -> int:
+        return self.grid_size * self.grid_size
+
+    def validate(self) -> None:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
+        if self.mlp not in ("gelu", "geglu"):
+            raise ValueError(f"mlp must be gelu or geglu, got {self.mlp!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "MuseConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        return cls(**d)
+
+
+class PretrainedMixin:
+    """save_pretrained / from_pretrained with safetensors + config.json (diffusers layout)."""
+
+    config_class = MuseConfig
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps({"_class_name": type(self).__name__, **self.config.to_dict()},
+                                                  indent=2))
+        save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
+                  str(d / "model.safetensors"))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
+        d = Path(directory)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("_class_name", None)
+        model = cls(cls.config_class.from_dict(cfg))
+        model.load_state_dict(load_file(str(d / "model.safetensors"), device=map_location))
+        return model
+
+
+class MuseTransformer(PretrainedMixin, nn.Module):
+    config_class = MuseConfig
+
+    def __init__(self, config: MuseConfig):
+        super().__init__()
+        config.validate()
+        self.config = c = config
+        self.tok_emb = nn.Embedding(c.codebook_size + 1, c.hidden_size)  # +1: the mask token
+        self.pos_emb = Grid2DPositions(c.grid_size, c.hidden_size)
+        self.text_proj = nn.Linear(c.text_dim, c.hidden_size)
+        self.text_norm = nn.LayerNorm(c.hidden_size)
+        self.blocks = nn.ModuleList(Block(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.dropout)
+                                    for _ in range(c.depth))
+        self.norm_out = nn.LayerNorm(c.hidden_size)
+        self.head = nn.Linear(c.hidden_size, c.codebook_size)
+        self.apply(_init_weights)
+
+    def memory(self, encoder_hidden_states, encoder_attention_mask, low_res_ids=None):
+        """The cross-attention memory and its mask: here the projected text only."""
+        return self.text_norm(self.text_proj(encoder_hidden_states)), encoder_attention_mask.bool()
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
+                encoder_attention_mask: torch.Tensor, low_res_ids: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.tok_emb(input_ids) + self.pos_emb()                          # (B, N, C)
+        memory, memory_mask = self.memory(encoder_hidden_states, encoder_attention_mask, low_res_ids)
+        for block in self.blocks:
+            x = block(x, memory, memory_mask)
+        return self.head(self.norm_out(x))                                     # (B, N, codebook)
+
+    def num_flops_per_sample(self) -> float:
+        """Training FLOPs (fwd+bwd) per sample: 6 x matmul params x tokens + attention scores.
+
+        Attention adds 12 x depth x hidden x N x (keys per query) for QK^T and AV (fwd+bwd);
+        the memory length is taken as `text_len_for_flops`.
+        """
+        c = self.config
+        n_matmul = sum(p.numel() for n, p in self.named_parameters()
+                       if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb")))
+        N = c.num_tokens
+        attn = 12 * c.depth * c.hidden_size * N * (self._keys_per_query() + self._memory_len())
+        return 6 * n_matmul * N + attn
+
+    def _keys_per_query(self) -> float:
+        return self.config.num_tokens
+
+    def _memory_len(self) -> int:
+        return self.config.text_len_for_flops
+
+
+def _init_weights(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.Embedding):
+        nn.init.normal_(m.weight, std=0.02)

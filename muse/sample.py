@@ -1,0 +1,208 @@
+"""Text -> image by MaskGIT-style parallel decoding, outside the models.
+
+`generate` starts from a fully masked grid; each step samples every masked position,
+keeps the most confident samples and re-masks the rest so that the masked fraction
+follows the cosine schedule (24 steps for the base model, 8 for super-resolution, as in
+the paper). Confidence = log p(sampled token) + Gumbel noise whose temperature anneals
+linearly to zero. Classifier-free guidance runs the conditional and unconditional
+inputs in ONE batched forward. Every random draw comes from the given generator, so a
+seed reproduces an image exactly.
+
+`run_sample(cfg)` is `muse sample`: T5 -> base -> optional super-res -> VQ decode -> PNG.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from muse.masking import _pad_to
+
+
+def _gumbel(shape, generator, device) -> torch.Tensor:
+    u = torch.rand(shape, generator=generator, device=device).clamp_(1e-20, 1.0 - 1e-7)
+    return -torch.log(-torch.log(u))  # -log(u) > 0 for u in (0, 1)
+
+
+def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, guidance_scale, low_res_ids):
+    if uncond_hidden is None or guidance_scale == 1.0:
+        return model(ids, hidden, attn_mask, low_res_ids).float()
+    B = ids.shape[0]
+    L = max(hidden.shape[1], uncond_hidden.shape[1])
+    h = torch.cat([_pad_to(hidden, L, 1), _pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
+    m = torch.cat([_pad_to(attn_mask.bool(), L, 1), _pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
+    low = None if low_res_ids is None else torch.cat([low_res_ids, low_res_ids])
+    cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)   # one batched forward
+    return uncond + guidance_scale * (cond - uncond)
+
+
+@torch.inference_mode()
+def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden: torch.Tensor | None = None,
+             uncond_mask: torch.Tensor | None = None, steps: int = 24, guidance_scale: float = 4.0,
+             temperature: float = 1.0, generator: torch.Generator | None = None,
+             low_res_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """-> token ids (B, grid*grid). hidden (B, L, D), attn_mask (B, L) bool; uncond_* (1, Lu, D), (1, Lu)."""
+    c = model.config
+    B, N, device = hidden.shape[0], c.grid_size * c.grid_size, hidden.device
+    ids = torch.full((B, N), c.mask_token_id, dtype=torch.long, device=device)
+    if uncond_hidden is not None:
+        uncond_hidden = uncond_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
+        uncond_mask = uncond_mask.reshape(1, -1)
+    for step in range(steps):
+        logits = _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask,
+                                guidance_scale, low_res_ids)                      # (B, N, V)
+        logp = F.log_softmax(logits, dim=-1)
+        sampled = (logp + _gumbel(logp.shape, generator, device)).argmax(-1)      # a categorical sample
+        masked = ids == c.mask_token_id
+        sampled = torch.where(masked, sampled, ids)
+        ratio = (step + 1) / steps
+        n_mask_next = math.floor(N * math.cos(math.pi / 2 * ratio))               # cosine schedule
+        if n_mask_next == 0:
+            ids = sampled
+            break
+        conf = logp.gather(-1, sampled[..., None]).squeeze(-1)
+        conf = conf + temperature * (1.0 - ratio) * _gumbel(conf.shape, generator, device)
+        conf = torch.where(masked, conf, torch.full_like(conf, float("inf")))     # decided tokens stay
+        # never re-mask more than were masked minus one: each step decides at least one token
+        n_mask_next = torch.clamp(masked.sum(1, keepdim=True) - 1, max=n_mask_next).clamp(min=0)
+        cutoff = conf.sort(dim=1).values.gather(1, n_mask_next.clamp(min=1) - 1)
+        remask = (conf <= cutoff) & (n_mask_next > 0)
+        ids = torch.where(remask, torch.full_like(sampled, c.mask_token_id), sampled)
+    return ids
+
+
+# ----------------------------------------------------------------------------- muse sample
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _pad_batch(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+    L = max(e.shape[0] for e in embs)
+    hidden = torch.zeros(len(embs), L, embs[0].shape[1], device=device)
+    mask = torch.zeros(len(embs), L, dtype=torch.bool, device=device)
+    for i, e in enumerate(embs):
+        hidden[i, : e.shape[0]] = torch.as_tensor(np.asarray(e, dtype=np.float32), device=device)
+        mask[i, : e.shape[0]] = True
+    return hidden, mask
+
+
+def _storage_rel(storage, ref: str) -> str | None:
+    """A storage-root-relative path for `ref` if it lies under the root, else None."""
+    root = storage.url("")
+    if ref.startswith(root + "/"):
+        return ref[len(root) + 1:]
+    if "://" not in ref and not ref.startswith("/"):
+        return ref
+    return None
+
+
+def load_checkpoint_model(storage, ref: str | None, run_name: str):
+    """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint."""
+    from muse import checkpoint
+    from muse.models import load_pretrained
+
+    if ref and Path(ref).is_dir() and (Path(ref) / "config.json").exists():
+        return load_pretrained(ref)
+    rel = _storage_rel(storage, ref) if ref else checkpoint.latest(storage, run_name)
+    if rel is None:
+        raise FileNotFoundError(f"no checkpoint: {ref or 'latest of run ' + repr(run_name)} "
+                                f"(train first, or pass --checkpoint DIR)")
+    return checkpoint.load_model(storage, rel)
+
+
+def _png(img: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(images: np.ndarray) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> one image, ceil(sqrt(B)) columns."""
+    B, H, W, _ = images.shape
+    cols = math.ceil(math.sqrt(B))
+    rows = math.ceil(B / cols)
+    grid = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = img
+    return grid
+
+
+def _write(storage, out: str, data: bytes) -> str:
+    rel = _storage_rel(storage, out)
+    if rel is not None:
+        storage.write_bytes(rel, data)
+        return storage.url(rel)
+    if "://" in out:
+        raise ValueError(f"sample.out {out!r} is outside the storage root {storage.url('')}")
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_bytes(data)
+    return out
+
+
+def _prompts(cfg) -> list[str]:
+    s = cfg.sample
+    if s.prompts_file:
+        lines = [ln.strip() for ln in Path(s.prompts_file).read_text().splitlines()]
+        prompts = [ln for ln in lines if ln]
+        if not prompts:
+            raise ValueError(f"sample.prompts_file {s.prompts_file}: no prompts in it")
+        return prompts
+    return list(s.prompts)
+
+
+def run_sample(cfg) -> list[str]:
+    """`muse sample`: writes one PNG per prompt (+ a grid for several); returns their paths."""
+    from muse.encode.image import load_vq
+    from muse.encode.text import TextEncoder
+    from muse.storage import Storage
+
+    s, e = cfg.sample, cfg.encode
+    storage = Storage.from_config(cfg)
+    device = _device(s.device)
+    prompts = _prompts(cfg)
+    text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
+                                       device=str(device))
+    hidden, mask = _pad_batch(text.encode(prompts), device)
+    uncond, uncond_mask = _pad_batch(text.encode([""]), device)
+    model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=s.guidance_scale,
+                   temperature=s.temperature, generator=gen)
+    g = model.config.grid_size
+    if s.superres_checkpoint:
+        from muse.encode.image import load_paella
+
+        sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
+        ids_hi = generate(sr, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
+                          guidance_scale=s.guidance_scale, temperature=s.temperature, generator=gen,
+                          low_res_ids=ids)
+        vq = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device))
+        g = sr.config.grid_size
+        images = vq.decode(ids_hi.view(-1, g, g).cpu())
+    else:
+        vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device))
+        images = vq.decode(ids.view(-1, g, g).cpu())
+    images = np.asarray(images, dtype=np.uint8)
+    out = s.out
+    stem, suffix = (out[:-4], ".png") if out.lower().endswith(".png") else (out, ".png")
+    written = []
+    if len(prompts) == 1:
+        written.append(_write(storage, stem + suffix, _png(images[0])))
+    else:
+        for i, img in enumerate(images):
+            written.append(_write(storage, f"{stem}-{i:03d}{suffix}", _png(img)))
+        written.append(_write(storage, f"{stem}-grid{suffix}", _png(make_grid(images))))
+    for p in written:
+        print(f"wrote {p}")
+    return written

@@ -1,0 +1,43 @@
+"""Phase-1 style image shards written directly (the encode tests do not depend on downloading)."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from PIL import Image
+
+from muse.storage import Storage
+
+
+def picture(seed: int, size: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    small = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return Image.fromarray(small).resize((size, size), Image.BILINEAR)
+
+
+def jpeg(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int = 256,
+                      replaced: list | None = None) -> list[bytes]:
+    n = len(captions)
+    replaced = replaced or [False] * n
+    images = [jpeg(picture(shard_id * 1000 + i, size)) for i in range(n)]
+    table = pa.table({
+        "key": [f"{shard_id:05d}{i:05d}" for i in range(n)], "caption": captions,
+        "caption_was_null": [False] * n, "url": [f"http://x/{i}.jpg" for i in range(n)], "image": images,
+        "width": [size] * n, "height": [size] * n, "replaced": replaced,
+        "status": ["success"] * n, "error_message": [""] * n, "reason": [""] * n,
+    })
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(f"images/{shard_id:05d}.parquet", buf.getvalue())
+    storage.write_bytes(f"images/{shard_id:05d}_stats.json", json.dumps({"rows_in": n}).encode())
+    return images

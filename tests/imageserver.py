@@ -1,0 +1,134 @@
+"""A real HTTP server on 127.0.0.1 that serves generated images and failure routes.
+
+Used by the download tests and `bench/download.py`. Routes:
+    /img/<n>.jpg        a deterministic RGB JPEG (gradient + pattern seeded by n)
+    /png/<n>.png        the same picture as PNG
+    /gray/<n>.png       a grayscale PNG
+    /png16/<n>.png      a 16-bit grayscale PNG (img2dataset decodes it pure white)
+    /huge/<n>.jpg       a 3000x2000 JPEG
+    /redirect/<n>.jpg   302 -> /img/<n>.jpg
+    /404, /500          error statuses
+    /html               200 with an HTML body
+    /truncated.jpg      the first half of a JPEG
+    /slow               sleeps longer than any test timeout before answering
+"""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+from functools import lru_cache
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+from PIL import Image
+
+SLOW_SECONDS = 6.0
+
+
+@lru_cache(maxsize=256)
+def source_image(n: int, w: int = 320, h: int = 240) -> Image.Image:
+    """A deterministic, non-uniform RGB picture (so resizing is observable)."""
+    yy, xx = np.mgrid[0:h, 0:w]
+    # smooth ramps and a soft wave (hard edges would make JPEG error dominate the checks)
+    r = xx * 180 / max(w - 1, 1) + (37 * n) % 60
+    g = yy * 180 / max(h - 1, 1) + (91 * n) % 60
+    b = 120 + 100 * np.sin(xx / w * 6.28 + n) * np.cos(yy / h * 3.14)
+    return Image.fromarray(np.clip(np.stack([r, g, b], -1), 0, 255).astype(np.uint8), "RGB")
+
+
+def encode(img: Image.Image, fmt: str, **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+@lru_cache(maxsize=512)
+def body_for(path: str) -> tuple[int, str, bytes, dict]:
+    """(status, content type, body, extra headers) for a route."""
+    name = path.rsplit("/", 1)[-1]
+    num = int(name.split(".")[0]) if name.split(".")[0].isdigit() else 0
+    if path.startswith("/img/"):
+        return 200, "image/jpeg", encode(source_image(num), "JPEG", quality=95), {}
+    if path.startswith("/png/"):
+        return 200, "image/png", encode(source_image(num), "PNG"), {}
+    if path.startswith("/gray/"):
+        return 200, "image/png", encode(source_image(num).convert("L"), "PNG"), {}
+    if path.startswith("/png16/"):
+        arr = (np.asarray(source_image(num).convert("L"), dtype=np.uint16) * 257)
+        return 200, "image/png", encode(Image.fromarray(arr.astype(np.uint16)), "PNG"), {}
+    if path.startswith("/huge/"):
+        return 200, "image/jpeg", encode(source_image(num, 3000, 2000), "JPEG", quality=90), {}
+    if path.startswith("/redirect/"):
+        return 302, "text/plain", b"", {"Location": f"/img/{name}"}
+    if path == "/404":
+        return 404, "text/plain", b"not found", {}
+    if path == "/500":
+        return 500, "text/plain", b"boom", {}
+    if path == "/html":
+        return 200, "text/html", b"<html><body>not an image</body></html>", {}
+    if path == "/truncated.jpg":
+        data = encode(source_image(7), "JPEG", quality=95)
+        return 200, "image/jpeg", data[: len(data) // 2], {}
+    return 404, "text/plain", b"no such route", {}
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.0"
+
+    def do_GET(self):  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        self.server.requests.append(path)  # tests check what was (not) fetched
+        if path == "/slow":
+            time.sleep(SLOW_SECONDS)  # longer than the client's socket timeout
+            path = "/img/1.jpg"
+        try:
+            status, ctype, body, headers = body_for(path)
+            self.send_response(status)
+            self.send_header("Content-Type", ctype)
+            self.send_header("Content-Length", str(len(body)))
+            for k, v in headers.items():
+                self.send_header(k, v)
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (timeout tests)
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+
+class ImageServer:
+    """`with ImageServer() as srv: srv.url("/img/3.jpg")`."""
+
+    def __init__(self):
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.requests = []
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def requests(self) -> list[str]:
+        return self.httpd.requests
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}{path}"
+
+    def __enter__(self) -> "ImageServer":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def refused_url() -> str:
+    """A URL on a port nobody listens on (bound then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/img/1.jpg"

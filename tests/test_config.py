@@ -1,0 +1,60 @@
+"""Config errors name the key and say what is allowed."""
+
+import pytest
+
+from muse.config import ConfigError, load_config, parse_override
+
+BASE = {"source": {"paths": ["urls.parquet"]}}
+
+
+def load(data=None, overrides=None):
+    return load_config(None, overrides or [], data=data if data is not None else BASE)
+
+
+def test_defaults_and_override():
+    cfg = load(overrides=["download.image_size=64", "source.max_samples=10"])
+    assert cfg.download.image_size == 64 and cfg.source.max_samples == 10
+    assert cfg.source.url_column == "URL" and cfg.source.caption_column == "TEXT"
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["download.imagesize=64"], "download.imagesize: unknown key"),
+    (["download.processes=many"], "download.processes"),
+    (["download.resize_mode=stretch"], "download.resize_mode"),
+    (["download.distributor=ray"], "download.distributor"),
+    (["encode.superres=true"], "download.image_size >= 512"),
+    (["download.image_size=4"], "download.image_size"),
+])
+def test_bad_values_name_the_key(overrides, needle):
+    with pytest.raises(ConfigError, match=needle.replace(".", r"\.")):
+        load(overrides=overrides)
+
+
+def test_missing_source_paths_names_the_key():
+    with pytest.raises(ConfigError, match=r"source\.paths: required value is missing"):
+        load(data={"source": {}})
+    with pytest.raises(ConfigError, match=r"source: required value is missing"):
+        load(data={})
+
+
+def test_bad_set_syntax():
+    with pytest.raises(ConfigError, match="expected dotted.key=value"):
+        parse_override("download.image_size")
+    with pytest.raises(ConfigError, match="empty key segment"):
+        parse_override("download..image_size=3")
+    with pytest.raises(ConfigError, match=r"download\.image_size: cannot parse"):
+        parse_override("download.image_size=[1,")
+
+
+def test_missing_file_and_bad_yaml(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("source: [unclosed\n")
+    with pytest.raises(ConfigError, match="bad.yaml: not valid YAML"):
+        load_config(bad)
+
+
+def test_shipped_pipeline_yaml_is_valid():
+    cfg = load_config("pipeline.yaml")
+    assert cfg.download.distributor == "multiprocessing"

@@ -1,0 +1,158 @@
+"""Phase 2 end to end on tiny encoders built here and reloaded through the users' code path."""
+
+import base64
+import hashlib
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+import yaml
+
+from encode_helpers import write_image_shard
+from muse.config import load_config
+from muse.encode import EncodeError, dataset_dir, plan_encode, run_encode
+from muse.encode.image import load_paella, load_vq
+from muse.encode.text import TextEncoder
+from muse.schema import t5_from_bytes
+from muse.storage import Storage
+from muse.tiny import build_tiny_encoders, tiny_encode_overrides
+
+REPO = Path(__file__).resolve().parents[1]
+torch.set_num_threads(1)
+
+CAPTIONS = ["a red fox", "", "日本の風景 🦊 café", "x " * 200, "a blue square"]
+
+
+@pytest.fixture(scope="session")
+def tiny_encoders(tmp_path_factory):
+    return build_tiny_encoders(tmp_path_factory.mktemp("enc"), superres=True)
+
+
+def make_cfg(tmp_path, root, encoders, *extra):
+    data = {"storage": {"root": root}, "source": {"paths": ["unused.parquet"]},
+            "encode": {"batch_size": 2, "row_group_size": 2}}
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump(data))
+    overrides = tiny_encode_overrides(encoders) + list(extra)
+    return load_config(path, overrides), path, overrides
+
+
+def test_encode_end_to_end(tmp_path, any_root, tiny_encoders):
+    cfg, _, _ = make_cfg(tmp_path, any_root, tiny_encoders)
+    storage = Storage.from_config(cfg)
+    images = {0: write_image_shard(storage, 0, CAPTIONS, replaced=[False, True, False, False, False]),
+              1: write_image_shard(storage, 1, ["one", "two", "three"])}
+    summary = run_encode(cfg)
+    assert summary["rows"] == 8 and summary["shards"] == 2 and summary["replaced"] == 1
+    ds = dataset_dir(cfg)
+    manifest = storage.read_json(f"{ds}/_MANIFEST.json")
+    assert [s["id"] for s in manifest["shards"]] == [0, 1] and manifest["rows"] == 8
+    text = TextEncoder.from_pretrained(tiny_encoders["text_model"])
+    vq = load_vq(tiny_encoders["vq_model"])
+    for rec in manifest["shards"]:
+        data = storage.read_bytes(f"{ds}/{rec['path']}")
+        assert len(data) == rec["bytes"] and hashlib.sha256(data).hexdigest() == rec["sha256"]
+        pf = pq.ParquetFile(io.BytesIO(data))
+        info = json.loads(pf.schema_arrow.metadata[b"muse.info"])
+        assert info["text_dim"] == 32 and info["grid"] == 16 and info["codebook_size"] == 64
+        assert pf.metadata.row_group(0).num_rows == 2  # fixed row-group size
+        table = pf.read()
+        assert table.num_rows == rec["rows"]
+        caps = table.column("caption").to_pylist()
+        want = text.encode(caps)
+        for i, row in enumerate(table.to_pylist()):
+            emb = t5_from_bytes(row["t5"], 32)
+            assert emb.shape[0] == row["t5_len"] == want[i].shape[0]
+            np.testing.assert_allclose(emb.astype(np.float32), want[i], rtol=2e-3, atol=2e-3)
+        from PIL import Image
+        pix = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in images[rec["id"]]])
+        ids = vq.encode(pix).reshape(len(pix), -1).numpy()
+        assert np.array_equal(np.array(table.column("vq16").to_pylist()), ids)
+    assert caps == ["one", "two", "three"]
+    empty = base64.b64decode(manifest["empty_caption"]["t5"])
+    assert t5_from_bytes(empty, 32).shape[0] == manifest["empty_caption"]["t5_len"] == 1  # EOS only
+    # idempotent: nothing left to do, a re-run writes nothing new
+    assert plan_encode(cfg) == [] and run_encode(cfg)["encoded_now"] == 0
+
+
+def test_changed_encoder_config_is_a_new_version(tmp_path, tiny_encoders):
+    root = str(tmp_path / "root")
+    cfg, _, _ = make_cfg(tmp_path, root, tiny_encoders)
+    storage = Storage.from_config(cfg)
+    write_image_shard(storage, 0, ["a", "b"])
+    run_encode(cfg)
+    cfg2, _, _ = make_cfg(tmp_path, root, tiny_encoders, "encode.text_max_length=8")
+    assert dataset_dir(cfg2) != dataset_dir(cfg) and plan_encode(cfg2) == [0]
+    run_encode(cfg2)
+    assert storage.exists(f"{dataset_dir(cfg)}/_MANIFEST.json") and storage.exists(f"{dataset_dir(cfg2)}/_MANIFEST.json")
+
+
+def test_corrupt_shard_is_named_and_others_complete(tmp_path, tiny_encoders):
+    cfg, _, _ = make_cfg(tmp_path, str(tmp_path / "root"), tiny_encoders)
+    storage = Storage.from_config(cfg)
+    write_image_shard(storage, 0, ["a", "b"])
+    write_image_shard(storage, 1, ["c"])
+    write_image_shard(storage, 2, ["d", "e"])
+    storage.write_bytes("images/00001.parquet", b"PAR1 this is not parquet")
+    with pytest.raises(EncodeError, match="00001"):
+        run_encode(cfg)
+    manifest = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    assert [s["id"] for s in manifest["shards"]] == [0, 2] and manifest["pending"] == [1]
+
+
+def test_superres_tokens(tmp_path, tiny_encoders):
+    cfg, _, _ = make_cfg(tmp_path, str(tmp_path / "root"), tiny_encoders, "encode.superres=true",
+                         "download.image_size=512")
+    storage = Storage.from_config(cfg)
+    imgs = write_image_shard(storage, 0, ["a", "b", "c"], size=512)
+    run_encode(cfg)
+    table = pq.read_table(io.BytesIO(storage.read_bytes(f"{dataset_dir(cfg)}/00000.parquet")))
+    assert table.schema.field("vq64").type.list_size == 4096
+    from PIL import Image
+    pix = np.stack([np.asarray(Image.open(io.BytesIO(b)).convert("RGB")) for b in imgs])
+    ids = load_paella(tiny_encoders["superres_vq_model"]).encode(pix).reshape(3, -1).numpy()
+    assert np.array_equal(np.array(table.column("vq64").to_pylist()), ids)
+    small = np.stack([np.asarray(Image.fromarray(p).resize((256, 256), Image.BICUBIC, reducing_gap=None)) for p in pix])
+    ids16 = load_vq(tiny_encoders["vq_model"]).encode(small).reshape(3, -1).numpy()
+    assert np.array_equal(np.array(table.column("vq16").to_pylist()), ids16)
+
+
+def test_killed_run_then_rerun_is_byte_identical(tmp_path, tiny_encoders):
+    """SIGKILL the encoder after its first shard, re-run: same bytes as an uninterrupted run."""
+    roots = {}
+    for name in ("killed", "clean"):
+        (tmp_path / name).mkdir()
+        cfg, path, overrides = make_cfg(tmp_path / name, str(tmp_path / name / "root"), tiny_encoders)
+        storage = Storage.from_config(cfg)
+        for sid in range(4):
+            write_image_shard(storage, sid, [f"caption {sid} {i}" for i in range(6)])
+        roots[name] = (cfg, path, overrides, storage)
+    cfg, path, overrides, storage = roots["killed"]
+    cmd = [sys.executable, "-m", "muse.cli", "encode", "--config", str(path)]
+    for o in overrides:
+        cmd += ["--set", o]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline and not storage.exists(f"{dataset_dir(cfg)}/00000.json"):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not storage.exists(f"{dataset_dir(cfg)}/_MANIFEST.json")   # nothing a reader trusts yet
+    assert 0 < len(plan_encode(cfg)) < 4
+    run_encode(cfg)
+    run_encode(roots["clean"][0])
+    ds = dataset_dir(cfg)
+    for sid in range(4):
+        a = storage.read_bytes(f"{ds}/{sid:05d}.parquet")
+        b = roots["clean"][3].read_bytes(f"{ds}/{sid:05d}.parquet")
+        assert a == b, sid

@@ -1,0 +1,140 @@
+"""Muse models: shapes, multi-axis attention vs a masked full-attention reference, save/load."""
+
+import torch
+import torch.nn.functional as F
+import pytest
+
+from muse.config import ModelConfig
+from muse.models import (MultiAxisAttention, MuseSuperRes, MuseTransformer, PRESETS, build_model,
+                         load_pretrained, model_config)
+from muse.models.superres import MuseSuperResConfig
+
+torch.set_num_threads(1)
+
+
+def tiny(kind="base", **kw):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(kind=kind, preset="tiny", codebook_size=64, text_dim=16, **kw))
+
+
+def batch(model, B=3, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    ids = torch.randint(0, c.codebook_size + 1, (B, c.grid_size ** 2), generator=g)
+    hidden = torch.randn(B, L, c.text_dim, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 2:] = False  # variable lengths in one batch
+    low = torch.randint(0, c.codebook_size, (B, 256), generator=g) if c.kind == "superres" else None
+    return ids, hidden, mask, low
+
+
+@pytest.mark.parametrize("kind, n", [("base", 256), ("superres", 4096)])
+def test_shapes_and_dtypes(kind, n):
+    m = tiny(kind)
+    ids, hidden, mask, low = batch(m)
+    logits = m(ids, hidden, mask, low)
+    assert logits.shape == (3, n, 64) and logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+    assert m.config.mask_token_id == 64
+
+
+def test_padding_is_ignored():
+    """Text positions outside the attention mask do not change the output."""
+    m = tiny().eval()
+    ids, hidden, mask, _ = batch(m)
+    out = m(ids, hidden, mask)
+    hidden2 = hidden.clone()
+    hidden2[0, 2:] = 1e3
+    assert torch.allclose(out, m(ids, hidden2, mask), atol=1e-5)
+    hidden2[0, 0] += 1.0  # a real token does matter
+    assert not torch.allclose(out[0], m(ids, hidden2, mask)[0], atol=1e-5)
+
+
+def test_superres_uses_low_res_tokens():
+    m = tiny("superres").eval()
+    ids, hidden, mask, low = batch(m)
+    out = m(ids, hidden, mask, low)
+    low2 = low.clone()
+    low2[:, 0] = (low2[:, 0] + 1) % 64
+    assert not torch.allclose(out, m(ids, hidden, mask, low2))
+    with pytest.raises(ValueError, match="low_res_ids"):
+        m(ids, hidden, mask, None)
+
+
+def reference_multi_axis(attn: MultiAxisAttention, x: torch.Tensor) -> torch.Tensor:
+    """Full attention over all N tokens with per-head boolean masks: same patch / same in-patch position."""
+    B, N, C = x.shape
+    G, P, H = attn.grid, attn.patch, attn.num_heads
+    Dh = C // H
+    r = torch.arange(N) // G
+    c = torch.arange(N) % G
+    patch = (r // P) * (G // P) + (c // P)
+    inpatch = (r % P) * P + (c % P)
+    block_mask = patch[:, None] == patch[None, :]
+    grid_mask = inpatch[:, None] == inpatch[None, :]
+    head_masks = torch.stack([block_mask] * (H // 2) + [grid_mask] * (H - H // 2))     # (H, N, N)
+    q, k, v = attn.qkv(x).view(B, N, 3, H, Dh).permute(2, 0, 3, 1, 4)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=head_masks[None])
+    return attn.proj(out.transpose(1, 2).reshape(B, N, C))
+
+
+@pytest.mark.parametrize("grid, patch, heads", [(64, 8, 4), (16, 4, 2), (12, 3, 6), (8, 8, 2), (8, 1, 4)])
+def test_multi_axis_equals_masked_full_attention(grid, patch, heads):
+    torch.manual_seed(grid + patch)
+    attn = MultiAxisAttention(dim=8 * heads, num_heads=heads, grid_size=grid, patch_size=patch)
+    x = torch.randn(2, grid * grid, 8 * heads)
+    assert torch.allclose(attn(x), reference_multi_axis(attn, x), atol=1e-5)
+
+
+def test_multi_axis_output_projection_is_applied():
+    attn = MultiAxisAttention(dim=16, num_heads=2, grid_size=8, patch_size=4)
+    x = torch.randn(1, 64, 16)
+    before = attn(x)
+    with torch.no_grad():
+        attn.proj.weight.mul_(2)
+    assert torch.allclose(attn(x), 2 * before, atol=1e-5)
+
+
+def test_superres_needs_even_heads():
+    with pytest.raises(ValueError, match="even"):
+        MuseSuperRes(MuseSuperResConfig(hidden_size=24, depth=1, num_heads=3))
+
+
+@pytest.mark.parametrize("kind", ["base", "superres"])
+def test_save_load_round_trip_exact(tmp_path, kind):
+    m = tiny(kind).eval()
+    m.save_pretrained(tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "config.json").exists()
+    m2 = load_pretrained(tmp_path / "m").eval()
+    assert type(m2) is type(m) and m2.config == m.config
+    for (k, a), (k2, b) in zip(m.state_dict().items(), m2.state_dict().items()):
+        assert k == k2 and torch.equal(a, b)
+    ids, hidden, mask, low = batch(m)
+    assert torch.equal(m(ids, hidden, mask, low), m2(ids, hidden, mask, low))
+
+
+def test_presets_and_overrides():
+    cfg = model_config(ModelConfig(preset="small", depth=3, mlp="geglu"))
+    assert cfg.depth == 3 and cfg.hidden_size == PRESETS["small"]["hidden_size"] and cfg.mlp == "geglu"
+    with torch.device("meta"):
+        base = build_model(ModelConfig(preset="base"))
+    n = sum(p.numel() for p in base.parameters())
+    assert 600e6 < n < 660e6, n  # the paper's base model: 632M
+    assert isinstance(base, MuseTransformer)
+    # ~6 x params x 256 tokens: 0.95-1.0 TFLOP per training sample (FACTS.md)
+    assert 0.9e12 < base.num_flops_per_sample() < 1.1e12
+
+
+def test_mlp_has_a_residual():
+    """Zeroing the MLP output projection leaves the stream unchanged through it (residual path)."""
+    m = tiny().eval()
+    blk = m.blocks[0]
+    x = torch.randn(2, 256, 32)
+    with torch.no_grad():
+        blk.mlp.fc2.weight.zero_()
+        blk.mlp.fc2.bias.zero_()
+    mem = torch.randn(2, 4, 32)
+    mm = torch.ones(2, 4, dtype=torch.bool)
+    h = x + blk.attn(blk.norm1(x))
+    h = h + blk.cross(blk.norm2(h), mem, mm)
+    assert torch.allclose(blk(x, mem, mm), h, atol=1e-6)

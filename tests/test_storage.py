@@ -1,0 +1,72 @@
+"""Storage: atomic writes and listings, local and on the GCS emulator."""
+
+import pytest
+
+from muse.download import list_image_shards
+from muse.storage import Storage, shard_id_of, shard_name, source_fs
+
+
+def test_shard_names_round_trip():
+    assert shard_name("images", 42) == "images/00042.parquet"
+    assert shard_name("images", 42, "_stats.json") == "images/00042_stats.json"
+    assert shard_id_of("gs://b/p/images/00042_stats.json") == 42
+
+
+def test_write_read_list(any_root):
+    st = Storage(any_root)
+    st.write_bytes("images/00001.parquet", b"one")
+    st.write_json("images/00001_stats.json", {"rows_in": 1})
+    st.write_bytes("images/00002.parquet", b"two")  # no stats: not complete
+    assert st.read_bytes("images/00001.parquet") == b"one"
+    assert st.read_json("images/00001_stats.json") == {"rows_in": 1}
+    assert st.list("images", ".parquet") == ["images/00001.parquet", "images/00002.parquet"]
+    assert list_image_shards(st) == [1]
+    st.delete("images/00001_stats.json")
+    assert list_image_shards(Storage(any_root)) == []
+
+
+class Boom(Exception):
+    pass
+
+
+def test_failed_write_leaves_nothing(any_root, monkeypatch):
+    st = Storage(any_root)
+    st.write_bytes("images/keep.bin", b"old")
+
+    def chunks():
+        yield b"partial"
+        raise Boom
+
+    with pytest.raises(Boom):
+        st.write_bytes("images/new.bin", b"".join(chunks()))  # body fails before any write
+    assert not st.exists("images/new.bin")
+    # a failure inside the write itself: the target keeps its old content, no temp file left
+    if st.is_local:
+        import os
+
+        def bad_replace(src, dst):
+            raise OSError("disk full")
+
+        monkeypatch.setattr(os, "replace", bad_replace)
+        with pytest.raises(OSError, match="disk full"):
+            st.write_bytes("images/keep.bin", b"new")
+        monkeypatch.undo()
+        assert st.list("images") == ["images/keep.bin"]
+    else:
+        def bad_pipe(path, data, **kw):
+            raise OSError("upload failed")
+
+        monkeypatch.setattr(st.fs, "pipe_file", bad_pipe)
+        with pytest.raises(OSError, match="upload failed"):
+            st.write_bytes("images/keep.bin", b"new")
+        monkeypatch.undo()
+    assert Storage(any_root).read_bytes("images/keep.bin") == b"old"
+
+
+def test_source_fs_opens_local_and_gcs(tmp_path, gcs_root):
+    (tmp_path / "u.csv").write_text("URL,TEXT\n")
+    fs, path = source_fs(str(tmp_path / "u.csv"))
+    assert fs.cat_file(path) == b"URL,TEXT\n"
+    Storage(gcs_root).write_bytes("src/u.csv", b"x")
+    fs, path = source_fs(gcs_root + "/src/u.csv")
+    assert fs.cat_file(path) == b"x"
