@@ -272,13 +272,7 @@ def main(argv=None) -> int:
             targets = batch[target_key].to(device, non_blocking=True)
             low = batch[low_key].to(device, non_blocking=True) if low_key else None
             weights = batch["weights"].to(device) if "weights" in batch else None
-            # pad batch and empty caption to one length so either can stand in for the other
-            L = max(hidden.shape[1], empty.shape[0])
-            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, L - hidden.shape[1]))
-            attn = torch.nn.functional.pad(attn, (0, L - attn.shape[1]))
-            e_hidden = torch.nn.functional.pad(empty, (0, 0, 0, L - empty.shape[0]))[None]
-            e_mask = torch.nn.functional.pad(empty_mask, (0, L - empty.shape[0]))
-            hidden, attn, _ = drop_condition(hidden, attn, e_hidden, e_mask, t.cond_dropout, gen)
+            hidden, attn, _ = drop_condition(hidden, attn, empty, empty_mask, t.cond_dropout, gen)
             input_ids, mask = mask_tokens(targets, mask_id, gen)
             sync = contextlib.nullcontext() if (not ddp or micro == t.grad_accum - 1) else model.no_sync()
             with sync:
