@@ -109,6 +109,18 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def close_loader(it) -> None:
+    """Stop DataLoader workers: they ignore SIGTERM (see data.worker_init), so the usual
+    terminate() at exit would leave the interpreter joining them forever."""
+    workers = list(getattr(it, "_workers", []))
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # asks them to stop and unregisters them from the SIGCHLD check
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
 def all_gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -316,6 +328,7 @@ def main(argv=None) -> int:
                       f"({skipped} skipped in total). Set train.mixed_precision: false (or "
                       "train.nonfinite_fallback: true), or lower train.lr. The last checkpoint is intact.",
                       file=sys.stderr, flush=True)
+                close_loader(batches)
                 if ddp:
                     dist.destroy_process_group()
                 return 3
@@ -355,6 +368,7 @@ def main(argv=None) -> int:
         if t.sample_every and step % t.sample_every == 0 and master:
             _sample_best_effort(cfg, step, storage)
 
+    close_loader(batches)
     if ddp:
         dist.destroy_process_group()
     return 0
