@@ -73,7 +73,8 @@ def test_interrupt_and_resume_matches_uninterrupted(gcs_run, sig, pause, workers
         signal_tree(proc.pid, sig)  # preemption signals every process of the job
         log = proc.communicate(timeout=120)[0]
     finally:
-        signal_tree(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # only while unreaped: a freed pid may already be someone else's
+            signal_tree(proc.pid, signal.SIGKILL)
     if sig == signal.SIGTERM:
         assert "SIGTERM received" in log and f"step-{pause:08d}" in log, log
     assert STEPS not in read_trace(trace, 0)
