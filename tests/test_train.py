@@ -152,7 +152,7 @@ def test_muse_train_launches_torchrun(tmp_path):
     make_data(config)
     from muse.cli import main
 
-    assert main(["train", "--config", str(config), "--set", "train.nproc_per_node='1'"]) == 0
+    assert main(["train", "--config", str(config), "--set", "train.nproc_per_node=1"]) == 0
     assert checkpoint.latest(Storage(str(tmp_path / "root")), "t").endswith("step-00000002")
 
 
