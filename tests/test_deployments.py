@@ -1,0 +1,192 @@
+"""prefect.yaml against a real Prefect server on 127.0.0.1: deploy, a process worker, UI-style runs.
+
+One server, one worker and one demo subset for the module (the server costs ~10 s to start).
+"""
+
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # only signal our own child while it is still ours
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME; yields the env to talk to it."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "MUSE_PIPELINE_DIR": str(REPO),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2).read()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                _stop(proc)
+                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
+            time.sleep(0.5)
+    try:
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
+
+
+def _cli(env, *args, timeout=180):
+    r = subprocess.run(PREFECT + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
+
+
+@pytest.fixture(scope="module")
+def deployed(server, tmp_path_factory):
+    """Pools created, `prefect --no-prompt deploy --all` from prefect.yaml, a process worker on `cpu`."""
+    for pool in ("cpu", "gpu"):  # the gpu pool is docker in production; process here (no docker engine)
+        _cli(server, "work-pool", "create", pool, "--type", "process")
+    _cli(server, "--no-prompt", "deploy", "--all", timeout=300)
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "wb")
+    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "cpu", "--type", "process"], env=server,
+                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        yield server
+    finally:
+        _stop(worker)
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def demo_subset(tmp_path_factory):
+    from muse import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    config, images = demo.prepare(out)
+    with demo.ImageServer(images, port=0) as url:
+        demo.write_urls(out, url)
+        yield out, config
+
+
+def _with_api(env, coro_fn):
+    """Run an async client call against the test server (not the harness or a user profile)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(coro_fn())
+
+
+async def _run_deployment_like_the_ui(name: str, parameters: dict, timeout: float = 420):
+    """POST a flow run for the deployment with parameters (what the UI's Run button does), poll to the end."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(name)
+        run = await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                return run
+            await asyncio.sleep(1)
+        raise AssertionError(f"{name} run {run.id} still {run.state.name if run.state else None} after {timeout} s")
+
+
+async def _task_run_names_since(t0: float) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(limit=200)
+    return sorted(r.name for r in runs if r.created and r.created.timestamp() >= t0)
+
+
+def test_deployments_from_prefect_yaml(deployed):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            deps = {d.name: d for d in await client.read_deployments()}
+            scheds = await client.read_deployment_schedules(deps["data-refresh"].id)
+            return deps, scheds
+
+    deps, scheds = _with_api(deployed, read)
+    assert set(deps) >= {"pipeline", "data-refresh", "train"}
+    assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
+    assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["on"] == "local"
+    assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+
+
+def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path):
+    from muse.config import load_config
+    from muse.storage import Storage
+
+    out, config = demo_subset
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui(
+        "pipeline/pipeline", {"config_path": str(config), "overrides": overrides}))
+    assert run.state.is_completed(), f"pipeline run ended {run.state.name}: {run.state.message}"
+    storage = Storage.from_config(load_config(config, overrides))
+    assert storage.exists("checkpoints/demo/LATEST")
+    assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_path):
+    from muse.config import load_config
+    from muse.encode import dataset_dir
+    from muse.storage import Storage
+
+    out, config = demo_subset
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = (out / "source" / "urls.jsonl").read_text().splitlines()
+    (src / "a.jsonl").write_text("\n".join(lines[:25]) + "\n")   # one shard's worth of rows
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}",
+                 f"source.paths=['{src}/*.jsonl']"]
+    params = {"config_path": str(config), "overrides": overrides}
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", params))
+    assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+
+    new = [json.loads(x) | {"sample_id": 1000 + i} for i, x in enumerate(lines[25:35])]
+    (src / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+    t0 = time.time()
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", params))
+    assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+    names = _with_api(deployed, lambda: _task_run_names_since(t0))
+    downloads = [n for n in names if n.startswith("download-") and n.endswith(".jsonl")]
+    encodes = [n for n in names if n.startswith("encode-shard-")]
+    assert len(downloads) == 1 and downloads[0].endswith("b.jsonl"), names   # a.jsonl was not fetched again
+    assert encodes == ["encode-shard-00001"], names                         # only the new shard encoded
+    cfg = load_config(config, overrides)
+    manifest = Storage.from_config(cfg).read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    assert manifest["rows"] == 35
