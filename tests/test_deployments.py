@@ -79,12 +79,13 @@ def deployed(server, tmp_path_factory):
         _cli(server, "work-pool", "create", pool, "--type", "process")
     _cli(server, "--no-prompt", "deploy", "--all", timeout=300)
     log = open(tmp_path_factory.mktemp("worker") / "worker.log", "wb")
-    worker = subprocess.Popen(PREFECT + ["worker", "start", "--pool", "cpu", "--type", "process"], env=server,
-                              cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    workers = [subprocess.Popen(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env=server,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
     try:
         yield server
     finally:
-        _stop(worker)
+        for w in workers:
+            _stop(w)
         log.close()
 
 
@@ -131,6 +132,24 @@ async def _task_run_names_since(t0: float) -> list[str]:
     return sorted(r.name for r in runs if r.created and r.created.timestamp() >= t0)
 
 
+async def _train_deployment_runs():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with get_client() as client:
+        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"])))
+
+
+def test_refresh_cron_matches_pipeline_yaml():
+    import yaml
+
+    deps = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    schedule = yaml.safe_load((REPO / "pipeline.yaml").read_text())["schedule"]
+    cron = deps["data-refresh"]["schedules"][0]
+    assert (cron["cron"], cron["timezone"], cron["active"]) == (schedule["cron"], schedule["timezone"], schedule["active"])
+    assert "on" in deps["train"]["parameters"]    # a bare `on:` key would load as True
+
+
 def test_deployments_from_prefect_yaml(deployed):
     from prefect.client.orchestration import get_client
 
@@ -154,8 +173,11 @@ def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path
     out, config = demo_subset
     overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
     run = _with_api(deployed, lambda: _run_deployment_like_the_ui(
-        "pipeline/pipeline", {"config_path": str(config), "overrides": overrides}))
+        "pipeline/pipeline", {"config_path": str(config), "overrides": overrides, "train_on": "deployment"}))
     assert run.state.is_completed(), f"pipeline run ended {run.state.name}: {run.state.message}"
+    train_runs = _with_api(deployed, _train_deployment_runs)   # training went to the gpu pool's worker
+    assert [r.state.name for r in train_runs] == ["Completed"]
+    assert train_runs[0].parameters["overrides"] == overrides
     storage = Storage.from_config(load_config(config, overrides))
     assert storage.exists("checkpoints/demo/LATEST")
     assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
