@@ -25,7 +25,7 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
     downloaded = download_flow(config_path, overrides)
     encoded = encode_flow(config_path, overrides)
-    checkpoint = train_flow(config_path, overrides, resume=resume, on=train_on)
+    checkpoint = train_flow(config_path, overrides, resume=resume, target=train_on)
     samples = sample_task(config_path, overrides)
     report_task(config_path, overrides, samples)
     out = {"rows": downloaded["rows_in"], "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],

@@ -1,7 +1,7 @@
 """Prefect flow for training: a torchrun job, locally or as the `train` deployment on a GPU pool.
 
-`on="local"` runs `muse train` (torchrun, one process per GPU) where this flow runs: this
-is what the `train` deployment does on its GPU work pool. `on="deployment"` (or a
+`target="local"` runs `muse train` (torchrun, one process per GPU) where this flow runs: this
+is what the `train` deployment does on its GPU work pool. `target="deployment"` (or a
 deployment name) calls `run_deployment` so a CPU-side pipeline hands training to the GPU
 pool; the job reads the encoded shards straight from the storage root.
 """
@@ -76,16 +76,16 @@ def _read(storage: Storage, ref: str) -> bytes | None:
 
 @flow(name="train", log_prints=True)
 def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: str = "latest",
-               on: str = "local") -> str:
-    """Train with torchrun here (`on="local"`), or on the GPU pool (`on="deployment"` or a deployment name)."""
+               target: str = "local") -> str:
+    """Train with torchrun here (`target="local"`), or on the GPU pool (`"deployment"` or a deployment name)."""
     overrides = list(overrides or [])
-    if on == "local":
+    if target == "local":
         latest = torchrun_task(config_path, overrides, resume)
         report_task(config_path, overrides)
         return latest
-    name = TRAIN_DEPLOYMENT if on == "deployment" else on
+    name = TRAIN_DEPLOYMENT if target == "deployment" else target
     run = run_deployment(name=name, parameters={"config_path": config_path, "overrides": overrides,
-                                                "resume": resume, "on": "local"})
+                                                "resume": resume, "target": "local"})
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
                            f"see flow run {run.id}")

@@ -11,10 +11,10 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, model_validator
 
 
 class ConfigError(ValueError):
@@ -128,7 +128,8 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     sample_every: Optional[int] = Field(None, ge=1)
-    nproc_per_node: str = Field("auto", description="torchrun --nproc-per-node: auto, gpu or N")
+    nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
+        "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
     device: str = "auto"
 
 

@@ -108,7 +108,7 @@ def demo_config(out: Path, encoders: dict, source: Path) -> dict:
     data["model"] = {**data.get("model", {}), "preset": "tiny", "codebook_size": 64, "text_dim": 32}
     data["train"] = {**data.get("train", {}), "run_name": "demo", "batch_size": 8, "grad_accum": 1, "max_steps": 40,
                      "warmup_steps": 5, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 64,
-                     "checkpoint_every": 20, "log_every": 5, "nproc_per_node": "1", "device": "cpu",
+                     "checkpoint_every": 20, "log_every": 5, "nproc_per_node": 1, "device": "cpu",
                      "mixed_precision": False}
     data["sample"] = {**data.get("sample", {}), "prompts": ["a red circle on a light background",
                                                             "a blue square on a light background"],

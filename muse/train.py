@@ -113,6 +113,18 @@ def set_rng_state(state: dict, gen: torch.Generator) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def close_loader(it) -> None:
+    """Stop DataLoader workers: they ignore SIGTERM (see data.worker_init), so the usual
+    terminate() at exit would leave the interpreter joining them forever."""
+    workers = list(getattr(it, "_workers", []))
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # asks them to stop and unregisters them from the SIGCHLD check
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join()
+
+
 def all_gather(obj, world: int) -> list:
     if world == 1:
         return [obj]
@@ -276,13 +288,7 @@ def main(argv=None) -> int:
             targets = batch[target_key].to(device, non_blocking=True)
             low = batch[low_key].to(device, non_blocking=True) if low_key else None
             weights = batch["weights"].to(device) if "weights" in batch else None
-            # pad batch and empty caption to one length so either can stand in for the other
-            L = max(hidden.shape[1], empty.shape[0])
-            hidden = torch.nn.functional.pad(hidden, (0, 0, 0, L - hidden.shape[1]))
-            attn = torch.nn.functional.pad(attn, (0, L - attn.shape[1]))
-            e_hidden = torch.nn.functional.pad(empty, (0, 0, 0, L - empty.shape[0]))[None]
-            e_mask = torch.nn.functional.pad(empty_mask, (0, L - empty.shape[0]))
-            hidden, attn, _ = drop_condition(hidden, attn, e_hidden, e_mask, t.cond_dropout, gen)
+            hidden, attn, _ = drop_condition(hidden, attn, empty, empty_mask, t.cond_dropout, gen)
             input_ids, mask = mask_tokens(targets, mask_id, gen)
             sync = contextlib.nullcontext() if (not ddp or micro == t.grad_accum - 1) else model.no_sync()
             with sync:
@@ -326,6 +332,7 @@ def main(argv=None) -> int:
                       f"({skipped} skipped in total). Set train.mixed_precision: false (or "
                       "train.nonfinite_fallback: true), or lower train.lr. The last checkpoint is intact.",
                       file=sys.stderr, flush=True)
+                close_loader(batches)
                 if ddp:
                     dist.destroy_process_group()
                 return 3
@@ -365,10 +372,7 @@ def main(argv=None) -> int:
         if t.sample_every and step % t.sample_every == 0 and master:
             _sample_best_effort(cfg, step, storage)
 
-    # Stop the loader workers now: they ignore SIGTERM (see data.worker_init), so leaving them
-    # to multiprocessing's exit handler (terminate + join) would hang the process forever.
-    if hasattr(batches, "_shutdown_workers"):
-        batches._shutdown_workers()
+    close_loader(batches)
     if ddp:
         dist.destroy_process_group()
     return 0

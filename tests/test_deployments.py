@@ -147,7 +147,7 @@ def test_refresh_cron_matches_pipeline_yaml():
     schedule = yaml.safe_load((REPO / "pipeline.yaml").read_text())["schedule"]
     cron = deps["data-refresh"]["schedules"][0]
     assert (cron["cron"], cron["timezone"], cron["active"]) == (schedule["cron"], schedule["timezone"], schedule["active"])
-    assert "on" in deps["train"]["parameters"]    # a bare `on:` key would load as True
+    assert deps["train"]["parameters"]["target"] == "local"
 
 
 def test_deployments_from_prefect_yaml(deployed):
@@ -162,7 +162,7 @@ def test_deployments_from_prefect_yaml(deployed):
     deps, scheds = _with_api(deployed, read)
     assert set(deps) >= {"pipeline", "data-refresh", "train"}
     assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
-    assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["on"] == "local"
+    assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
     assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
 
 

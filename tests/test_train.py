@@ -73,7 +73,8 @@ def test_interrupt_and_resume_matches_uninterrupted(gcs_run, sig, pause, workers
         signal_tree(proc.pid, sig)  # preemption signals every process of the job
         log = proc.communicate(timeout=120)[0]
     finally:
-        signal_tree(proc.pid, signal.SIGKILL)
+        if proc.poll() is None:  # only while unreaped: a freed pid may already be someone else's
+            signal_tree(proc.pid, signal.SIGKILL)
     if sig == signal.SIGTERM:
         assert "SIGTERM received" in log and f"step-{pause:08d}" in log, log
     assert STEPS not in read_trace(trace, 0)
@@ -151,7 +152,7 @@ def test_muse_train_launches_torchrun(tmp_path):
     make_data(config)
     from muse.cli import main
 
-    assert main(["train", "--config", str(config), "--set", "train.nproc_per_node='1'"]) == 0
+    assert main(["train", "--config", str(config), "--set", "train.nproc_per_node=1"]) == 0
     assert checkpoint.latest(Storage(str(tmp_path / "root")), "t").endswith("step-00000002")
 
 
