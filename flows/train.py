@@ -89,4 +89,8 @@ def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None =
     if not run.state or not run.state.is_completed():
         raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
                            f"see flow run {run.id}")
-    return str(run.id)
+    cfg = cfg_from(config_path, overrides)  # same return as local: the checkpoint the GPU job left
+    storage = Storage.from_config(cfg)
+    latest = checkpoint.latest(storage, cfg.train.run_name)
+    return storage.url(latest) if latest else ""
+

@@ -1,15 +1,12 @@
-"""A real Prefect server on 127.0.0.1: deploy prefect.yaml, run a process worker, trigger runs like the UI.
+"""prefect.yaml against a real Prefect server on 127.0.0.1: deploy, a process worker, UI-style runs.
 
-Checks: the `pipeline` deployment completes with parameters given through the API; the
-`data-refresh` deployment carries an active cron schedule; a refresh after a new source
-file is added fetches and encodes only the new rows.
+One server, one worker and one demo subset for the module (the server costs ~10 s to start).
 """
 
 import asyncio
 import json
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -19,139 +16,199 @@ from pathlib import Path
 
 import pytest
 
-from muse import demo
-from muse.config import load_config
-from muse.encode import dataset_dir
-from muse.storage import Storage
-
 REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
 
 
-def _port() -> int:
+def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def _prefect_bin() -> str:
-    return shutil.which("prefect", path=str(Path(sys.executable).parent)) or "prefect"
+def _stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:  # only signal our own child while it is still ours
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
+    """`prefect server start` on a free port with its own PREFECT_HOME; yields the env to talk to it."""
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _port()
-    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-           "PREFECT_API_URL": f"http://127.0.0.1:{port}/api", "PYTHONPATH": str(REPO),
-           "MUSE_PIPELINE_DIR": str(REPO), "PREFECT_WORKER_QUERY_SECONDS": "2",
-           "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{home}/prefect.db"}
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([_prefect_bin(), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    port = _free_port()
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
+           "PREFECT_SERVER_API_PORT": str(port), "MUSE_PIPELINE_DIR": str(REPO),
+           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    log = open(home / "server.log", "wb")
+    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.time() + 120
-    while time.time() < deadline:
+    while True:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=2):
-                break
+            urllib.request.urlopen(f"{api}/health", timeout=2).read()
+            break
         except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                _stop(proc)
+                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
             time.sleep(0.5)
-    else:
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail("prefect server did not start: " + (home / "server.log").read_text()[-2000:])
-    yield env
-    os.killpg(proc.pid, signal.SIGTERM)
-    proc.wait(timeout=30)
+    try:
+        yield env
+    finally:
+        _stop(proc)
+        log.close()
 
 
 def _cli(env, *args, timeout=180):
-    out = subprocess.run([_prefect_bin(), *args], env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert out.returncode == 0, out.stdout + out.stderr
-    return out.stdout
+    r = subprocess.run(PREFECT + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r.stdout
 
 
 @pytest.fixture(scope="module")
 def deployed(server, tmp_path_factory):
-    for pool in ("cpu", "gpu"):
+    """Pools created, `prefect --no-prompt deploy --all` from prefect.yaml, a process worker on `cpu`."""
+    for pool in ("cpu", "gpu"):  # the gpu pool is docker in production; process here (no docker engine)
         _cli(server, "work-pool", "create", pool, "--type", "process")
-    _cli(server, "--no-prompt", "deploy", "--all")
-    logdir = tmp_path_factory.mktemp("worker")
-    worker = subprocess.Popen([_prefect_bin(), "worker", "start", "--pool", "cpu", "--type", "process"],
-                              env=server, cwd=REPO, stdout=open(logdir / "worker.log", "w"),
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    yield server
-    os.killpg(worker.pid, signal.SIGTERM)
-    worker.wait(timeout=30)
-
-
-def _client_call(env, coro_fn):
-    """Run `coro_fn(client)` against the test server."""
-    from prefect.client.orchestration import PrefectClient
-
-    async def go():
-        async with PrefectClient(api=env["PREFECT_API_URL"]) as client:
-            return await coro_fn(client)
-
-    return asyncio.run(go())
-
-
-def _run_deployment(env, name, parameters, timeout=400):
-    """Create a flow run from the deployment with parameters (what the UI's Run button does), wait for it."""
-    async def create(client):
-        dep = await client.read_deployment_by_name(name)
-        return await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
-
-    run = _client_call(env, create)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        fr = _client_call(env, lambda c: c.read_flow_run(run.id))
-        if fr.state and fr.state.is_final():
-            return fr
-        time.sleep(2)
-    pytest.fail(f"flow run of {name} did not finish in {timeout} s")
+    _cli(server, "--no-prompt", "deploy", "--all", timeout=300)
+    log = open(tmp_path_factory.mktemp("worker") / "worker.log", "wb")
+    workers = [subprocess.Popen(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env=server,
+                                cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
+    try:
+        yield server
+    finally:
+        for w in workers:
+            _stop(w)
+        log.close()
 
 
 @pytest.fixture(scope="module")
-def demo_files(tmp_path_factory):
+def demo_subset(tmp_path_factory):
+    from muse import demo
+
     out = tmp_path_factory.mktemp("demo")
     config, images = demo.prepare(out)
     with demo.ImageServer(images, port=0) as url:
         demo.write_urls(out, url)
-        yield out, config, url
+        yield out, config
 
 
-def test_pipeline_deployment_runs_from_the_api_with_parameters(deployed, demo_files, tmp_path):
-    out, config, _ = demo_files
+def _with_api(env, coro_fn):
+    """Run an async client call against the test server (not the harness or a user profile)."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        return asyncio.run(coro_fn())
+
+
+async def _run_deployment_like_the_ui(name: str, parameters: dict, timeout: float = 420):
+    """POST a flow run for the deployment with parameters (what the UI's Run button does), poll to the end."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name(name)
+        run = await client.create_flow_run_from_deployment(dep.id, parameters=parameters)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            run = await client.read_flow_run(run.id)
+            if run.state and run.state.is_final():
+                return run
+            await asyncio.sleep(1)
+        raise AssertionError(f"{name} run {run.id} still {run.state.name if run.state else None} after {timeout} s")
+
+
+async def _task_run_names_since(t0: float) -> list[str]:
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        runs = await client.read_task_runs(limit=200)
+    return sorted(r.name for r in runs if r.created and r.created.timestamp() >= t0)
+
+
+async def _train_deployment_runs():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+    async with get_client() as client:
+        return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"])))
+
+
+def test_refresh_cron_matches_pipeline_yaml():
+    import yaml
+
+    deps = {d["name"]: d for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
+    schedule = yaml.safe_load((REPO / "pipeline.yaml").read_text())["schedule"]
+    cron = deps["data-refresh"]["schedules"][0]
+    assert (cron["cron"], cron["timezone"], cron["active"]) == (schedule["cron"], schedule["timezone"], schedule["active"])
+    assert deps["train"]["parameters"]["target"] == "local"
+
+
+def test_deployments_from_prefect_yaml(deployed):
+    from prefect.client.orchestration import get_client
+
+    async def read():
+        async with get_client() as client:
+            deps = {d.name: d for d in await client.read_deployments()}
+            scheds = await client.read_deployment_schedules(deps["data-refresh"].id)
+            return deps, scheds
+
+    deps, scheds = _with_api(deployed, read)
+    assert set(deps) >= {"pipeline", "data-refresh", "train"}
+    assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
+    assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
+    assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+
+
+def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path):
+    from muse.config import load_config
+    from muse.storage import Storage
+
+    out, config = demo_subset
     overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
-    fr = _run_deployment(deployed, "pipeline/pipeline", {"config_path": str(config), "overrides": overrides})
-    assert fr.state.is_completed(), fr.state
-    assert fr.parameters["overrides"] == overrides
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui(
+        "pipeline/pipeline", {"config_path": str(config), "overrides": overrides, "train_on": "deployment"}))
+    assert run.state.is_completed(), f"pipeline run ended {run.state.name}: {run.state.message}"
+    train_runs = _with_api(deployed, _train_deployment_runs)   # training went to the gpu pool's worker
+    assert [r.state.name for r in train_runs] == ["Completed"]
+    assert train_runs[0].parameters["overrides"] == overrides
     storage = Storage.from_config(load_config(config, overrides))
-    assert storage.exists("checkpoints/demo/LATEST") and storage.exists("samples/demo-grid.png")
+    assert storage.exists("checkpoints/demo/LATEST")
+    assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_data_refresh_is_scheduled_and_incremental(deployed, demo_files, tmp_path):
-    dep = _client_call(deployed, lambda c: c.read_deployment_by_name("data-refresh/data-refresh"))
-    assert dep.schedules and dep.schedules[0].active
-    assert dep.schedules[0].schedule.cron == "0 3 * * *"
-    out, config, url = demo_files
-    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
-    fr = _run_deployment(deployed, "data-refresh/data-refresh", {"config_path": str(config), "overrides": overrides})
-    assert fr.state.is_completed(), fr.state
+def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_path):
+    from muse.config import load_config
+    from muse.encode import dataset_dir
+    from muse.storage import Storage
+
+    out, config = demo_subset
+    src = tmp_path / "src"
+    src.mkdir()
+    lines = (out / "source" / "urls.jsonl").read_text().splitlines()
+    (src / "a.jsonl").write_text("\n".join(lines[:25]) + "\n")   # one shard's worth of rows
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}",
+                 f"source.paths=['{src}/*.jsonl']"]
+    params = {"config_path": str(config), "overrides": overrides}
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", params))
+    assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+
+    new = [json.loads(x) | {"sample_id": 1000 + i} for i, x in enumerate(lines[25:35])]
+    (src / "b.jsonl").write_text("".join(json.dumps(r) + "\n" for r in new))
+    t0 = time.time()
+    run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", params))
+    assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+    names = _with_api(deployed, lambda: _task_run_names_since(t0))
+    downloads = [n for n in names if n.startswith("download-") and n.endswith(".jsonl")]
+    encodes = [n for n in names if n.startswith("encode-shard-")]
+    assert len(downloads) == 1 and downloads[0].endswith("b.jsonl"), names   # a.jsonl was not fetched again
+    assert encodes == ["encode-shard-00001"], names                         # only the new shard encoded
     cfg = load_config(config, overrides)
-    storage = Storage.from_config(cfg)
-    first = {p: storage.read_bytes(p) for p in storage.list("images", ".parquet")}
-    first_mtimes = {p: os.path.getmtime(storage.path(p)) for p in first}
-    # a new source file arrives: only its rows are fetched and encoded
-    extra = tmp_path / "more.jsonl"
-    extra.write_text("".join(json.dumps({"url": f"{url}/000-red-circle.jpg", "caption": f"new row {i}"}) + "\n"
-                             for i in range(5)))
-    src = cfg.source.paths + [str(extra)]
-    overrides2 = overrides + ["source.paths=" + json.dumps(src)]
-    fr = _run_deployment(deployed, "data-refresh/data-refresh", {"config_path": str(config), "overrides": overrides2})
-    assert fr.state.is_completed(), fr.state
-    after = storage.list("images", ".parquet")
-    assert set(first) < set(after) and len(after) == len(first) + 1
-    for p in first:  # old shards untouched
-        assert storage.read_bytes(p) == first[p] and os.path.getmtime(storage.path(p)) == first_mtimes[p]
-    manifest = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
-    assert manifest["rows"] == 50 + 5
+    manifest = Storage.from_config(cfg).read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    assert manifest["rows"] == 35
