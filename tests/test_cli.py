@@ -64,3 +64,11 @@ def test_pipeline_yaml_lists_every_key():
         sub = field.annotation
         for key in sub.model_fields:
             assert key in data[section], f"{section}.{key} missing from pipeline.yaml"
+
+
+def test_library_never_imports_prefect():
+    code = ("import sys, muse.cli, muse.download, muse.encode, muse.data, muse.train, muse.sample, muse.demo, "
+            "muse.checkpoint, muse.models; assert 'prefect' not in sys.modules, 'muse imported prefect'")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
