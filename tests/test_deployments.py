@@ -6,7 +6,6 @@ One server, one worker and one demo subset for the module (the server costs ~10 
 import asyncio
 import json
 import os
-import shutil
 import socket
 import subprocess
 import sys

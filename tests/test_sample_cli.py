@@ -1,6 +1,5 @@
 """`muse sample`: T5 -> base -> (super-resolution) -> VQ decode -> PNGs, through the real loaders."""
 
-import io
 import subprocess
 import sys
 from pathlib import Path

@@ -4,7 +4,7 @@ See `shards.py` for the layout and guarantees, `text.py` and `image.py` for the 
 """
 
 from muse.encode.shards import (MANIFEST, EncodeError, dataset_dir, encode_shard, finalize_manifest,
-                                plan_encode, read_manifest, run_encode)
+                                plan_encode, run_encode)
 
 __all__ = ["MANIFEST", "EncodeError", "dataset_dir", "encode_shard", "finalize_manifest", "plan_encode",
-           "read_manifest", "run_encode"]
+           "run_encode"]

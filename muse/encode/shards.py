@@ -16,7 +16,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import io
-import json
 import queue
 import sys
 import threading
@@ -273,9 +272,3 @@ def _collect(sid: int, fut: Future, failed: dict) -> int:
         failed[sid] = f"writing shard {sid:05d}: {err}"
         return 0
 
-
-def read_manifest(storage: Storage, ds: str) -> dict:
-    rel = f"{ds}/{MANIFEST}"
-    if not storage.exists(rel):
-        raise FileNotFoundError(f"{storage.url(rel)} not found: run `muse encode` first")
-    return json.loads(storage.read_bytes(rel))
