@@ -65,10 +65,10 @@ def real_size_gpu(batch: int) -> None:
     from diffusers import VQModel
     from transformers import T5Config, T5EncoderModel
 
+    from muse.encode.image import VQGAN_F16_CONFIG
+
     dev = torch.device("cuda")
-    vq = VQModel(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64,
-                 vq_embed_dim=64, num_vq_embeddings=8192, mid_block_add_attention=False,
-                 down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5).to(dev).eval()
+    vq = VQModel(**VQGAN_F16_CONFIG).to(dev).eval()
     t5 = T5EncoderModel(T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
                                  feed_forward_proj="gated-gelu", vocab_size=32128)).to(dev, torch.bfloat16).eval()
     x = torch.rand(batch, 3, 256, 256, device=dev)

@@ -93,15 +93,15 @@ def vq_decoder(device, real: bool):
     """The VQGAN f16 decoder: real size (open-muse config, random init) on GPU, tiny on CPU."""
     from diffusers import VQModel
 
+    from muse.encode.image import VQGAN_F16_CONFIG, VQTokenizer
+
     if real:
-        vq = VQModel(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64,
-                     vq_embed_dim=64, num_vq_embeddings=8192, mid_block_add_attention=False,
-                     down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5)
+        vq = VQModel(**VQGAN_F16_CONFIG)
     else:
         vq = VQModel(block_out_channels=(8,) * 5, layers_per_block=1, latent_channels=4, vq_embed_dim=4,
                      num_vq_embeddings=8192, norm_num_groups=4, mid_block_add_attention=False,
                      down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5)
-    return vq.to(device).eval()
+    return VQTokenizer(vq, device, factor=16)
 
 
 def latency(model, vq, hidden, mask, batch, steps, dtype, device):
@@ -112,8 +112,7 @@ def latency(model, vq, hidden, mask, batch, steps, dtype, device):
                 ids = generate(model, hidden[:1].expand(batch, -1, -1), mask[:1].expand(batch, -1), hidden[:1, :1],
                                mask[:1, :1], steps=steps, guidance_scale=4.0,
                                generator=torch.Generator(device).manual_seed(0))
-            q = vq.quantize.embedding(ids.view(batch, 16, 16)).permute(0, 3, 1, 2)
-            vq.decoder(vq.post_quant_conv(q), None)
+            vq.decode(ids.view(batch, 16, 16))
     return run
 
 

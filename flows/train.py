@@ -61,15 +61,14 @@ def report_task(config_path: str, overrides: list[str], samples: list[str] | Non
 
 
 def _read(storage: Storage, ref: str) -> bytes | None:
+    """Bytes of a file under the storage root (or a local absolute path), None if absent."""
     from pathlib import Path
 
     try:
-        root = storage.url("")
-        if ref.startswith(root + "/"):
-            return storage.read_bytes(ref[len(root) + 1:])
-        if Path(ref).is_absolute():
-            return Path(ref).read_bytes() if Path(ref).exists() else None
-        return storage.read_bytes(ref) if storage.exists(ref) else None
+        rel = storage.relative(ref)
+        if rel is None:
+            return Path(ref).read_bytes() if Path(ref).is_file() else None
+        return storage.read_bytes(rel) if storage.exists(rel) else None
     except OSError:
         return None
 

@@ -75,12 +75,10 @@ def resolve(storage: Storage, run_name: str, resume: str) -> str | None:
         return None
     if resume == "latest":
         return latest(storage, run_name)
-    rel = resume
-    if "://" in resume or resume.startswith("/"):
-        prefix = storage.url("")
-        if not resume.startswith(prefix):
-            raise ValueError(f"--resume {resume}: not under the storage root {prefix}")
-        rel = resume[len(prefix):].strip("/")
+    rel = storage.relative(resume)
+    if rel is None:
+        raise ValueError(f"--resume {resume}: not under the storage root {storage.url('')}")
+    rel = rel.strip("/")
     if not storage.exists(f"{rel}/trainer.pt"):
         raise FileNotFoundError(f"--resume {resume}: no checkpoint there ({storage.url(rel)}/trainer.pt missing)")
     return rel

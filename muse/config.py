@@ -183,6 +183,15 @@ class PipelineConfig(_Section):
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
 
 
+def resolve_device(name: str):
+    """A config device value -> torch.device: "auto" is the GPU when there is one, else the CPU."""
+    import torch  # here, not at the top: loading a config must stay instant
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
 # ----------------------------------------------------------------------------- loading
 
 def parse_override(item: str) -> tuple[list[str], Any]:

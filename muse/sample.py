@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from muse.config import resolve_device
 from muse.masking import _pad_to
 
 
@@ -78,12 +79,6 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
 
 # ----------------------------------------------------------------------------- muse sample
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 def _pad_batch(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
     L = max(e.shape[0] for e in embs)
     hidden = torch.zeros(len(embs), L, embs[0].shape[1], device=device)
@@ -94,16 +89,6 @@ def _pad_batch(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tens
     return hidden, mask
 
 
-def _storage_rel(storage, ref: str) -> str | None:
-    """A storage-root-relative path for `ref` if it lies under the root, else None."""
-    root = storage.url("")
-    if ref.startswith(root + "/"):
-        return ref[len(root) + 1:]
-    if "://" not in ref and not ref.startswith("/"):
-        return ref
-    return None
-
-
 def load_checkpoint_model(storage, ref: str | None, run_name: str):
     """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint."""
     from muse import checkpoint
@@ -111,7 +96,7 @@ def load_checkpoint_model(storage, ref: str | None, run_name: str):
 
     if ref and Path(ref).is_dir() and (Path(ref) / "config.json").exists():
         return load_pretrained(ref)
-    rel = _storage_rel(storage, ref) if ref else checkpoint.latest(storage, run_name)
+    rel = storage.relative(ref) if ref else checkpoint.latest(storage, run_name)
     if rel is None:
         raise FileNotFoundError(f"no checkpoint: {ref or 'latest of run ' + repr(run_name)} "
                                 f"(train first, or pass --checkpoint DIR)")
@@ -139,7 +124,7 @@ def make_grid(images: np.ndarray) -> np.ndarray:
 
 
 def _write(storage, out: str, data: bytes) -> str:
-    rel = _storage_rel(storage, out)
+    rel = storage.relative(out)
     if rel is not None:
         storage.write_bytes(rel, data)
         return storage.url(rel)
@@ -169,7 +154,7 @@ def run_sample(cfg) -> list[str]:
 
     s, e = cfg.sample, cfg.encode
     storage = Storage.from_config(cfg)
-    device = _device(s.device)
+    device = resolve_device(s.device)
     prompts = _prompts(cfg)
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))

@@ -102,6 +102,16 @@ class Storage:
         p = self.path(rel)
         return p if self.is_local else f"{self.protocol}://{p}"
 
+    def relative(self, ref: str) -> str | None:
+        """`ref` relative to the root: a relative path as is; a URI or absolute path under the root
+        with the root stripped; None when it lies outside the root."""
+        if "://" not in ref and not ref.startswith("/"):
+            return ref
+        root = self.url("")
+        if ref.rstrip("/") == root:
+            return ""
+        return ref[len(root) + 1:] if ref.startswith(root + "/") else None
+
     # -- reads
     def exists(self, rel: str) -> bool:
         return self.fs.exists(self.path(rel))

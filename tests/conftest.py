@@ -33,3 +33,15 @@ def any_root(request, tmp_path) -> str:
     if request.param == "local":
         return str(tmp_path / "root")
     return request.getfixturevalue("gcs_root")
+
+
+@pytest.fixture(scope="module")
+def demo_subset(tmp_path_factory):
+    """The demo's images, tiny encoders and config, with its URL list served on 127.0.0.1."""
+    from muse import demo
+
+    out = tmp_path_factory.mktemp("demo")
+    config, images = demo.prepare(out)
+    with demo.ImageServer(images, port=0) as url:
+        demo.write_urls(out, url)
+        yield out, config

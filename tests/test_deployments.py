@@ -88,15 +88,6 @@ def deployed(server, tmp_path_factory):
         log.close()
 
 
-@pytest.fixture(scope="module")
-def demo_subset(tmp_path_factory):
-    from muse import demo
-
-    out = tmp_path_factory.mktemp("demo")
-    config, images = demo.prepare(out)
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(out, url)
-        yield out, config
 
 
 def _with_api(env, coro_fn):

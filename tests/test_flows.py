@@ -11,7 +11,6 @@ from prefect.client.orchestration import get_client  # noqa: E402
 from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId  # noqa: E402
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
-from muse import demo  # noqa: E402
 from muse.config import load_config  # noqa: E402
 from muse.encode import dataset_dir  # noqa: E402
 from muse.storage import Storage  # noqa: E402
@@ -21,15 +20,6 @@ from muse.storage import Storage  # noqa: E402
 def harness():
     with prefect_test_harness(server_startup_timeout=120):
         yield
-
-
-@pytest.fixture(scope="module")
-def demo_files(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    config, images = demo.prepare(out)
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(out, url)
-        yield out, config
 
 
 def _flow_run_id(state):
@@ -46,10 +36,10 @@ async def _artifacts(keys):
         return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
 
-def test_pipeline_flow_end_to_end_on_gcs(harness, demo_files, gcs_root, tmp_path):
+def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_path):
     from flows.pipeline import pipeline_flow
 
-    out, config = demo_files
+    out, config = demo_subset
     overrides = [f"storage.root={gcs_root}", f"storage.work_dir={tmp_path / 'work'}"]
     result = pipeline_flow(str(config), overrides)
     cfg = load_config(config, overrides)
@@ -68,11 +58,11 @@ def test_pipeline_flow_end_to_end_on_gcs(harness, demo_files, gcs_root, tmp_path
     assert "data:image/png;base64," in summary.data and "loss" in summary.data
 
 
-def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_files, tmp_path):
+def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_subset, tmp_path):
     from flows.download import download_flow
     from flows.encode import encode_flow
 
-    out, config = demo_files
+    out, config = demo_subset
     overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
     download_flow(str(config), overrides)
     storage = Storage.from_config(load_config(config, overrides))

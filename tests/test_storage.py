@@ -70,3 +70,13 @@ def test_source_fs_opens_local_and_gcs(tmp_path, gcs_root):
     Storage(gcs_root).write_bytes("src/u.csv", b"x")
     fs, path = source_fs(gcs_root + "/src/u.csv")
     assert fs.cat_file(path) == b"x"
+
+
+def test_relative_maps_only_paths_under_the_root(tmp_path):
+    s = Storage(str(tmp_path / "root"))
+    root = s.url("")
+    assert s.relative("checkpoints/a") == "checkpoints/a"
+    assert s.relative(root + "/checkpoints/a") == "checkpoints/a"
+    assert s.relative(root) == ""
+    assert s.relative(root + "2/checkpoints/a") is None      # a sibling folder sharing the prefix
+    assert s.relative("/elsewhere/x") is None and s.relative("gs://b/x") is None

@@ -15,6 +15,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
+# The open-muse VQGAN f16/8192 architecture as diffusers VQModel arguments (FACTS: 128 x
+# [1,2,2,4,6] channels, 2 res blocks per level, no attention, 64-d codes).
+VQGAN_F16_CONFIG = dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64,
+                        vq_embed_dim=64, num_vq_embeddings=8192, mid_block_add_attention=False,
+                        down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5)
+
 # ----------------------------------------------------------------------------- key mappings
 
 def openmuse_vqgan_to_diffusers(state: dict, num_levels: int) -> dict:

@@ -25,9 +25,9 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import torch
 from PIL import Image
 
+from muse.config import resolve_device
 from muse.schema import GRID_BASE, GRID_SUPERRES, SCHEMA_VERSION, encoded_schema, t5_to_bytes
 from muse.storage import Storage, shard_name
 
@@ -42,12 +42,6 @@ def dataset_dir(cfg) -> str:
     return f"encoded/{cfg.encode.version()}"
 
 
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Encoders:
     """T5 + VQ tokenizers, loaded once per process (cached by config)."""
 
@@ -57,7 +51,7 @@ class Encoders:
         from muse.encode.image import load_paella, load_vq
         from muse.encode.text import TextEncoder
 
-        dev = _device(e.device)
+        dev = resolve_device(e.device)
         self.text = TextEncoder.from_pretrained(e.text_model, e.text_max_length, e.text_dtype, str(dev))
         self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev))
         self.paella = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format,
