@@ -21,6 +21,8 @@ import numpy as np
 import yaml
 from PIL import Image, ImageDraw
 
+from muse.tiny import CODEBOOK, TEXT_DIM  # the demo model must match the tiny encoders
+
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
           "purple": (140, 50, 170), "orange": (240, 140, 30)}
 SHAPES = ("circle", "square", "triangle", "star")
@@ -105,7 +107,7 @@ def demo_config(out: Path, encoders: dict, source: Path) -> dict:
     data["encode"] = {**data.get("encode", {}), "text_model": encoders["text_model"], "vq_model": encoders["vq_model"],
                       "vq_subfolder": None, "vq_format": "diffusers", "batch_size": 16, "row_group_size": 16,
                       "device": "cpu"}
-    data["model"] = {**data.get("model", {}), "preset": "tiny", "codebook_size": 64, "text_dim": 32}
+    data["model"] = {**data.get("model", {}), "preset": "tiny", "codebook_size": CODEBOOK, "text_dim": TEXT_DIM}
     data["train"] = {**data.get("train", {}), "run_name": "demo", "batch_size": 8, "grad_accum": 1, "max_steps": 40,
                      "warmup_steps": 5, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 64,
                      "checkpoint_every": 20, "log_every": 5, "nproc_per_node": 1, "device": "cpu",
