@@ -20,6 +20,7 @@ import yaml
 from encode_helpers import write_image_shard
 from muse.config import load_config
 from muse.encode import EncodeError, dataset_dir, plan_encode, run_encode
+from muse.encode.shards import Encoders, finalize_manifest
 from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
 from muse.schema import t5_from_bytes
@@ -94,6 +95,19 @@ def test_changed_encoder_config_is_a_new_version(tmp_path, tiny_encoders):
     assert dataset_dir(cfg2) != dataset_dir(cfg) and plan_encode(cfg2) == [0]
     run_encode(cfg2)
     assert storage.exists(f"{dataset_dir(cfg)}/_MANIFEST.json") and storage.exists(f"{dataset_dir(cfg2)}/_MANIFEST.json")
+
+
+def test_finalize_does_not_load_the_models(tmp_path, tiny_encoders):
+    # A manifest task on a CPU-only worker must not load T5 and the VQ again.
+    cfg, _, _ = make_cfg(tmp_path, str(tmp_path / "root"), tiny_encoders)
+    storage = Storage.from_config(cfg)
+    write_image_shard(storage, 0, ["a", "b"])
+    run_encode(cfg)
+    first = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    Encoders._cache.clear()
+    again = finalize_manifest(cfg, storage)
+    assert Encoders._cache == {}
+    assert {k: v for k, v in again.items() if k != "created"} == {k: v for k, v in first.items() if k != "created"}
 
 
 def test_corrupt_shard_is_named_and_others_complete(tmp_path, tiny_encoders):

@@ -32,6 +32,7 @@ from muse.schema import GRID_BASE, GRID_SUPERRES, SCHEMA_VERSION, encoded_schema
 from muse.storage import Storage, shard_name
 
 MANIFEST = "_MANIFEST.json"
+ENCODERS = "_ENCODERS.json"  # what the manifest needs from the models, so finalizing never loads them
 
 
 class EncodeError(RuntimeError):
@@ -166,8 +167,13 @@ def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: Thr
     enc = Encoders.get(e)
     table = _read_images(storage, shard_id)
     out = encode_table(table, enc, e, storage.url(shard_name("images", shard_id)))
+    # Same content from every worker, so a race between two of them is harmless. Computed
+    # here, not in the writer thread, so the models never run in two threads at once.
+    facts = None if storage.exists(f"{ds}/{ENCODERS}") else _encoder_facts(enc, e)
 
     def write() -> dict:
+        if facts is not None:
+            storage.write_json(f"{ds}/{ENCODERS}", facts)
         data = _to_parquet(out, e.row_group_size)
         rel = f"{ds}/{shard_id:05d}.parquet"
         storage.write_bytes(rel, data)
@@ -194,11 +200,22 @@ def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
     return [s for s in _image_shards(storage) if s not in done]
 
 
+def _encoder_facts(enc: Encoders, e) -> dict:
+    empty = enc.text.encode([""])[0]  # the unconditional text for guidance dropout and sampling
+    return {"info": enc.info(e),
+            "empty_caption": {"t5": base64.b64encode(t5_to_bytes(empty)).decode(), "t5_len": int(empty.shape[0])}}
+
+
 def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
-    """Write `_MANIFEST.json` (last) from the records of the current image shards."""
+    """Write `_MANIFEST.json` (last) from the records of the current image shards.
+
+    The model facts come from `_ENCODERS.json`, written by the shard encoders, so a CPU-only
+    finalize task does not load T5 and the VQ; only a dataset with no shard yet loads them."""
     storage = storage or Storage.from_config(cfg)
     e, ds = cfg.encode, dataset_dir(cfg)
-    enc = Encoders.get(e)
+    facts_rel = f"{ds}/{ENCODERS}"
+    facts = storage.read_json(facts_rel) if storage.exists(facts_rel) else _encoder_facts(Encoders.get(e), e)
+    info = facts["info"]
     shards, pending = [], []
     for sid in _image_shards(storage):
         rel = f"{ds}/{sid:05d}.json"
@@ -206,14 +223,12 @@ def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
             shards.append(storage.read_json(rel))
         else:
             pending.append(sid)
-    empty = enc.text.encode([""])[0]
-    info = enc.info(e)
     manifest = {
         "schema_version": SCHEMA_VERSION, "version": e.version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "models": {k: info[k] for k in ("text_model", "vq_model", "superres_vq_model")},
         "encode": e.model_dump(mode="json"), "text_dim": info["text_dim"], "grid": GRID_BASE,
         "superres_grid": info["superres_grid"], "codebook_size": info["codebook_size"],
-        "empty_caption": {"t5": base64.b64encode(t5_to_bytes(empty)).decode(), "t5_len": int(empty.shape[0])},
+        "empty_caption": facts["empty_caption"],
         "rows": sum(s["rows"] for s in shards), "replaced": sum(s.get("replaced", 0) for s in shards),
         "shards": shards, "pending": pending,
     }
