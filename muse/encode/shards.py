@@ -7,8 +7,9 @@ encode disjoint shards of one dataset concurrently, a killed run leaves nothing 
 reader trusts, and a re-run does only what is missing. The version is a hash of the
 encoder config: a changed encoder never mixes with an old dataset.
 
-Throughput: a reader thread decodes the next batches while the models run, and a writer
-thread serialises and uploads the previous shard.
+Throughput (`run_encode`): one thread reads the next image shard from storage, another
+decodes the next batches of this one while the models run, and a writer thread serialises
+and uploads the previous shard.
 """
 
 from __future__ import annotations
@@ -160,12 +161,14 @@ def _read_images(storage: Storage, shard_id: int) -> pa.Table:
     return table
 
 
-def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: ThreadPoolExecutor | None = None):
-    """Encode one shard; returns its record (or a Future of it when `writer` is given)."""
+def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: ThreadPoolExecutor | None = None,
+                 table: pa.Table | None = None):
+    """Encode one shard; returns its record (or a Future of it when `writer` is given).
+    `table`: the image shard, when the caller has already read it (run_encode reads ahead)."""
     storage = storage or Storage.from_config(cfg)
     e, ds = cfg.encode, dataset_dir(cfg)
     enc = Encoders.get(e)
-    table = _read_images(storage, shard_id)
+    table = _read_images(storage, shard_id) if table is None else table
     out = encode_table(table, enc, e, storage.url(shard_name("images", shard_id)))
     # Same content from every worker, so a race between two of them is harmless. Computed
     # here, not in the writer thread, so the models never run in two threads at once.
@@ -245,11 +248,17 @@ def run_encode(cfg) -> dict:
     print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}", file=sys.stderr)
     failed: dict[int, str] = {}
     t0, rows = time.time(), 0
-    with ThreadPoolExecutor(max_workers=1) as writer:
+    # Reader, models and writer overlap: the next image shard downloads (a GCS read of a
+    # 10k-row shard takes seconds) while this one is on the models and the last one uploads.
+    with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as reader:
         pending: list[tuple[int, Future]] = []
+        reads = [reader.submit(_read_images, storage, sid) for sid in todo[:1]]
         for i, sid in enumerate(todo):
+            if i + 1 < len(todo):
+                reads.append(reader.submit(_read_images, storage, todo[i + 1]))
             try:
-                pending.append((sid, encode_shard(cfg, sid, storage, writer)))
+                table = reads.pop(0).result()
+                pending.append((sid, encode_shard(cfg, sid, storage, writer, table)))
             except Exception as err:  # noqa: BLE001 - one bad shard must not stop the others
                 failed[sid] = str(err)
                 print(f"encode: shard {sid:05d} FAILED: {err}", file=sys.stderr)
