@@ -171,7 +171,7 @@ def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: Thr
     table = _read_images(storage, shard_id) if table is None else table
     out = encode_table(table, enc, e, storage.url(shard_name("images", shard_id)))
     # Same content from every worker, so a race between two of them is harmless. Computed
-    # here, not in the writer thread, so the models never run in two threads at once.
+    # here, not in the writer thread, which would run it beside the next shard's models.
     facts = None if storage.exists(f"{ds}/{ENCODERS}") else _encoder_facts(enc, e)
 
     def write() -> dict:
