@@ -14,6 +14,7 @@ seed reproduces an image exactly.
 from __future__ import annotations
 
 import io
+import json
 import math
 from pathlib import Path
 
@@ -103,23 +104,71 @@ def load_checkpoint_model(storage, ref: str | None, run_name: str):
     return checkpoint.load_model(storage, rel)
 
 
-def _png(img: np.ndarray) -> bytes:
+def _png(img: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes; `text` becomes tEXt/iTXt chunks (`Image.open(f).text` reads them back)."""
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
+    info = PngInfo()
+    for k, v in (text or {}).items():
+        info.add_itxt(k, v)  # iTXt: UTF-8, prompts are not Latin-1
     buf = io.BytesIO()
-    Image.fromarray(img).save(buf, format="PNG")
+    Image.fromarray(img).save(buf, format="PNG", pnginfo=info)
     return buf.getvalue()
 
 
-def make_grid(images: np.ndarray) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> one image, ceil(sqrt(B)) columns."""
+def _caption_lines(draw, font, text: str, width: int, max_lines: int = 3) -> list[str]:
+    """Greedy word wrap to `width` pixels; the last line ends in "..." when text is left over."""
+    lines, words = [], text.split()
+    while words and len(lines) < max_lines:
+        line = words.pop(0)
+        while words and draw.textlength(f"{line} {words[0]}", font=font) <= width:
+            line += " " + words.pop(0)
+        if draw.textlength(line, font=font) > width:  # one word wider than the cell: break it
+            cut = len(line) - 1
+            while cut > 1 and draw.textlength(line[:cut], font=font) > width:
+                cut -= 1
+            words.insert(0, line[cut:])
+            line = line[:cut]
+        lines.append(line)
+    if words:
+        last = lines[-1]
+        while last and draw.textlength(last + "...", font=font) > width:
+            last = last[:-1]
+        lines[-1] = last + "..."
+    return lines
+
+
+def make_grid(images: np.ndarray, captions: list[str] | None = None) -> np.ndarray:
+    """(B, H, W, 3) uint8 -> one image, ceil(sqrt(B)) columns; with `captions`, each cell has a
+    white strip under it with its caption (wrapped, at most 3 lines)."""
     B, H, W, _ = images.shape
     cols = math.ceil(math.sqrt(B))
     rows = math.ceil(B / cols)
-    grid = np.zeros((rows * H, cols * W, 3), dtype=np.uint8)
+    strip = 0
+    if captions is not None:
+        from PIL import Image, ImageDraw, ImageFont
+
+        font = ImageFont.load_default()
+        draw = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+        wrapped = [_caption_lines(draw, font, c, W - 4) for c in captions]
+        _, top, _, bottom = draw.textbbox((0, 0), "Ag", font=font)
+        line_h = bottom - top + 2
+        strip = max(len(w) for w in wrapped) * line_h + 4
+    cell_h = H + strip
+    grid = np.zeros((rows * cell_h, cols * W, 3), dtype=np.uint8)
     for i, img in enumerate(images):
         r, c = divmod(i, cols)
-        grid[r * H:(r + 1) * H, c * W:(c + 1) * W] = img
+        grid[r * cell_h:r * cell_h + H, c * W:(c + 1) * W] = img
+    if captions is not None:
+        canvas = Image.fromarray(grid)
+        draw = ImageDraw.Draw(canvas)
+        for i, lines in enumerate(wrapped):
+            r, c = divmod(i, cols)
+            draw.rectangle([c * W, r * cell_h + H, (c + 1) * W - 1, (r + 1) * cell_h - 1], fill="white")
+            for j, line in enumerate(lines):
+                draw.text((c * W + 2, r * cell_h + H + 2 + j * line_h - top), line, fill="black", font=font)
+        grid = np.asarray(canvas)
     return grid
 
 
@@ -144,6 +193,23 @@ def _prompts(cfg) -> list[str]:
             raise ValueError(f"sample.prompts_file {s.prompts_file}: no prompts in it")
         return prompts
     return list(s.prompts)
+
+
+def _parameters(cfg, storage) -> dict:
+    """The generation settings stored in every PNG's `parameters` chunk. The images of one run
+    share one generator, so an image is reproduced by the same seed AND the same prompt list."""
+    from muse import checkpoint
+
+    s = cfg.sample
+    ref = s.checkpoint
+    if ref is None:  # what load_checkpoint_model used: the run's latest
+        latest = checkpoint.latest(storage, cfg.train.run_name)
+        ref = storage.url(latest) if latest else None
+    out = {"checkpoint": ref, "steps": s.steps, "guidance_scale": s.guidance_scale,
+           "temperature": s.temperature, "seed": s.seed}
+    if s.superres_checkpoint:
+        out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
+    return out
 
 
 def run_sample(cfg) -> list[str]:
@@ -179,15 +245,18 @@ def run_sample(cfg) -> list[str]:
         vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device))
         images = vq.decode(ids.view(-1, g, g).cpu())
     images = np.asarray(images, dtype=np.uint8)
+    params = json.dumps(_parameters(cfg, storage))
+    meta = [{"prompt": p, "parameters": params} for p in prompts]  # PNG text chunks
     out = s.out
     stem, suffix = (out[:-4], ".png") if out.lower().endswith(".png") else (out, ".png")
     written = []
     if len(prompts) == 1:
-        written.append(_write(storage, stem + suffix, _png(images[0])))
+        written.append(_write(storage, stem + suffix, _png(images[0], meta[0])))
     else:
         for i, img in enumerate(images):
-            written.append(_write(storage, f"{stem}-{i:03d}{suffix}", _png(img)))
-        written.append(_write(storage, f"{stem}-grid{suffix}", _png(make_grid(images))))
+            written.append(_write(storage, f"{stem}-{i:03d}{suffix}", _png(img, meta[i])))
+        grid = _png(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts), "parameters": params})
+        written.append(_write(storage, f"{stem}-grid{suffix}", grid))
     for p in written:
         print(f"wrote {p}")
     return written

@@ -1,5 +1,6 @@
 """Parallel decoding: overfit a tiny model, decode its tokens back; seeds; one batched guided forward."""
 
+import numpy as np
 import torch
 
 from muse.config import ModelConfig
@@ -77,3 +78,16 @@ def test_grid():
     imgs = torch.randint(0, 255, (5, 4, 4, 3), dtype=torch.uint8).numpy()
     grid = make_grid(imgs)
     assert grid.shape == (8, 12, 3) and (grid[:4, :4] == imgs[0]).all()
+
+
+def test_grid_with_captions_draws_them_under_each_cell():
+    imgs = np.full((3, 64, 64, 3), 90, dtype=np.uint8)
+    long = "a very long prompt " * 20 + "with_a_single_word_that_is_far_wider_than_one_cell"
+    grid = make_grid(imgs, captions=["a cat", long, ""])  # 2 x 2 cells, each image + its strip
+    strip = grid.shape[0] // 2 - 64
+    assert grid.shape[1] == 128 and 0 < strip < 64  # same columns; the long prompt is cut, not grown
+    assert (grid[:64, :64] == imgs[0]).all() and (grid[:64, 64:] == imgs[1]).all()
+    assert (grid[64 + strip:128 + strip, :64] == imgs[2]).all()
+    below = grid[64:64 + strip]
+    assert (below[:, :64] < 50).any() and (below[:, 64:] < 50).any()  # dark text on white
+    assert (below > 200).mean() > 0.5

@@ -1,5 +1,6 @@
 """`muse sample`: T5 -> base -> (super-resolution) -> VQ decode -> PNGs, through the real loaders."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -46,7 +47,11 @@ def _run(cfg, sets, *args):
 def test_base_sample_writes_a_256px_png(setup):
     tmp, cfg, sets = setup
     _run(cfg, sets, "--prompt", "a red circle", "--checkpoint", str(tmp / "base"), "--out", str(tmp / "one.png"))
-    assert Image.open(tmp / "one.png").size == (256, 256)
+    png = Image.open(tmp / "one.png")
+    assert png.size == (256, 256)
+    assert png.text["prompt"] == "a red circle"
+    assert json.loads(png.text["parameters"]) == {"checkpoint": str(tmp / "base"), "steps": 4,
+                                                  "guidance_scale": 4.0, "temperature": 1.0, "seed": 0}
 
 
 def test_superres_batch_writes_512px_pngs_and_a_grid(setup):
@@ -55,9 +60,16 @@ def test_superres_batch_writes_512px_pngs_and_a_grid(setup):
     _run(cfg, sets, "--prompts-file", str(tmp / "prompts.txt"), "--checkpoint", str(tmp / "base"),
          "--superres-checkpoint", str(tmp / "superres"), "--out", "samples/sr.png")
     root = tmp / "root" / "samples"  # a relative --out lands under the storage root
+    prompts = ["a red circle", "a blue square", "a green star"]
     for i in range(3):
-        assert Image.open(root / f"sr-{i:03d}.png").size == (512, 512)
-    assert Image.open(root / "sr-grid.png").size == (1024, 1024)
+        png = Image.open(root / f"sr-{i:03d}.png")
+        assert png.size == (512, 512) and png.text["prompt"] == prompts[i]
+        params = json.loads(png.text["parameters"])
+        assert params["superres_checkpoint"] == str(tmp / "superres") and params["superres_steps"] == 2
+    grid = Image.open(root / "sr-grid.png")
+    assert grid.size[0] == 1024 and 1024 < grid.size[1] < 1024 + 2 * 80  # a caption strip under each row
+    assert grid.text["prompt"] == "\n".join(prompts)
+    assert json.loads(grid.text["parameters"]) == params
 
 
 def test_same_seed_same_image(setup):
