@@ -97,6 +97,12 @@ class ModelConfig(_Section):
     text_dim: int = Field(768, ge=1, description="T5 hidden size of the encoded data")
 
 
+class WandbConfig(_Section):
+    project: str = "muse"
+    entity: Optional[str] = Field(None, description="team or user; null: your default entity")
+    mode: Literal["online", "offline", "disabled"] = "online"
+
+
 class TrainConfig(_Section):
     run_name: str = "muse"
     batch_size: int = Field(16, ge=1, description="per device, per micro-step")
@@ -128,6 +134,7 @@ class TrainConfig(_Section):
     keep_checkpoints: int = Field(3, ge=1)
     log_every: int = Field(10, ge=1)
     sample_every: Optional[int] = Field(None, ge=1)
+    wandb: Optional[WandbConfig] = Field(None, description="Weights & Biases as well as TensorBoard; null = off")
     nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
         "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
     device: str = "auto"
