@@ -58,3 +58,13 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_pipeline_yaml_is_valid():
     cfg = load_config("pipeline.yaml")
     assert cfg.download.distributor == "multiprocessing"
+
+
+def test_wandb_is_off_by_default_and_typed():
+    assert load().train.wandb is None
+    w = load(overrides=["train.wandb.mode=offline"]).train.wandb
+    assert (w.project, w.entity, w.mode) == ("muse", None, "offline")
+    with pytest.raises(ConfigError, match=r"train\.wandb\.mode"):
+        load(overrides=["train.wandb.mode=sometimes"])
+    with pytest.raises(ConfigError, match=r"train\.wandb\.projet: unknown key"):
+        load(overrides=["train.wandb.projet=x"])
