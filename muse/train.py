@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import io
 import json
 import math
 import os
@@ -24,10 +25,11 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from muse import checkpoint
+from muse import checkpoint, tracking
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.data import DataError, StreamingDataset, empty_caption, read_manifest, worker_init
 from muse.storage import Storage
@@ -147,6 +149,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         storage = Storage.from_config(cfg)
         manifest = read_manifest(storage, dataset_dir(cfg))
+        tracking.require(cfg)
     except (ConfigError, DataError) as e:
         print(f"muse train: {e}", file=sys.stderr)
         return 2
@@ -225,6 +228,7 @@ def main(argv=None) -> int:
         set_rng_state(state["rng"][rank], gen)
         records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= step]
         log(f"resumed from {storage.url(rel)} at step {step}")
+    tracker = tracking.Tracker.start(cfg, storage, rank, step)  # TensorBoard (+ wandb) on rank 0
 
     # ---- data
     ds = StreamingDataset(cfg.storage.root, dataset_dir(cfg), rank, world, t.seed, t.shuffle_buffer,
@@ -265,6 +269,7 @@ def main(argv=None) -> int:
             where = checkpoint.save(storage, t.run_name, step, raw_model, state, {"ranks": loaders},
                                     cfg.to_yaml(), t.keep_checkpoints)
             checkpoint.write_metrics(storage, t.run_name, records)
+            tracker.flush()
             log(f"step {step}: checkpoint {storage.url(where)}" + (" (final)" if final else ""))
         if ddp:
             dist.barrier()
@@ -333,6 +338,7 @@ def main(argv=None) -> int:
                       "train.nonfinite_fallback: true), or lower train.lr. The last checkpoint is intact.",
                       file=sys.stderr, flush=True)
                 close_loader(batches)
+                tracker.close()
                 if ddp:
                     dist.destroy_process_group()
                 return 3
@@ -352,6 +358,7 @@ def main(argv=None) -> int:
             if peak and hasattr(raw_model, "num_flops_per_sample"):
                 rec["mfu"] = raw_model.num_flops_per_sample() * rec["samples_per_s"] / (peak * world)
             log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            tracker.scalars(step, rec)
             t0, samples_since = time.time(), 0
         records.append(rec)
 
@@ -370,16 +377,18 @@ def main(argv=None) -> int:
         if step % t.checkpoint_every == 0 or step == total_steps:
             save(final=step == total_steps)
         if t.sample_every and step % t.sample_every == 0 and master:
-            _sample_best_effort(cfg, step, storage)
+            _sample_best_effort(cfg, step, storage, tracker)
 
     close_loader(batches)
+    tracker.close()
     if ddp:
         dist.destroy_process_group()
     return 0
 
 
-def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage) -> None:
-    """`muse sample` on the latest checkpoint (sample.prompts); a failure is logged, never fatal."""
+def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage, tracker=None) -> None:
+    """`muse sample` on the latest checkpoint (sample.prompts), its grid (or single image) sent to
+    the tracker as `samples` with the prompts as caption; a failure is logged, never fatal."""
     rel = checkpoint.latest(storage, cfg.train.run_name)
     if rel is None:
         return
@@ -389,7 +398,12 @@ def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage) -> Non
         data = cfg.model_dump(mode="json")
         data["sample"].update(checkpoint=storage.url(rel),
                               out=storage.url(f"{checkpoint.run_dir(cfg.train.run_name)}/samples/step-{step:08d}.png"))
-        run_sample(PipelineConfig.model_validate(data))
+        written = run_sample(PipelineConfig.model_validate(data))
+        if tracker is not None:
+            from PIL import Image
+
+            png = Image.open(io.BytesIO(storage.read_bytes(storage.relative(written[-1]))))
+            tracker.image(step, "samples", np.asarray(png.convert("RGB")), png.text.get("prompt"))
     except Exception as e:  # needs T5 + the VQ decoder; training must go on without them
         print(f"step {step}: sampling skipped ({type(e).__name__}: {e})", flush=True)
 

@@ -8,7 +8,7 @@ import torch
 
 from muse import checkpoint, train
 from muse.storage import Storage
-from train_helpers import make_data, read_trace, run_train, signal_tree, tiny_config
+from train_helpers import make_data, read_tb, read_trace, run_train, signal_tree, tiny_config
 
 STEPS = 8
 
@@ -58,7 +58,12 @@ def test_two_ranks_stay_identical_and_loss_falls(gcs_run):
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1))
     assert storage.read_bytes("checkpoints/ref/loss.png")[:4] == b"\x89PNG"
     assert [p.rsplit("/", 1)[1] for p in storage.list("checkpoints/ref")] == [
-        "LATEST", "loss.png", "metrics.jsonl", "step-00000004", "step-00000008"]
+        "LATEST", "loss.png", "metrics.jsonl", "step-00000004", "step-00000008", "tb"]
+    # TensorBoard events uploaded to the bucket by rank 0 alone: one file, every step once
+    assert len(storage.list("checkpoints/ref/tb")) == 1
+    loss = read_tb(storage, "ref", tmp).Scalars("train/loss")
+    assert [p.step for p in loss] == list(range(1, STEPS + 1))
+    assert [p.value for p in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
 
 
 @pytest.mark.parametrize("sig,pause,workers", [(signal.SIGTERM, 3, 2), (signal.SIGKILL, 6, 1)])
@@ -86,6 +91,12 @@ def test_interrupt_and_resume_matches_uninterrupted(gcs_run, sig, pause, workers
     ref, got = read_trace(tmp / "ref", 0), read_trace(trace, 0)
     assert [got[s]["keys"] for s in range(1, STEPS + 1)] == [ref[s]["keys"] for s in range(1, STEPS + 1)]
     assert read_trace(trace, 1)[STEPS]["keys"] == read_trace(tmp / "ref", 1)[STEPS]["keys"]
+    # the interrupted run's events were uploaded at its checkpoint; the resumed run's replay hides
+    # its overlap, so TensorBoard shows every step once
+    from muse.config import load_config
+
+    acc = read_tb(Storage.from_config(load_config(config)), run, tmp)
+    assert [p.step for p in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
     a, b = _final_weights(config, "ref"), _final_weights(config, run)
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)

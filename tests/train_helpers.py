@@ -88,3 +88,18 @@ def signal_tree(pid: int, sig: int) -> None:
             os.kill(p, sig)
         except ProcessLookupError:
             pass
+
+
+def read_tb(storage: Storage, run_name: str, tmp: Path):
+    """The run's TensorBoard events, downloaded through Storage (so gs:// works), loaded in full."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from muse.tracking import tb_dir
+
+    local = tmp / f"tb-{run_name}"
+    local.mkdir(parents=True, exist_ok=True)
+    for rel in storage.list(tb_dir(run_name)):
+        (local / rel.rsplit("/", 1)[1]).write_bytes(storage.read_bytes(rel))
+    acc = EventAccumulator(str(local), size_guidance={"scalars": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
