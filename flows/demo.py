@@ -45,7 +45,7 @@ def main(argv=None) -> int:
           f"  config          {config}\n"
           f"  image shards    {out}/data/images/\n"
           f"  encoded shards  {out}/data/encoded/<version>/ (+ _MANIFEST.json)\n"
-          f"  checkpoints     {out}/data/checkpoints/demo/ (+ metrics.jsonl, loss.png)\n"
+          f"  checkpoints     {out}/data/checkpoints/demo/ (+ metrics.jsonl, loss.png, tb/)\n"
           f"  samples         {out}/data/samples/\n"
           f"Re-run the phases yourself: muse run --config {config}", flush=True)
     return 0
