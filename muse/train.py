@@ -193,7 +193,8 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     global_batch = t.batch_size * t.grad_accum * world
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * manifest["rows"] / global_batch))
+    train_rows = manifest["rows"] * (1 - t.eval_holdout)  # expected size: the eval slice is a key hash
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * train_rows / global_batch))
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -229,9 +230,13 @@ def main(argv=None) -> int:
     # ---- data
     ds = StreamingDataset(cfg.storage.root, dataset_dir(cfg), rank, world, t.seed, t.shuffle_buffer,
                           t.batch_size, t.loader_streams, cfg.model.kind == "superres", t.replaced_rows,
-                          t.replaced_weight, cfg.storage.gcs_project)
+                          t.replaced_weight, cfg.storage.gcs_project, t.eval_holdout)
     if loader_state:
-        ds.load_state(loader_state)
+        try:
+            ds.load_state(loader_state)
+        except DataError as e:
+            print(f"muse train: {e}", file=sys.stderr)
+            return 2
     stream_states = dict(ds.state["streams"])
     next_batch = ds.state["batch"]
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=cuda,
@@ -256,7 +261,7 @@ def main(argv=None) -> int:
 
     def save(final: bool = False) -> None:
         rngs = all_gather(rng_state(gen), world)
-        loaders = all_gather({"batch": next_batch, "streams": {
+        loaders = all_gather({"batch": next_batch, "eval_holdout": t.eval_holdout, "streams": {
             str(s): StreamingDataset.state_json(v) for s, v in stream_states.items()}}, world)
         if master:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -339,7 +344,7 @@ def main(argv=None) -> int:
 
         # ---- logging
         rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-               "skipped": skipped, "epoch": step * global_batch / manifest["rows"]}
+               "skipped": skipped, "epoch": step * global_batch / train_rows}
         if trace:
             with open(f"{trace}.rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "keys": keys, "hash": weights_hash(raw_model),
