@@ -376,6 +376,11 @@ def main(argv=None) -> int:
             save(final=step == total_steps)
         if t.sample_every and step % t.sample_every == 0 and master:
             _sample_best_effort(cfg, step, storage)
+        if t.eval_every and step % t.eval_every == 0:
+            if master:
+                _eval_best_effort(cfg, step, raw_model, device)
+            if ddp:  # the other ranks wait for rank 0's evaluation
+                dist.barrier()
 
     close_loader(batches)
     if ddp:
@@ -397,6 +402,23 @@ def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage) -> Non
         run_sample(PipelineConfig.model_validate(data))
     except Exception as e:  # needs T5 + the VQ decoder; training must go on without them
         print(f"step {step}: sampling skipped ({type(e).__name__}: {e})", flush=True)
+
+
+def _eval_best_effort(cfg: PipelineConfig, step: int, model, device) -> dict | None:
+    """A small `muse eval` of the in-memory weights (<= IN_TRAINING_SAMPLES eval rows) -> metrics,
+    or None: a failure is logged, never fatal. The global RNG is restored, so training goes on
+    exactly as without it."""
+    try:
+        from muse.evaluate import IN_TRAINING_SAMPLES, run_eval
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = run_eval(cfg, model=model, step=step, device=device,
+                               max_samples=min(cfg.eval.max_samples, IN_TRAINING_SAMPLES))
+        print(f"step {step}: eval " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+        return metrics
+    except Exception as e:  # needs the VQ decoder, CLIP and FID features; training must go on
+        print(f"step {step}: evaluation skipped ({type(e).__name__}: {e})", flush=True)
+        return None
 
 
 if __name__ == "__main__":
