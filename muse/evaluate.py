@@ -163,11 +163,15 @@ def frechet_distance(real: np.ndarray, fake: np.ndarray, metric, batch_size: int
 
 # ----------------------------------------------------------------------------- the slice
 
-def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[list[dict], int]:
-    """Up to max_samples non-placeholder rows of the eval slice, and how many placeholders were passed."""
+def _check_slice(cfg: PipelineConfig) -> None:
     if not cfg.train.eval_holdout:
         raise EvalError("no eval slice: set train.eval_holdout (e.g. 0.01) before training, so the trainer "
                         "keeps those rows out")
+
+
+def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[list[dict], int]:
+    """Up to max_samples non-placeholder rows of the eval slice, and how many placeholders were passed."""
+    _check_slice(cfg)
     rows, skipped = [], 0
     for row in iter_eval_rows(storage, f"encoded/{cfg.encode.version()}", cfg.train.eval_holdout):
         if row["replaced"]:
@@ -240,6 +244,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     if cfg.model.kind != "base":
         raise EvalError("muse eval covers the base model (model.kind=base); evaluate the superres model "
                         "through the base run that feeds it")
+    _check_slice(cfg)
     storage = Storage.from_config(cfg)
     device = torch.device(device) if device is not None else resolve_device(e.device)
     max_samples = max_samples or e.max_samples
