@@ -58,3 +58,11 @@ def test_missing_file_and_bad_yaml(tmp_path):
 def test_shipped_pipeline_yaml_is_valid():
     cfg = load_config("pipeline.yaml")
     assert cfg.download.distributor == "multiprocessing"
+
+
+def test_shipped_pipeline_yaml_restates_the_defaults():
+    from muse.config import PipelineConfig
+
+    shipped = load_config("pipeline.yaml").model_dump()
+    defaults = PipelineConfig(source=shipped["source"]).model_dump()
+    assert shipped == defaults

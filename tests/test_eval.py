@@ -209,3 +209,27 @@ def test_results_json_is_plain_json(world):
     config, tmp, _ = world
     rec = json.loads((tmp / "root/checkpoints/withevals/eval/step-00000008.json").read_text())
     assert {"step", "checkpoint", "metrics", "counts", "settings", "seconds"} <= set(rec)
+
+
+def test_eval_flow_makes_a_metrics_table(world):
+    import asyncio
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.evaluate import eval_flow
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=["eval-metrics"])))
+
+    config, tmp, _ = world
+    with prefect_test_harness(server_startup_timeout=120):
+        metrics = eval_flow(str(config), ["eval.max_samples=4"], checkpoint=str(tmp / "root/checkpoints/t/step-00000004"))
+        arts = asyncio.run(artifacts())
+    assert set(metrics) == {"fid", "clip_score"}
+    assert len(arts) == 1 and "fid" in str(arts[0].data) and "clip_score" in str(arts[0].data)
+    assert (tmp / "root/checkpoints/t/eval/step-00000004.json").exists()
