@@ -1,4 +1,4 @@
-"""`muse download|encode|train|sample|run --config pipeline.yaml --set key=value`.
+"""`muse download|encode|train|sample|eval|run --config pipeline.yaml --set key=value`.
 
 Each subcommand loads and validates the one config, then calls the library. Phase
 modules are imported lazily so `muse --help` and config errors are instant.
@@ -25,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
                         ("encode", "phase 2: image shards -> T5 + VQ token shards"),
                         ("train", "train the model with torchrun from the encoded shards"),
                         ("sample", "text -> image with parallel decoding"),
+                        ("eval", "FID and CLIP score of a checkpoint on the held-out eval slice"),
                         ("run", "download, encode, train and sample in order")]:
         p = sub.add_parser(name, help=help_)
         _common(p)
@@ -37,11 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="base model checkpoint (default: latest of the run)")
             p.add_argument("--superres-checkpoint", help="super-resolution checkpoint (optional)")
             p.add_argument("--out", help="output PNG path")
+        if name == "eval":
+            p.add_argument("--checkpoint", help="checkpoint dir (default: latest of train.run_name)")
+            p.add_argument("--max-samples", type=int, help="eval rows to score (default: eval.max_samples)")
     return parser
 
 
 def _sample_overrides(args) -> list[str]:
     extra = []
+    if args.command != "sample":
+        return extra
     if getattr(args, "prompt", None):
         import json
 
@@ -55,7 +61,7 @@ def _sample_overrides(args) -> list[str]:
 
 
 def run_phase(name: str, cfg: PipelineConfig, config_path: str | None, overrides: list[str],
-              resume: str = "latest") -> None:
+              resume: str = "latest", args=None) -> None:
     if name == "download":
         from muse.download import run_download
 
@@ -72,6 +78,11 @@ def run_phase(name: str, cfg: PipelineConfig, config_path: str | None, overrides
         from muse.sample import run_sample
 
         run_sample(cfg)
+    elif name == "eval":
+        from muse.evaluate import run_eval
+
+        run_eval(cfg, checkpoint_ref=getattr(args, "checkpoint", None),
+                 max_samples=getattr(args, "max_samples", None))
     else:
         raise ValueError(name)
 
@@ -87,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     phases = ["download", "encode", "train", "sample"] if args.command == "run" else [args.command]
     for phase in phases:
         try:
-            run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"))
+            run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"), args=args)
         except (RuntimeError, ValueError, FileNotFoundError) as e:  # our errors say what and where
             print(f"muse {phase}: {type(e).__name__}: {e}", file=sys.stderr)
             return 1

@@ -135,6 +135,9 @@ class TrainConfig(_Section):
     log_every: int = Field(10, ge=1)
     sample_every: Optional[int] = Field(None, ge=1)
     wandb: Optional[WandbConfig] = Field(None, description="Weights & Biases as well as TensorBoard; null = off")
+    eval_holdout: float = Field(
+        0.0, ge=0, le=0.5, description="fraction of rows kept out of training for evaluation (by key hash)")
+    eval_every: Optional[int] = Field(None, ge=1, description="small in-training evaluation every N steps")
     nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
         "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
     device: str = "auto"
@@ -154,6 +157,21 @@ class SampleConfig(_Section):
     device: str = "auto"
 
 
+class EvalConfig(_Section):
+    """`muse eval`: FID and CLIP score on the eval slice (train.eval_holdout) of the encoded data."""
+    max_samples: int = Field(1000, ge=2, description="eval rows generated and scored (FID needs >= 2)")
+    clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIPModel hub id or local folder")
+    fid_features: str = Field(
+        "inception", description="inception (torch-fidelity), clip (eval.clip_model image features), "
+        "or a local torch.export file (.pt2) mapping uint8 [B,3,H,W] to features [B,D]")
+    steps: int = Field(24, ge=1)
+    guidance_scale: float = Field(4.0, ge=0)
+    temperature: float = Field(1.0, ge=0)
+    batch_size: int = Field(16, ge=1)
+    seed: int = 0
+    device: str = "auto"
+
+
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
@@ -168,6 +186,7 @@ class PipelineConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     sample: SampleConfig = Field(default_factory=SampleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
 
     @model_validator(mode="after")
@@ -184,6 +203,8 @@ class PipelineConfig(_Section):
                 f"model.hidden_size ({self.model.hidden_size}) must be divisible by "
                 f"model.num_heads ({self.model.num_heads})"
             )
+        if self.train.eval_every and not self.train.eval_holdout:
+            raise ValueError("train.eval_every needs an eval slice: set train.eval_holdout > 0 (e.g. 0.01)")
         return self
 
     def to_yaml(self) -> str:

@@ -14,6 +14,12 @@ sequence as an uninterrupted one:
   batches g0+w, g0+w+k, ..., which are exactly the streams it owns, so no row group is read
   twice and DataLoader's round-robin returns g0, g0+1, ... whatever k is.
 
+The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`eval_position`:
+blake2b-64 of the UTF-8 key as a fraction of 2**64) is never put in a shuffle buffer, so the
+trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash ignores the seed
+and the world size, so the slice is the same for every run on the data, and a larger f
+holds out a superset.
+
 Every batch carries the state of its stream after it was cut (unit position, the buffer as
 (position, row) indices, RNG state); the trainer keeps the state of the last consumed
 batch per stream and the next batch number: that is the loader state saved in checkpoints.
@@ -32,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.schema import GRID_BASE, GRID_SUPERRES, encoded_schema, t5_to_bytes
+from muse.schema import GRID_BASE, GRID_SUPERRES, encoded_schema, t5_from_bytes, t5_to_bytes
 from muse.storage import Storage
 
 MANIFEST = "_MANIFEST.json"
@@ -48,6 +54,16 @@ def read_manifest(storage: Storage, dataset_dir: str) -> dict:
         raise DataError(f"no encoded dataset: {storage.url(rel)} does not exist; run `muse encode` "
                         "with the same encode settings first (the dataset version is a hash of them)")
     return storage.read_json(rel)
+
+
+def eval_position(key: str) -> float:
+    """A row's stable place in [0, 1): blake2b-64 of its key / 2**64 (the eval slice is [0, f))."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def in_eval_slice(key: str, eval_holdout: float) -> bool:
+    return eval_holdout > 0 and eval_position(key) < eval_holdout
 
 
 def empty_caption(manifest: dict) -> torch.Tensor:
@@ -146,7 +162,7 @@ class StreamingDataset(IterableDataset):
     def __init__(self, root_uri: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2048, batch_size: int = 16,
                  streams: int = 8, superres: bool = False, replaced_rows: str = "keep",
-                 replaced_weight: float = 0.1, gcs_project: str | None = None):
+                 replaced_weight: float = 0.1, gcs_project: str | None = None, eval_holdout: float = 0.0):
         storage = Storage(root_uri, gcs_project)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
@@ -155,12 +171,17 @@ class StreamingDataset(IterableDataset):
         self.buffer_size, self.batch_size, self.streams = max(shuffle_buffer, batch_size), batch_size, streams
         self.superres, self.replaced_rows, self.replaced_weight = superres, replaced_rows, replaced_weight
         self.text_dim = int(self.manifest["text_dim"])
+        self.eval_holdout = eval_holdout
         self.state = {"batch": 0, "streams": {}}
         self._perms: dict[int, np.ndarray] = {}
 
     # -- resume state
     def load_state(self, state: dict) -> None:
         """Continue at `state["batch"]` with the saved stream states (JSON form)."""
+        saved = float(state.get("eval_holdout", 0.0))
+        if saved != self.eval_holdout:  # the saved buffers hold row indices chosen with the old slice
+            raise DataError(f"the checkpoint was trained with train.eval_holdout={saved}, this run has "
+                            f"{self.eval_holdout}; keep it (exact resume) or start over with --resume none")
         self.state = {"batch": int(state["batch"]), "streams": {int(k): v for k, v in state["streams"].items()}}
 
     @staticmethod
@@ -240,13 +261,16 @@ class _Stream:
             self.j += 1
             data = self._load(pos)
             rows = range(len(data.keys))
+            if self.ds.eval_holdout:
+                rows = [i for i in rows if not in_eval_slice(data.keys[i], self.ds.eval_holdout)]
             if self.ds.replaced_rows == "drop":
                 rows = [i for i in rows if not data.replaced[i]]
             self.buffer += [(pos, i) for i in rows]
             empty_loads = empty_loads + 1 if not rows else 0
             if empty_loads > len(self.ds.units):
-                raise DataError("every row of the dataset is a replaced placeholder; "
-                                "set train.replaced_rows to keep or downweight")
+                raise DataError("no row of the dataset can be trained on: every row is a replaced "
+                                "placeholder (set train.replaced_rows to keep or downweight) or in the "
+                                "eval slice (lower train.eval_holdout)")
 
     def next_batch(self) -> dict:
         picked = []
@@ -263,6 +287,29 @@ class _Stream:
         return collate(rows, weight)
 
 
+def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
+    """The eval slice in shard order: dicts {key, caption, replaced, shard_id, t5 [L, D] float32}.
+
+    Reads the key column of each row group and the other columns only where a key is in the slice.
+    """
+    manifest = read_manifest(storage, dataset_dir)
+    dim = int(manifest["text_dim"])
+    if not eval_holdout:
+        return
+    for shard in sorted(manifest["shards"], key=lambda s: s["id"]):
+        with storage.open(f"{dataset_dir}/{shard['path']}") as f:
+            pf = pq.ParquetFile(f)
+            for rg in range(pf.metadata.num_row_groups):
+                keys = pf.read_row_group(rg, columns=["key"]).column("key").to_pylist()
+                picked = [i for i, k in enumerate(keys) if in_eval_slice(k, eval_holdout)]
+                if not picked:
+                    continue
+                cols = pf.read_row_group(rg, columns=["key", "caption", "replaced", "t5"]).take(picked)
+                for key, caption, replaced, t5 in zip(*(cols.column(c).to_pylist() for c in cols.column_names)):
+                    yield {"key": key, "caption": caption, "replaced": bool(replaced), "shard_id": shard["id"],
+                           "t5": t5_from_bytes(t5, dim).astype(np.float32)}
+
+
 def worker_init(_: int) -> None:
     """DataLoader workers leave SIGTERM to the trainer, which checkpoints and then exits."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -270,11 +317,33 @@ def worker_init(_: int) -> None:
 
 # ----------------------------------------------------------------------------- test data
 
+def _write_test_images(storage: Storage, sid: int, cols: dict, rng, size: int) -> None:
+    from PIL import Image
+
+    n = len(cols["key"])
+    jpegs = []
+    for _ in range(n):
+        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(blocks).resize((size, size), Image.NEAREST).save(buf, format="JPEG", quality=95)
+        jpegs.append(buf.getvalue())
+    table = pa.table({
+        "key": cols["key"], "caption": cols["caption"], "caption_was_null": [False] * n,
+        "url": [f"http://test/{k}.jpg" for k in cols["key"]], "image": pa.array(jpegs, pa.binary()),
+        "width": pa.array([size] * n, pa.int32()), "height": pa.array([size] * n, pa.int32()),
+        "replaced": cols["replaced"], "status": ["success"] * n,
+        "error_message": pa.array([None] * n, pa.string()), "reason": pa.array([None] * n, pa.string())})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    storage.write_bytes(f"images/{sid:05d}.parquet", buf.getvalue())
+
+
 def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows: int = 24,
                        row_group_size: int = 8, text_dim: int = 16, codebook_size: int = 64,
                        superres: bool = False, max_len: int = 12, replaced_every: int = 0,
-                       seed: int = 0) -> dict:
-    """Random encoded shards + manifest in the phase 2 format (tests and benchmarks)."""
+                       seed: int = 0, image_size: int | None = None) -> dict:
+    """Random encoded shards + manifest in the phase 2 format (tests and benchmarks); with
+    `image_size`, also the phase 1 shards `images/NNNNN.parquet` (random blocky JPEGs, same keys)."""
     import base64
 
     rng = np.random.default_rng(seed)
@@ -291,6 +360,8 @@ def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows
         }
         if superres:
             cols["vq64"] = list(rng.integers(0, codebook_size, (rows, GRID_SUPERRES ** 2), dtype=np.int16))
+        if image_size:
+            _write_test_images(storage, sid, cols, rng, image_size)
         table = pa.table(cols, schema=encoded_schema(superres))
         buf = io.BytesIO()
         pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")

@@ -80,7 +80,8 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
 
 # ----------------------------------------------------------------------------- muse sample
 
-def _pad_batch(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad_embeddings(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, D] arrays -> hidden (B, max L, D) float32 zero-padded + mask (B, max L) bool (True = real)."""
     L = max(e.shape[0] for e in embs)
     hidden = torch.zeros(len(embs), L, embs[0].shape[1], device=device)
     mask = torch.zeros(len(embs), L, dtype=torch.bool, device=device)
@@ -104,8 +105,8 @@ def load_checkpoint_model(storage, ref: str | None, run_name: str):
     return checkpoint.load_model(storage, rel)
 
 
-def _png(img: np.ndarray, text: dict[str, str] | None = None) -> bytes:
-    """PNG bytes; `text` becomes tEXt/iTXt chunks (`Image.open(f).text` reads them back)."""
+def png_bytes(img: np.ndarray, text: dict[str, str] | None = None) -> bytes:
+    """PNG bytes; `text` becomes iTXt chunks (`Image.open(f).text` reads them back)."""
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
@@ -212,9 +213,22 @@ def _parameters(cfg, storage) -> dict:
     return out
 
 
+def load_decoder(e, device, superres: bool = False):
+    """The VQ decoder of the encode section `e`: VQGAN f16 (base) or PaellaVQ f8 (superres)."""
+    from muse.encode.image import load_paella, load_vq
+
+    if superres:
+        return load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device))
+    return load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device))
+
+
+def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
+    """ids (B, grid*grid) -> uint8 images (B, H, W, 3)."""
+    return np.asarray(vq.decode(ids.view(-1, grid, grid).cpu()), dtype=np.uint8)
+
+
 def run_sample(cfg) -> list[str]:
     """`muse sample`: writes one PNG per prompt (+ a grid for several); returns their paths."""
-    from muse.encode.image import load_vq
     from muse.encode.text import TextEncoder
     from muse.storage import Storage
 
@@ -224,38 +238,31 @@ def run_sample(cfg) -> list[str]:
     prompts = _prompts(cfg)
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
-    hidden, mask = _pad_batch(text.encode(prompts), device)
-    uncond, uncond_mask = _pad_batch(text.encode([""]), device)
+    hidden, mask = pad_embeddings(text.encode(prompts), device)
+    uncond, uncond_mask = pad_embeddings(text.encode([""]), device)
     model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
     gen = torch.Generator(device=device).manual_seed(s.seed)
     ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=s.guidance_scale,
                    temperature=s.temperature, generator=gen)
-    g = model.config.grid_size
     if s.superres_checkpoint:
-        from muse.encode.image import load_paella
-
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
-        ids_hi = generate(sr, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
-                          guidance_scale=s.guidance_scale, temperature=s.temperature, generator=gen,
-                          low_res_ids=ids)
-        vq = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device))
-        g = sr.config.grid_size
-        images = vq.decode(ids_hi.view(-1, g, g).cpu())
+        ids = generate(sr, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
+                       guidance_scale=s.guidance_scale, temperature=s.temperature, generator=gen,
+                       low_res_ids=ids)
+        images = decode_ids(load_decoder(e, device, superres=True), ids, sr.config.grid_size)
     else:
-        vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device))
-        images = vq.decode(ids.view(-1, g, g).cpu())
-    images = np.asarray(images, dtype=np.uint8)
+        images = decode_ids(load_decoder(e, device), ids, model.config.grid_size)
     params = json.dumps(_parameters(cfg, storage))
     meta = [{"prompt": p, "parameters": params} for p in prompts]  # PNG text chunks
     out = s.out
     stem, suffix = (out[:-4], ".png") if out.lower().endswith(".png") else (out, ".png")
     written = []
     if len(prompts) == 1:
-        written.append(_write(storage, stem + suffix, _png(images[0], meta[0])))
+        written.append(_write(storage, stem + suffix, png_bytes(images[0], meta[0])))
     else:
         for i, img in enumerate(images):
-            written.append(_write(storage, f"{stem}-{i:03d}{suffix}", _png(img, meta[i])))
-        grid = _png(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts), "parameters": params})
+            written.append(_write(storage, f"{stem}-{i:03d}{suffix}", png_bytes(img, meta[i])))
+        grid = png_bytes(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts), "parameters": params})
         written.append(_write(storage, f"{stem}-grid{suffix}", grid))
     for p in written:
         print(f"wrote {p}")

@@ -4,9 +4,11 @@ Tests, the demo and the CPU benches cannot reach the Hugging Face Hub, so they m
 - a T5EncoderModel (d_model 32) with a tokenizer trained here on a small corpus
   (`tokenizers` Unigram + T5's `</s>` post-processor), saved with `save_pretrained`;
 - a diffusers VQModel with 5 levels (f16: 256px -> 16x16) and a 64-code codebook;
-- a PaellaVQModel with f8 (512px -> 64x64), 64 codes.
+- a PaellaVQModel with f8 (512px -> 64x64), 64 codes;
+- for `muse eval`: a CLIPModel (width 32) with a byte-level CLIP tokenizer (no merges) and a
+  CLIPProcessor, and a torch.export FID feature extractor (two convolutions, 16 features).
 They are loaded back by exactly the code users run (`TextEncoder.from_pretrained`,
-`load_vq`, `load_paella`).
+`load_vq`, `load_paella`, `muse.evaluate.Clip`, `muse.evaluate.fid_extractor`).
 """
 
 from __future__ import annotations
@@ -80,6 +82,65 @@ def build_tiny_paella(out_dir: str | Path, seed: int = 0) -> str:
                            latent_channels=4, num_vq_embeddings=CODEBOOK)
     model.eval().save_pretrained(str(out_dir))
     return str(out_dir)
+
+
+def _byte_chars() -> list[str]:
+    """GPT-2/CLIP byte-level alphabet: one printable character per byte value."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
+    extra = [b for b in range(256) if b not in keep]
+    chars = {b: chr(b) for b in keep} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    return [chars[b] for b in range(256)]
+
+
+def build_tiny_clip(out_dir: str | Path, seed: int = 0) -> str:
+    """A random CLIPModel + CLIPProcessor (32px images, byte-level tokenizer) in `out_dir`."""
+    import json
+
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPTokenizer
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chars = _byte_chars()
+    vocab = {t: i for i, t in enumerate(["<|startoftext|>", "<|endoftext|>"] + chars + [c + "</w>" for c in chars])}
+    (out / "vocab.json").write_text(json.dumps(vocab))
+    (out / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer.from_pretrained(str(out), model_max_length=77)
+    size = 32
+    image_processor = CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(out))
+    torch.manual_seed(seed)
+    cfg = CLIPConfig(text_config={"vocab_size": len(vocab), "hidden_size": 32, "intermediate_size": 64,
+                                  "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
+                                  "bos_token_id": 0, "eos_token_id": 1, "pad_token_id": 1},
+                     vision_config={"image_size": size, "patch_size": 8, "hidden_size": 32, "intermediate_size": 64,
+                                    "num_hidden_layers": 2, "num_attention_heads": 4},
+                     projection_dim=16)
+    CLIPModel(cfg).eval().save_pretrained(str(out))
+    return str(out)
+
+
+class _TinyFeatures(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1 = torch.nn.Conv2d(3, 8, 3, stride=2, padding=1)
+        self.conv2 = torch.nn.Conv2d(8, 16, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # uint8 (B, 3, H, W) -> (B, 16)
+        h = torch.relu(self.conv1(x.float() / 255.0))
+        return torch.relu(self.conv2(h)).mean(dim=(2, 3))
+
+
+def build_tiny_fid_features(path: str | Path, seed: int = 0) -> str:
+    """A random two-convolution extractor, uint8 [B,3,H,W] -> [B,16], saved with torch.export.save
+    (batch and image size dynamic)."""
+    from torch.export import Dim, export, save
+
+    torch.manual_seed(seed)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    x = torch.zeros(2, 3, 64, 64, dtype=torch.uint8)
+    dims = {0: Dim("batch", min=1, max=65536), 2: Dim("height", min=8, max=4096), 3: Dim("width", min=8, max=4096)}
+    save(export(_TinyFeatures().eval(), (x,), dynamic_shapes={"x": dims}), str(path))
+    return str(path)
 
 
 def build_tiny_encoders(out_dir: str | Path, superres: bool = False) -> dict:

@@ -196,7 +196,8 @@ def main(argv=None) -> int:
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
 
     global_batch = t.batch_size * t.grad_accum * world
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * manifest["rows"] / global_batch))
+    train_rows = manifest["rows"] * (1 - t.eval_holdout)  # expected size: the eval slice is a key hash
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * train_rows / global_batch))
     decay = [p for p in raw_model.parameters() if p.dim() >= 2]
     no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
@@ -233,9 +234,13 @@ def main(argv=None) -> int:
     # ---- data
     ds = StreamingDataset(cfg.storage.root, dataset_dir(cfg), rank, world, t.seed, t.shuffle_buffer,
                           t.batch_size, t.loader_streams, cfg.model.kind == "superres", t.replaced_rows,
-                          t.replaced_weight, cfg.storage.gcs_project)
+                          t.replaced_weight, cfg.storage.gcs_project, t.eval_holdout)
     if loader_state:
-        ds.load_state(loader_state)
+        try:
+            ds.load_state(loader_state)
+        except DataError as e:
+            print(f"muse train: {e}", file=sys.stderr)
+            return 2
     stream_states = dict(ds.state["streams"])
     next_batch = ds.state["batch"]
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=cuda,
@@ -260,7 +265,7 @@ def main(argv=None) -> int:
 
     def save(final: bool = False) -> None:
         rngs = all_gather(rng_state(gen), world)
-        loaders = all_gather({"batch": next_batch, "streams": {
+        loaders = all_gather({"batch": next_batch, "eval_holdout": t.eval_holdout, "streams": {
             str(s): StreamingDataset.state_json(v) for s, v in stream_states.items()}}, world)
         if master:
             state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -345,7 +350,7 @@ def main(argv=None) -> int:
 
         # ---- logging
         rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-               "skipped": skipped, "epoch": step * global_batch / manifest["rows"]}
+               "skipped": skipped, "epoch": step * global_batch / train_rows}
         if trace:
             with open(f"{trace}.rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "keys": keys, "hash": weights_hash(raw_model),
@@ -378,6 +383,11 @@ def main(argv=None) -> int:
             save(final=step == total_steps)
         if t.sample_every and step % t.sample_every == 0 and master:
             _sample_best_effort(cfg, step, storage, tracker)
+        if t.eval_every and step % t.eval_every == 0:
+            if master:
+                _eval_best_effort(cfg, step, raw_model, device, storage, tracker)
+            if ddp:  # the other ranks wait for rank 0's evaluation
+                dist.barrier()
 
     close_loader(batches)
     tracker.close()
@@ -400,12 +410,42 @@ def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage, tracke
                               out=storage.url(f"{checkpoint.run_dir(cfg.train.run_name)}/samples/step-{step:08d}.png"))
         written = run_sample(PipelineConfig.model_validate(data))
         if tracker is not None:
-            from PIL import Image
-
-            png = Image.open(io.BytesIO(storage.read_bytes(storage.relative(written[-1]))))
-            tracker.image(step, "samples", np.asarray(png.convert("RGB")), png.text.get("prompt"))
+            _track_png(tracker, step, "samples", storage, storage.relative(written[-1]))
     except Exception as e:  # needs T5 + the VQ decoder; training must go on without them
         print(f"step {step}: sampling skipped ({type(e).__name__}: {e})", flush=True)
+
+
+def _eval_best_effort(cfg: PipelineConfig, step: int, model, device, storage: Storage,
+                      tracker=None) -> dict | None:
+    """A small `muse eval` of the in-memory weights (<= IN_TRAINING_SAMPLES eval rows) -> metrics,
+    or None: a failure is logged, never fatal. The global RNG is restored, so training goes on
+    exactly as without it. The tracker gets the metrics as `eval/<name>` and the result grid as
+    `eval/samples`."""
+    try:
+        from muse.evaluate import IN_TRAINING_SAMPLES, results_rel, run_eval
+
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = run_eval(cfg, model=model, step=step, device=device,
+                               max_samples=min(cfg.eval.max_samples, IN_TRAINING_SAMPLES))
+    except Exception as e:  # needs the VQ decoder, CLIP and FID features; training must go on
+        print(f"step {step}: evaluation skipped ({type(e).__name__}: {e})", flush=True)
+        return None
+    print(f"step {step}: eval " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
+    if tracker is not None:
+        tracker.scalars(step, metrics, prefix="eval")
+        try:
+            _track_png(tracker, step, "eval/samples", storage, results_rel(cfg.train.run_name, step) + ".png")
+        except Exception as e:  # the metrics are in; a missing picture is not worth more
+            print(f"step {step}: eval grid not tracked ({type(e).__name__}: {e})", flush=True)
+    return metrics
+
+
+def _track_png(tracker, step: int, tag: str, storage: Storage, rel: str) -> None:
+    """A PNG written under the storage root to the tracker, its `prompt` text chunk as caption."""
+    from PIL import Image
+
+    png = Image.open(io.BytesIO(storage.read_bytes(rel)))
+    tracker.image(step, tag, np.asarray(png.convert("RGB")), png.text.get("prompt"))
 
 
 if __name__ == "__main__":

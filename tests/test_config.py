@@ -68,3 +68,11 @@ def test_wandb_is_off_by_default_and_typed():
         load(overrides=["train.wandb.mode=sometimes"])
     with pytest.raises(ConfigError, match=r"train\.wandb\.projet: unknown key"):
         load(overrides=["train.wandb.projet=x"])
+
+
+def test_shipped_pipeline_yaml_restates_the_defaults():
+    from muse.config import PipelineConfig
+
+    shipped = load_config("pipeline.yaml").model_dump()
+    defaults = PipelineConfig(source=shipped["source"]).model_dump()
+    assert shipped == defaults

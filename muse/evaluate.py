@@ -1,0 +1,308 @@
+"""`muse eval`: how good are a checkpoint's pictures, on rows training never saw.
+
+The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of the row key
+(`muse.data.in_eval_slice`); the trainer skips it. For up to `eval.max_samples` of its rows
+(placeholders of failed downloads excluded) this module
+
+1. generates a picture from the row's stored T5 embedding (the very caption embedding the
+   model would have trained on; no text encoder is loaded) with `muse.sample`'s decoding,
+   `eval.steps` steps at `eval.guidance_scale`, seeded by `eval.seed`;
+2. reads the row's real image from the phase-1 shard with the same id (`images/NNNNN.parquet`),
+   resized to the generated size;
+3. scores them:
+   - `fid`: Frechet distance between features of real and generated pictures (torchmetrics
+     `FrechetInceptionDistance` with the extractor of `eval.fid_features`);
+   - `clip_score`: mean over rows of max(100 x cos(CLIP image, CLIP caption), 0), as
+     torchmetrics' CLIPScore, with `eval.clip_model` (transformers `CLIPModel`);
+   - whatever the functions in `EXTRA_METRICS` return.
+4. writes `checkpoints/<run>/eval/step-NNNNNNNN.json` (metrics, counts, settings, checkpoint)
+   and `step-NNNNNNNN.png` (a grid of the first 16 pictures) on the storage root.
+
+FID on a few hundred rows is biased upwards and only comparable between evaluations with the
+same `max_samples`, extractor and slice; use it to compare checkpoints of one setup.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+
+from muse import checkpoint
+from muse.config import PipelineConfig, resolve_device
+from muse.data import empty_caption, iter_eval_rows, read_manifest
+from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, pad_embeddings, png_bytes
+from muse.storage import Storage, shard_name
+
+IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few dozen rows, seconds on a GPU
+GRID_IMAGES = 16
+
+# Extra metrics: each gets the generated pictures, uint8 [B, H, W, 3], and their captions, and
+# returns {name: float}; the results are merged into the metrics (a prompt-adherence scorer
+# plugs in here). Append to this list, or pass `metrics=` to run_eval.
+MetricFn = Callable[[np.ndarray, list], dict]
+EXTRA_METRICS: list[MetricFn] = []
+
+
+class EvalError(RuntimeError):
+    """Evaluation cannot run; the message says which key or file to change."""
+
+
+# ----------------------------------------------------------------------------- CLIP score
+
+class Clip:
+    """transformers `CLIPModel` + `CLIPProcessor` from a hub id or a local folder."""
+
+    def __init__(self, name_or_path: str, device):
+        from transformers import CLIPModel, CLIPProcessor
+
+        try:
+            self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(name_or_path)
+        except OSError as e:
+            raise EvalError(f"eval.clip_model={name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); "
+                            "give a local folder saved with CLIPModel/CLIPProcessor.save_pretrained, "
+                            "or a hub id where the hub is reachable") from None
+        self.device = device
+        self.max_length = self.model.config.text_config.max_position_embeddings
+
+    @staticmethod
+    def _pooled(out) -> torch.Tensor:
+        return out.pooler_output if hasattr(out, "pooler_output") else out  # transformers 5 / 4
+
+    @torch.inference_mode()
+    def image_features(self, images: np.ndarray) -> torch.Tensor:
+        """uint8 [B, H, W, 3] -> unit-norm image embeddings [B, D]."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return torch.nn.functional.normalize(self._pooled(self.model.get_image_features(pixel_values=pixels)).float(),
+                                             dim=-1)
+
+    @torch.inference_mode()
+    def text_features(self, captions: list[str]) -> torch.Tensor:
+        """captions -> unit-norm text embeddings [B, D] (truncated to CLIP's context)."""
+        tok = self.processor.tokenizer(list(captions), padding=True, truncation=True, max_length=self.max_length,
+                                       return_tensors="pt").to(self.device)
+        out = self.model.get_text_features(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"])
+        return torch.nn.functional.normalize(self._pooled(out).float(), dim=-1)
+
+    def score(self, images: np.ndarray, captions: list[str], batch_size: int = 32) -> float:
+        """Mean of max(100 x cos(image, caption), 0) over the rows (torchmetrics' CLIPScore)."""
+        scores = []
+        for i in range(0, len(images), batch_size):
+            img = self.image_features(images[i:i + batch_size])
+            txt = self.text_features(captions[i:i + batch_size])
+            scores.append((100 * (img * txt).sum(-1)).clamp(min=0).cpu())
+        return float(torch.cat(scores).mean())
+
+
+class ClipImageFeatures(torch.nn.Module):
+    """CLIP image embeddings as an FID feature extractor: uint8 [B, 3, H, W] -> [B, D]."""
+
+    def __init__(self, clip: Clip):
+        super().__init__()
+        self.clip = clip
+        self.num_features = int(clip.model.config.projection_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.clip.image_features(x.permute(0, 2, 3, 1).cpu().numpy())
+
+
+# ----------------------------------------------------------------------------- FID
+
+def fid_extractor(spec: str, clip: Callable[[], Clip], device):
+    """`eval.fid_features` -> an nn.Module uint8 [B, 3, H, W] -> [B, D], or 2048 for torch-fidelity's
+    InceptionV3 (the standard FID; loaded lazily by torchmetrics). `clip` builds the CLIP model on demand."""
+    from pathlib import Path
+
+    if spec == "inception":
+        return 2048
+    if spec == "clip":
+        return ClipImageFeatures(clip())
+    if Path(spec).is_file():
+        try:
+            return torch.export.load(spec).module().to(device)
+        except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+            raise EvalError(f"eval.fid_features={spec}: not a torch.export program "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    raise EvalError(f"eval.fid_features={spec!r}: expected inception, clip or an existing torch.export file "
+                    "(torch.export.save of a module mapping uint8 [B,3,H,W] to features [B,D], dynamic B/H/W)")
+
+
+def make_fid(feature, device):
+    """torchmetrics' FrechetInceptionDistance over `feature`; one-line error when Inception is unavailable."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    try:
+        metric = FrechetInceptionDistance(feature=feature, normalize=False)
+    except Exception as e:  # noqa: BLE001 - torch-fidelity missing, or its weights not downloadable
+        if feature != 2048:
+            raise
+        raise EvalError("eval.fid_features=inception needs torch-fidelity and its InceptionV3 weights "
+                        "(pip install torch-fidelity with the torchvision build of your torch; the weights "
+                        f"download on first use) [{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}]; "
+                        "or set eval.fid_features to clip or to a local torch.export extractor") from None
+    return metric.to(device)
+
+
+def frechet_distance(real: np.ndarray, fake: np.ndarray, metric, batch_size: int = 32) -> float:
+    """FID between two uint8 [N, H, W, 3] sets (>= 2 each) through a `make_fid` metric."""
+    if len(real) < 2 or len(fake) < 2:
+        raise EvalError(f"FID needs at least 2 pictures per side (got {len(real)} real, {len(fake)} generated): "
+                        "raise eval.max_samples or train.eval_holdout")
+    metric.reset()
+    with torch.inference_mode():
+        for images, is_real in ((real, True), (fake, False)):
+            for i in range(0, len(images), batch_size):
+                x = torch.from_numpy(np.ascontiguousarray(images[i:i + batch_size])).permute(0, 3, 1, 2)
+                metric.update(x.to(metric.device), real=is_real)
+        return float(metric.compute())
+
+
+# ----------------------------------------------------------------------------- the slice
+
+def _check_slice(cfg: PipelineConfig) -> None:
+    if not cfg.train.eval_holdout:
+        raise EvalError("no eval slice: set train.eval_holdout (e.g. 0.01) before training, so the trainer "
+                        "keeps those rows out")
+
+
+def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[list[dict], int]:
+    """Up to max_samples non-placeholder rows of the eval slice, and how many placeholders were passed."""
+    _check_slice(cfg)
+    rows, skipped = [], 0
+    for row in iter_eval_rows(storage, f"encoded/{cfg.encode.version()}", cfg.train.eval_holdout):
+        if row["replaced"]:
+            skipped += 1
+            continue
+        rows.append(row)
+        if len(rows) == max_samples:
+            break
+    if not rows:
+        raise EvalError(f"the eval slice (train.eval_holdout={cfg.train.eval_holdout}) of "
+                        f"encoded/{cfg.encode.version()} has no real picture; raise train.eval_holdout")
+    return rows, skipped
+
+
+def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
+    """The rows' phase-1 images (same shard id), decoded RGB and resized to size x size."""
+    import pyarrow.parquet as pq
+
+    from muse.encode.shards import _decode
+
+    out: dict[str, np.ndarray] = {}
+    for sid in sorted({r["shard_id"] for r in rows}):
+        rel = shard_name("images", sid)
+        if not storage.exists(rel):
+            raise EvalError(f"{storage.url(rel)} is missing: the eval slice's real images come from the "
+                            "phase-1 shards (run `muse download`, or keep them next to the encoded data)")
+        wanted = {r["key"] for r in rows if r["shard_id"] == sid}
+        with storage.open(rel) as f:
+            table = pq.read_table(f, columns=["key", "image"])
+        for key, jpeg in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
+            if key in wanted:
+                out[key] = _decode(jpeg, size)
+    missing = [r["key"] for r in rows if r["key"] not in out]
+    if missing:
+        raise EvalError(f"{len(missing)} eval rows have no image in images/ (e.g. key {missing[0]}): "
+                        "the encoded data does not belong to these image shards")
+    return np.stack([out[r["key"]] for r in rows])
+
+
+def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device) -> np.ndarray:
+    """Pictures from the rows' stored T5 embeddings, `e.batch_size` at a time, one seeded generator."""
+    uncond, uncond_mask = pad_embeddings([empty.numpy()], device)
+    gen = torch.Generator(device=device).manual_seed(e.seed)
+    out = []
+    for i in range(0, len(rows), e.batch_size):
+        hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device)
+        ids = generate(model, hidden, mask, uncond, uncond_mask, steps=e.steps, guidance_scale=e.guidance_scale,
+                       temperature=e.temperature, generator=gen)
+        out.append(decode_ids(vq, ids, model.config.grid_size))
+    return np.concatenate(out)
+
+
+# ----------------------------------------------------------------------------- muse eval
+
+def _step_of(ref: str | None) -> int | None:
+    m = re.search(r"step-(\d+)$", (ref or "").rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def results_rel(run_name: str, step_or_name: int | str) -> str:
+    """`checkpoints/<run>/eval/step-NNNNNNNN` (or `.../eval/<name>`) under the root: where run_eval
+    writes its `.json` and `.png`."""
+    name = f"step-{step_or_name:08d}" if isinstance(step_or_name, int) else step_or_name
+    return f"{checkpoint.run_dir(run_name)}/eval/{name}"
+
+
+def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples: int | None = None,
+             model=None, step: int | None = None, device=None, metrics: list[MetricFn] | None = None) -> dict:
+    """`muse eval`: generate for the eval slice, score, write checkpoints/<run>/eval/step-N.json.
+
+    `checkpoint_ref`: a checkpoint dir (local folder, or path/URL under the root); default the
+    latest of train.run_name. The trainer passes its in-memory `model`, `step` and `device`
+    instead. Returns the metrics dict ({"fid", "clip_score", + extra metrics}).
+    """
+    t0 = time.time()
+    e, run = cfg.eval, cfg.train.run_name
+    if cfg.model.kind != "base":
+        raise EvalError("muse eval covers the base model (model.kind=base); evaluate the superres model "
+                        "through the base run that feeds it")
+    _check_slice(cfg)
+    storage = Storage.from_config(cfg)
+    device = torch.device(device) if device is not None else resolve_device(e.device)
+    max_samples = max_samples or e.max_samples
+    if model is None:
+        where = checkpoint_ref or checkpoint.latest(storage, run)
+        model = load_checkpoint_model(storage, checkpoint_ref, run)  # says "no checkpoint" when there is none
+        step = _step_of(where) if step is None else step
+        rel = storage.relative(where)
+        where = storage.url(rel) if rel is not None else where
+    else:
+        where = "in-training weights"
+    was_training = model.training
+    model = model.to(device).eval()
+
+    clip_cache: list[Clip] = []
+
+    def clip() -> Clip:
+        if not clip_cache:
+            clip_cache.append(Clip(e.clip_model, device))
+        return clip_cache[0]
+
+    fid = make_fid(fid_extractor(e.fid_features, clip, device), device)  # fail before generating
+    clip()
+    rows, skipped = eval_rows(cfg, storage, max_samples)
+    manifest = read_manifest(storage, f"encoded/{cfg.encode.version()}")
+    vq = load_decoder(cfg.encode, device)
+    try:
+        fake = generate_images(model, vq, rows, empty_caption(manifest), e, device)
+    finally:
+        model.train(was_training)
+    real = real_images(storage, rows, fake.shape[1])
+    captions = [r["caption"] for r in rows]
+    result = {"fid": frechet_distance(real, fake, fid, e.batch_size),
+              "clip_score": clip().score(fake, captions, e.batch_size)}
+    for fn in EXTRA_METRICS + list(metrics or []):
+        result.update({k: float(v) for k, v in fn(fake, captions).items()})
+
+    rel = results_rel(run, step if step is not None else re.sub(r"[^\w.-]", "_", where.rstrip("/").rsplit("/", 1)[-1]))
+    name = rel.rsplit("/", 1)[1]
+    record = {"step": step, "checkpoint": where, "metrics": result,
+              "counts": {"samples": len(rows), "skipped_replaced": skipped, "max_samples": max_samples},
+              "settings": {**e.model_dump(mode="json"), "max_samples": max_samples,
+                           "eval_holdout": cfg.train.eval_holdout, "dataset": f"encoded/{cfg.encode.version()}",
+                           "device": str(device)},
+              "seconds": round(time.time() - t0, 2)}
+    storage.write_json(f"{rel}.json", record)
+    storage.write_bytes(f"{rel}.png", png_bytes(make_grid(fake[:GRID_IMAGES])))
+    print(f"eval {name}: " + " | ".join(f"{k} {v:.4g}" for k, v in result.items())
+          + f" ({len(rows)} rows) -> {storage.url(rel + '.json')}", flush=True)
+    return result
+
+
+__all__ = ["run_eval", "results_rel", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",
+           "frechet_distance", "IN_TRAINING_SAMPLES"]
