@@ -1,6 +1,7 @@
 """Evaluation: the eval slice never reaches the trainer; FID and CLIP score through the users' code
 path with tiny models built here; `muse eval` and `train.eval_every` end to end on the tiny world."""
 
+import io
 import json
 import math
 import subprocess
@@ -11,13 +12,14 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from muse import evaluate
 from muse.config import load_config
 from muse.data import in_eval_slice, iter_eval_rows
 from muse.storage import Storage
 from muse.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
-from train_helpers import REPO, make_data, read_trace, run_train, tiny_config
+from train_helpers import REPO, make_data, read_tb, read_trace, run_train, tiny_config
 
 HOLDOUT = 0.25
 STEPS = 8
@@ -106,6 +108,23 @@ def test_eval_every_writes_results_and_leaves_training_unchanged(world):
         assert rec["step"] == step and rec["checkpoint"] == "in-training weights"
         assert all(math.isfinite(v) for v in rec["metrics"].values()) and set(rec["metrics"]) == {"fid", "clip_score"}
     assert "step 4: eval fid" in log.stdout
+
+
+def test_eval_every_metrics_and_grid_go_to_tensorboard(world):
+    config, tmp, _ = world
+    storage = Storage.from_config(load_config(config))
+    acc = read_tb(storage, "withevals", tmp)
+    for name in ("fid", "clip_score"):
+        points = acc.Scalars(f"eval/{name}")
+        assert [p.step for p in points] == [4, 8], name
+        for p in points:
+            rec = storage.read_json(f"checkpoints/withevals/eval/step-{p.step:08d}.json")
+            assert p.value == pytest.approx(rec["metrics"][name], rel=1e-6), name
+    grids = acc.Images("eval/samples")
+    assert [g.step for g in grids] == [4, 8]
+    png = Image.open(io.BytesIO(storage.read_bytes("checkpoints/withevals/eval/step-00000008.png")))
+    assert (grids[1].width, grids[1].height) == png.size
+    assert [p.step for p in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
 def test_eval_every_failure_is_logged_not_fatal(world):
