@@ -16,7 +16,8 @@ The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of 
      torchmetrics' CLIPScore, with `eval.clip_model` (transformers `CLIPModel`);
    - whatever the functions in `EXTRA_METRICS` return.
 4. writes `checkpoints/<run>/eval/step-NNNNNNNN.json` (metrics, counts, settings, checkpoint)
-   and `step-NNNNNNNN.png` (a grid of the first 16 pictures) on the storage root.
+   and `step-NNNNNNNN.png` (a grid of the first 16 pictures, each caption under its picture and
+   in the PNG's `prompt` chunk, the settings in its `parameters` chunk) on the storage root.
 
 FID on a few hundred rows is biased upwards and only comparable between evaluations with the
 same `max_samples`, extractor and slice; use it to compare checkpoints of one setup.
@@ -24,6 +25,7 @@ same `max_samples`, extractor and slice; use it to compare checkpoints of one se
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from typing import Callable
@@ -298,7 +300,10 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
                            "device": str(device)},
               "seconds": round(time.time() - t0, 2)}
     storage.write_json(f"{rel}.json", record)
-    storage.write_bytes(f"{rel}.png", png_bytes(make_grid(fake[:GRID_IMAGES])))
+    shown = captions[:GRID_IMAGES]  # like a sample grid: captions under the pictures and in the text chunks
+    text = {"prompt": "\n".join(shown),
+            "parameters": json.dumps({"checkpoint": where, "step": step, **record["settings"]})}
+    storage.write_bytes(f"{rel}.png", png_bytes(make_grid(fake[:GRID_IMAGES], captions=shown), text))
     print(f"eval {name}: " + " | ".join(f"{k} {v:.4g}" for k, v in result.items())
           + f" ({len(rows)} rows) -> {storage.url(rel + '.json')}", flush=True)
     return result

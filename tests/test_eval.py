@@ -124,6 +124,11 @@ def test_eval_every_metrics_and_grid_go_to_tensorboard(world):
     assert [g.step for g in grids] == [4, 8]
     png = Image.open(io.BytesIO(storage.read_bytes("checkpoints/withevals/eval/step-00000008.png")))
     assert (grids[1].width, grids[1].height) == png.size
+    from tensorboard.util import tensor_util
+
+    caption = next(t for t in acc.Tags()["tensors"] if t.startswith("eval/samples/caption"))
+    texts = [tensor_util.make_ndarray(e.tensor_proto).item().decode() for e in acc.Tensors(caption)]
+    assert len(texts) == 2 and all(png.text["prompt"] in text for text in texts)
     assert [p.step for p in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
@@ -151,7 +156,12 @@ def test_muse_eval_end_to_end(world):
     real = [r for r in eval_rows if not r["replaced"]]
     assert rec["counts"]["samples"] == min(10, len(real))
     assert rec["settings"]["max_samples"] == 10 and rec["settings"]["fid_features"].endswith("features.pt2")
-    assert storage.read_bytes(f"checkpoints/t/eval/step-{STEPS:08d}.png")[:4] == b"\x89PNG"
+    png = Image.open(io.BytesIO(storage.read_bytes(f"checkpoints/t/eval/step-{STEPS:08d}.png")))
+    n = rec["counts"]["samples"]
+    cols = math.ceil(math.sqrt(n))
+    assert png.size[0] == cols * 256 and png.size[1] > math.ceil(n / cols) * 256  # caption strips
+    assert png.text["prompt"].split("\n") == [r["caption"] for r in real[:n]]
+    assert json.loads(png.text["parameters"])["checkpoint"] == rec["checkpoint"]
 
 
 def test_extra_metrics_plug_in(world):
