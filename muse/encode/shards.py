@@ -58,7 +58,10 @@ class Encoders:
         self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev))
         self.paella = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format,
                                   str(dev)) if e.superres else None
-        for name, tok, px, grid in [("vq_model", self.vq, 256, GRID_BASE),
+        # the base model's pictures are as large as its VQ needs for a 16x16 grid: 256px for the
+        # open-muse VQGAN f16, 64px for the demo's f4 tokenizer; super-resolution stays at 512px
+        self.base_px = GRID_BASE * self.vq.factor
+        for name, tok, px, grid in [("vq_model", self.vq, self.base_px, GRID_BASE),
                                     ("superres_vq_model", self.paella, 512, GRID_SUPERRES)]:
             if tok is not None and px // tok.factor != grid:
                 raise EncodeError(f"encode.{name}: downsamples by {tok.factor}, so {px}px gives "
@@ -94,7 +97,7 @@ def _decode(jpeg: bytes, size: int) -> np.ndarray:
     return np.asarray(img)
 
 
-def _batches(table: pa.Table, batch_size: int, superres: bool, depth: int, where: str):
+def _batches(table: pa.Table, batch_size: int, base_px: int, superres: bool, depth: int, where: str):
     """Decode image batches in a background thread, `depth` batches ahead of the models."""
     q: queue.Queue = queue.Queue(maxsize=max(1, depth))
 
@@ -103,7 +106,7 @@ def _batches(table: pa.Table, batch_size: int, superres: bool, depth: int, where
             images = table.column("image").to_pylist()
             for start in range(0, table.num_rows, batch_size):
                 chunk = images[start:start + batch_size]
-                lo = np.stack([_decode(b, 256) for b in chunk])
+                lo = np.stack([_decode(b, base_px) for b in chunk])
                 hi = np.stack([_decode(b, 512) for b in chunk]) if superres else None
                 q.put((start, lo, hi))
         except Exception as err:  # noqa: BLE001 - handed to the consumer with the shard named
@@ -121,7 +124,7 @@ def encode_table(table: pa.Table, enc: Encoders, e, where: str) -> pa.Table:
     """An image shard table -> the encoded table (schema.encoded_schema)."""
     captions = table.column("caption").to_pylist()
     t5, t5_len, vq16, vq64 = [], [], [], []
-    for start, lo, hi in _batches(table, e.batch_size, e.superres, e.prefetch_batches, where):
+    for start, lo, hi in _batches(table, e.batch_size, enc.base_px, e.superres, e.prefetch_batches, where):
         for arr in enc.text.encode(captions[start:start + len(lo)]):
             t5.append(t5_to_bytes(arr))
             t5_len.append(arr.shape[0])

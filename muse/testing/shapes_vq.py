@@ -1,0 +1,167 @@
+"""A VQ tokenizer that really reconstructs the shapes world, trained here in a minute or two.
+
+It is a diffusers `VQModel` (the class and the loading path of the real open-muse VQGAN),
+f4 so that 64 px pictures become the base model's 16x16 grid, trained with a
+reconstruction + commitment loss. Two tricks make a short CPU run enough: the codebook
+starts from encoder outputs, and codes nobody used for a while are restarted on random
+encoder outputs (otherwise most of the codebook dies and edges blur). The result is
+saved with `save_pretrained` and cached per machine under a key of everything that
+shapes it, so the demo trains it once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+CACHE_VERSION = 1  # bump when the training code changes what comes out
+
+
+@dataclass(frozen=True)
+class VQRecipe:
+    block_out_channels: tuple = (16, 32, 32)   # 3 levels: f4
+    latent_channels: int = 4
+    codebook_size: int = 64
+    images: int = 1200
+    steps: int = 600
+    crop: int = 32                 # train on random crops: the model is convolutional, crops are 4x cheaper
+    decoder_steps: int = 100       # then the decoder alone on whole pictures (no artefacts at the borders)
+    batch_size: int = 32
+    lr: float = 2e-3
+    restart_every: int = 25
+    world_seed: int = 1234
+    seed: int = 0
+
+    def key(self) -> str:
+        from muse.testing.shapes import JITTER, WIDTH
+
+        world = {"width": WIDTH, "jitter": JITTER}   # the pictures it is trained on
+        text = json.dumps({**asdict(self), "world": world, "v": CACHE_VERSION}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def build_vq(r: VQRecipe):
+    from diffusers import VQModel
+
+    n = len(r.block_out_channels)
+    return VQModel(block_out_channels=r.block_out_channels, layers_per_block=1, latent_channels=r.latent_channels,
+                   vq_embed_dim=r.latent_channels, num_vq_embeddings=r.codebook_size, norm_num_groups=8,
+                   mid_block_add_attention=False, down_block_types=("DownEncoderBlock2D",) * n,
+                   up_block_types=("UpDecoderBlock2D",) * n, lookup_from_codebook=True, sample_size=64)
+
+
+def _forward(vq, x):
+    h = vq.encode(x).latents                                    # (B, C, 16, 16)
+    zq, qloss, (_, _, idx) = vq.quantize(h)
+    return vq.decoder(vq.post_quant_conv(zq), None), qloss, h, idx
+
+
+def _restart_dead(vq, h: torch.Tensor, used: torch.Tensor, gen: torch.Generator) -> int:
+    """Put every unused code on a random encoder output of this batch."""
+    dead = (~used).nonzero().flatten()
+    if len(dead):
+        flat = h.detach().permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+        pick = torch.randint(0, flat.shape[0], (len(dead),), generator=gen)
+        vq.quantize.embedding.weight.data[dead] = flat[pick]
+    return len(dead)
+
+
+def train_vq(r: VQRecipe, log=print) -> tuple[object, dict]:
+    """-> (trained VQModel in eval mode, stats {psnr, codes_used, steps, seconds})."""
+    from muse.testing.shapes import make_world
+
+    torch.manual_seed(r.seed)
+    gen = torch.Generator().manual_seed(r.seed)
+    data = torch.from_numpy(np.stack([img for img, _ in make_world(r.images, seed=r.world_seed)]))
+    data = data.permute(0, 3, 1, 2).float().div_(255)          # open-muse VQ input: RGB in [0, 1]
+    vq = build_vq(r)
+    opt = torch.optim.Adam(vq.parameters(), lr=r.lr)
+    used = torch.zeros(r.codebook_size, dtype=torch.bool)
+    t0 = time.time()
+    for step in range(r.steps):
+        x = _crops(data[torch.randint(0, len(data), (r.batch_size,), generator=gen)], r.crop, gen)
+        if step == 0:
+            with torch.no_grad():
+                _restart_dead(vq, vq.encode(x).latents, used, gen)    # the codebook starts on the data
+        xr, qloss, h, idx = _forward(vq, x)
+        loss = F.mse_loss(xr, x) + qloss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        for g in opt.param_groups:                               # cosine decay to 10%
+            g["lr"] = r.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * (step + 1) / r.steps)))
+        used[idx.flatten()] = True
+        if (step + 1) % r.restart_every == 0 and step + 1 < r.steps * 0.8:
+            _restart_dead(vq, h, used, gen)
+            used[:] = False
+        if (step + 1) % 100 == 0:
+            log(f"shapes VQ: step {step + 1}/{r.steps} mse {F.mse_loss(xr, x).item():.5f} "
+                f"({time.time() - t0:.0f} s)")
+    _tune_decoder(vq, data, r, gen, log)
+    vq.eval()
+    return vq, {**evaluate_vq(vq, data[:256]), "steps": r.steps, "seconds": round(time.time() - t0, 1)}
+
+
+def _crops(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """One random size x size crop per picture, on the token grid (multiples of 4 px)."""
+    if size >= x.shape[-1]:
+        return x
+    n = (x.shape[-1] - size) // 4 + 1
+    oy, ox = (torch.randint(0, n, (2,), generator=gen) * 4).tolist()
+    return x[..., oy:oy + size, ox:ox + size]
+
+
+def _tune_decoder(vq, data: torch.Tensor, r: VQRecipe, gen: torch.Generator, log) -> None:
+    """Whole pictures through the frozen encoder + codebook: the tokens stay as they are."""
+    params = list(vq.post_quant_conv.parameters()) + list(vq.decoder.parameters())
+    opt = torch.optim.Adam(params, lr=r.lr * 0.25)
+    for step in range(r.decoder_steps):
+        x = data[torch.randint(0, len(data), (r.batch_size // 2,), generator=gen)]
+        with torch.no_grad():
+            zq = vq.quantize(vq.encode(x).latents)[0]
+        loss = F.mse_loss(vq.decoder(vq.post_quant_conv(zq), None), x)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    log(f"shapes VQ: decoder tuned on whole pictures, mse {loss.item():.5f}")
+
+
+@torch.no_grad()
+def evaluate_vq(vq, x: torch.Tensor) -> dict:
+    xr, _, _, idx = _forward(vq, x)
+    mse = F.mse_loss(xr.clamp(0, 1), x).item()
+    return {"psnr": round(10 * np.log10(1 / max(mse, 1e-12)), 2),
+            "codes_used": int(idx.unique().numel()), "codebook_size": int(vq.config.num_vq_embeddings)}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MUSE_CACHE", Path.home() / ".cache" / "muse-pipeline"))
+
+
+def shapes_vq(r: VQRecipe = VQRecipe(), log=print) -> tuple[str, dict]:
+    """The trained VQ's folder (trained now or taken from the cache) and its stats."""
+    out = cache_dir() / "shapes-vq" / r.key()
+    if (out / "stats.json").exists():
+        return str(out), json.loads((out / "stats.json").read_text())
+    log(f"shapes VQ: training {r} (once per machine; cached in {out})")
+    vq, stats = train_vq(r, log)
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    vq.save_pretrained(str(tmp))
+    (tmp / "stats.json").write_text(json.dumps({**stats, "recipe": asdict(r)}, indent=1))
+    try:
+        tmp.rename(out)
+    except OSError:  # another process cached it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    log(f"shapes VQ: PSNR {stats['psnr']} dB, {stats['codes_used']}/{stats['codebook_size']} codes used, "
+        f"{stats['seconds']} s")
+    return str(out), json.loads((out / "stats.json").read_text())
