@@ -46,7 +46,19 @@ GRID_IMAGES = 16
 # returns {name: float}; the results are merged into the metrics (a prompt-adherence scorer
 # plugs in here). Append to this list, or pass `metrics=` to run_eval.
 MetricFn = Callable[[np.ndarray, list], dict]
-EXTRA_METRICS: list[MetricFn] = []
+
+
+def shapes_adherence(images: np.ndarray, captions: list) -> dict:
+    """Prompt adherence on the shapes world (the demo's data); nothing for captions it cannot read."""
+    from muse.testing.shapes import adherence, parse_caption
+
+    if not any(parse_caption(c) for c in captions):
+        return {}
+    r = adherence(images, captions)["all"]
+    return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
+
+
+EXTRA_METRICS: list[MetricFn] = [shapes_adherence]
 
 
 class EvalError(RuntimeError):

@@ -227,31 +227,37 @@ def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
     return np.asarray(vq.decode(ids.view(-1, grid, grid).cpu()), dtype=np.uint8)
 
 
-def run_sample(cfg) -> list[str]:
-    """`muse sample`: writes one PNG per prompt (+ a grid for several); returns their paths."""
+def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | None = None) -> np.ndarray:
+    """T5 -> base -> optional super-res -> VQ decode: uint8 images (B, H, W, 3), one per prompt."""
     from muse.encode.text import TextEncoder
-    from muse.storage import Storage
 
     s, e = cfg.sample, cfg.encode
-    storage = Storage.from_config(cfg)
+    scale = s.guidance_scale if guidance_scale is None else guidance_scale
     device = resolve_device(s.device)
-    prompts = _prompts(cfg)
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
     hidden, mask = pad_embeddings(text.encode(prompts), device)
     uncond, uncond_mask = pad_embeddings(text.encode([""]), device)
     model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
     gen = torch.Generator(device=device).manual_seed(s.seed)
-    ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=s.guidance_scale,
+    ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
                    temperature=s.temperature, generator=gen)
     if s.superres_checkpoint:
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
         ids = generate(sr, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
-                       guidance_scale=s.guidance_scale, temperature=s.temperature, generator=gen,
-                       low_res_ids=ids)
-        images = decode_ids(load_decoder(e, device, superres=True), ids, sr.config.grid_size)
-    else:
-        images = decode_ids(load_decoder(e, device), ids, model.config.grid_size)
+                       guidance_scale=scale, temperature=s.temperature, generator=gen, low_res_ids=ids)
+        return decode_ids(load_decoder(e, device, superres=True), ids, sr.config.grid_size)
+    return decode_ids(load_decoder(e, device), ids, model.config.grid_size)
+
+
+def run_sample(cfg) -> list[str]:
+    """`muse sample`: writes one PNG per prompt (+ a grid for several); returns their paths."""
+    from muse.storage import Storage
+
+    s = cfg.sample
+    storage = Storage.from_config(cfg)
+    prompts = _prompts(cfg)
+    images = generate_images(cfg, prompts, storage)
     params = json.dumps(_parameters(cfg, storage))
     meta = [{"prompt": p, "parameters": params} for p in prompts]  # PNG text chunks
     out = s.out
