@@ -1,12 +1,15 @@
-"""The tiny bundled subset: everything the end-to-end demo needs, made on the spot, offline.
+"""The demo: the whole pipeline on a world small enough to learn on a CPU, ending with a score.
 
-- 48 small pictures of coloured shapes with matching captions, plus two rows that must
-  fail (a 404 and a `file://` URL) to show the replacement path;
+- 1,200 pictures of coloured shapes with captions (`muse.testing.shapes`), plus two rows
+  that must fail (a 404 and a `file://` URL) to show the replacement path;
 - a threaded HTTP server on 127.0.0.1 serving them (LAION URLs are unreachable here);
-- tiny random-init T5 / VQGAN built by `muse.tiny` and loaded through the real code path;
-- a pipeline config derived from `pipeline.yaml` with tiny sizes (tiny model, a few
-  training steps, CPU-friendly batch).
+- a tiny T5 built on the spot and a VQ tokenizer trained on the world (`muse.testing.shapes_vq`,
+  cached per machine), both loaded through the real code path;
+- a pipeline config: `pipeline.yaml` with the overrides in `demo_overrides`;
+- `score(config)`: every colour x shape prompt sampled at guidance 1 and at the configured
+  scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
+`quick=True` is the same on 48 rows with a VQ trained for seconds (the tests' subset).
 """
 
 from __future__ import annotations
@@ -17,47 +20,25 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import numpy as np
 import yaml
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from muse.tiny import CODEBOOK, TEXT_DIM  # the demo model must match the tiny encoders
+from muse.testing import shapes
 
-COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
-          "purple": (140, 50, 170), "orange": (240, 140, 30)}
-SHAPES = ("circle", "square", "triangle", "star")
 REPO = Path(__file__).resolve().parents[1]
+ROWS = 1200
+QUICK_VQ = dict(images=128, steps=120, decoder_steps=10, batch_size=16)
 
 
-def draw(shape: str, color: tuple, size: int = 320, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    bg = tuple(int(v) for v in rng.integers(200, 256, 3))
-    img = Image.new("RGB", (size, size), bg)
-    d = ImageDraw.Draw(img)
-    c, r = size / 2 + rng.integers(-30, 30), size / 3
-    if shape == "circle":
-        d.ellipse([c - r, c - r, c + r, c + r], fill=color)
-    elif shape == "square":
-        d.rectangle([c - r, c - r, c + r, c + r], fill=color)
-    elif shape == "triangle":
-        d.polygon([(c, c - r), (c - r, c + r), (c + r, c + r)], fill=color)
-    else:
-        pts = [(c + (r if i % 2 == 0 else r / 2.5) * np.cos(np.pi / 2 + i * np.pi / 5),
-                c - (r if i % 2 == 0 else r / 2.5) * np.sin(np.pi / 2 + i * np.pi / 5)) for i in range(10)]
-        d.polygon(pts, fill=color)
-    return img
-
-
-def make_images(folder: Path, n: int = 48) -> list[tuple[str, str]]:
-    """Write n JPEGs; -> [(file name, caption)]."""
+def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
+    """Write n PNGs of the shapes world; -> [(file name, caption)]."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    names = list(COLORS)
-    for i in range(n):
-        color, shape = names[i % len(names)], SHAPES[(i // len(names)) % len(SHAPES)]
-        name = f"{i:03d}-{color}-{shape}.jpg"
-        draw(shape, COLORS[color], seed=i).save(folder / name, quality=92)
-        out.append((name, f"a {color} {shape} on a light background"))
+    for i, (img, caption) in enumerate(shapes.make_world(n, seed=seed)):
+        name = f"{i:05d}.png"
+        if not (folder / name).exists():
+            Image.fromarray(img).save(folder / name)
+        out.append((name, caption))
     return out
 
 
@@ -96,43 +77,54 @@ def write_source(path: Path, base_url: str, items: list[tuple[str, str]]) -> int
     return len(rows)
 
 
-def demo_config(out: Path, encoders: dict, source: Path) -> dict:
-    """pipeline.yaml with tiny sizes for 2 CPU cores."""
-    data = yaml.safe_load((REPO / "pipeline.yaml").read_text()) if (REPO / "pipeline.yaml").exists() else {}
-    data["storage"] = {**data.get("storage", {}), "root": str(out / "data"), "work_dir": str(out / "work")}
-    data["source"] = {**data.get("source", {}), "paths": [str(source)], "url_column": "url",
-                      "caption_column": "caption", "format": "jsonl"}
-    data["download"] = {**data.get("download", {}), "processes": 1, "threads": 8, "shard_size": 25,
-                        "timeout_s": 3, "retries": 0, "deadline_s": 300}
-    data["encode"] = {**data.get("encode", {}), "text_model": encoders["text_model"], "vq_model": encoders["vq_model"],
-                      "vq_subfolder": None, "vq_format": "diffusers", "batch_size": 16, "row_group_size": 16,
-                      "device": "cpu"}
-    data["model"] = {**data.get("model", {}), "preset": "tiny", "codebook_size": CODEBOOK, "text_dim": TEXT_DIM}
-    data["train"] = {**data.get("train", {}), "run_name": "demo", "batch_size": 8, "grad_accum": 1, "max_steps": 40,
-                     "warmup_steps": 5, "lr": 3e-3, "num_workers": 0, "shuffle_buffer": 64,
-                     "checkpoint_every": 20, "log_every": 5, "nproc_per_node": 1, "device": "cpu",
-                     "mixed_precision": False}
-    data["sample"] = {**data.get("sample", {}), "prompts": ["a red circle on a light background",
-                                                            "a blue square on a light background"],
-                      "steps": 8, "guidance_scale": 2.0, "out": "samples/demo.png", "device": "cpu"}
-    return data
+def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list[str]:
+    """The demo's settings as `--set` overrides of pipeline.yaml: one list, read top to bottom."""
+    prompts = [shapes.caption(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
+    if quick:  # the tests' subset: shards of 25 rows, two prompts
+        prompts = prompts[:2]
+    sets = [f"storage.root={out / 'data'}", f"storage.work_dir={out / 'work'}",
+            f"source.paths=[{source}]", "source.url_column=url", "source.caption_column=caption",
+            "source.format=jsonl",
+            "download.image_size=64", "download.processes=1", "download.threads=16",
+            f"download.shard_size={25 if quick else 250}",
+            "download.timeout_s=3", "download.retries=0", "download.deadline_s=300",
+            f"encode.text_model={encoders['text_model']}", f"encode.vq_model={encoders['vq_model']}",
+            "encode.vq_subfolder=null", "encode.vq_format=diffusers", "encode.text_max_length=16",
+            "encode.batch_size=64", "encode.row_group_size=64", "encode.device=cpu",
+            # 0.6M parameters: what 2 CPU cores can train to adherence in a few minutes
+            "model.preset=tiny", "model.hidden_size=128", "model.depth=3", "model.num_heads=4", "model.mlp_ratio=2",
+            f"model.codebook_size={encoders['codebook_size']}", f"model.text_dim={encoders['text_dim']}",
+            "train.run_name=demo", "train.batch_size=16", "train.grad_accum=1",
+            f"train.max_steps={40 if quick else 1000}", "train.warmup_steps=50", "train.lr=3e-3",
+            "train.weight_decay=0.0", "train.label_smoothing=0.0", "train.num_workers=0",
+            "train.shuffle_buffer=256", "train.loader_streams=1", "train.checkpoint_every=500",
+            "train.log_every=50", "train.nproc_per_node=1", "train.device=cpu", "train.mixed_precision=false",
+            f"sample.prompts=[{', '.join(prompts)}]", "sample.steps=16", "sample.guidance_scale=4.0",
+            "sample.temperature=4.5", "sample.out=samples/demo.png", "sample.device=cpu"]
+    return sets
 
 
-def prepare(out: str | Path) -> tuple[Path, Path]:
-    """Images, tiny encoders, config (without the URL list, which needs the server's port).
+def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tuple[Path, Path]:
+    """Images, encoders, config (without the URL list, which needs the server's port).
 
     -> (config path, images folder)."""
-    from muse.tiny import build_tiny_encoders
+    from muse.config import apply_overrides
+    from muse.testing.shapes_vq import VQRecipe, shapes_vq
+    from muse.tiny import TEXT_DIM, build_tiny_t5
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    items = make_images(out / "images")
+    items = make_images(out / "images", rows or (48 if quick else ROWS))
     (out / "captions.json").write_text(json.dumps(items))
-    encoders = build_tiny_encoders(out / "encoders")
+    vq_path, vq_stats = shapes_vq(VQRecipe(**QUICK_VQ) if quick else VQRecipe())
+    encoders = {"text_model": build_tiny_t5(out / "encoders" / "t5"), "vq_model": vq_path,
+                "codebook_size": vq_stats["codebook_size"], "text_dim": TEXT_DIM}
     source = out / "source" / "urls.jsonl"
     source.parent.mkdir(exist_ok=True)
+    data = apply_overrides(yaml.safe_load((REPO / "pipeline.yaml").read_text()),
+                           demo_overrides(out, encoders, source, quick))
     path = out / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(demo_config(out, encoders, source), sort_keys=False))
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path, out / "images"
 
 
@@ -149,3 +141,35 @@ def run_library(config_path: str | Path) -> None:
     rc = main(["run", "--config", str(config_path)])
     if rc:
         raise SystemExit(rc)
+
+
+def score(config_path: str | Path, per_pair: int = 4) -> dict:
+    """Sample every colour x shape prompt `per_pair` times at guidance 1 and at sample.guidance_scale,
+    judge each picture, print the adherence table, write captioned grids next to the samples."""
+    from muse.config import load_config
+    from muse.sample import generate_images, make_grid, png_bytes
+    from muse.storage import Storage
+
+    cfg = load_config(config_path)
+    storage = Storage.from_config(cfg)
+    prompts = [shapes.caption(c, s) for c in shapes.COLOURS for s in shapes.SHAPES for _ in range(per_pair)]
+    results = {}
+    for scale in sorted({1.0, cfg.sample.guidance_scale}):
+        images = generate_images(cfg, prompts, storage, guidance_scale=scale)
+        results[scale] = shapes.adherence(images, prompts)
+        storage.write_bytes(f"samples/adherence-g{scale:g}.png",
+                            png_bytes(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts)}))
+    print(adherence_table(results), flush=True)
+    storage.write_json("samples/adherence.json", {f"{k:g}": v for k, v in results.items()})
+    return results
+
+
+def adherence_table(results: dict) -> str:
+    """{guidance scale: shapes.adherence(...)} -> a fixed-width table."""
+    lines = [f"{'guidance':>8} | {'pairs':<10} | {'n':>3} | {'colour':>6} | {'shape':>6} | {'both':>6}"]
+    for scale, r in results.items():
+        for part in ("train_pairs", "held_out"):
+            x = r[part]
+            lines.append(f"{scale:>8g} | {part:<10} | {x['n']:>3} | {x['colour']:>6.0%} | {x['shape']:>6.0%} | "
+                         f"{x['both']:>6.0%}")
+    return "\n".join(lines)

@@ -41,7 +41,7 @@ def demo_subset(tmp_path_factory):
     from muse import demo
 
     out = tmp_path_factory.mktemp("demo")
-    config, images = demo.prepare(out)
+    config, images = demo.prepare(out, quick=True)
     with demo.ImageServer(images, port=0) as url:
         demo.write_urls(out, url)
         yield out, config

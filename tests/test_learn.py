@@ -1,0 +1,53 @@
+"""It learns: the shapes world, its VQ tokenizer and scorer, and a short real run that beats chance."""
+
+import json
+
+import numpy as np
+
+from muse import demo
+from muse.cli import main as muse
+from muse.testing import shapes
+
+
+def test_scorer_reads_the_world_and_rejects_a_blank_picture():
+    rows = shapes.make_world(42, seed=3)
+    images, captions = np.stack([r[0] for r in rows]), [r[1] for r in rows]
+    assert shapes.adherence(images, captions)["all"] == {"n": 42, "colour": 1.0, "shape": 1.0, "both": 1.0}
+    # the wrong caption for the same pictures scores 0 on the part that differs
+    swapped = [c.replace("circle", "square") if "circle" in c else c.replace("square", "circle") for c in captions]
+    r = shapes.adherence(images, swapped)["all"]
+    assert r["colour"] == 1.0 and r["shape"] < 0.6
+    assert shapes.classify(np.full((64, 64, 3), 220, np.uint8))[:2] == (None, None)
+    assert shapes.parse_caption("a picture of an orange star") == ("orange", "star")
+    assert all(p not in shapes.training_pairs() for p in shapes.HELD_OUT)
+
+
+def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
+    from muse.encode.image import load_vq
+    from muse.testing.shapes_vq import VQRecipe, shapes_vq
+
+    monkeypatch.setenv("MUSE_CACHE", str(tmp_path))
+    recipe = VQRecipe(**demo.QUICK_VQ)
+    path, stats = shapes_vq(recipe)
+    assert stats["psnr"] > 15 and stats["codes_used"] > recipe.codebook_size // 2
+    assert shapes_vq(recipe)[0] == path                       # second call: from the cache
+    vq = load_vq(path, None, "diffusers", "cpu")              # the encode phase's loader
+    world = np.stack([r[0] for r in shapes.make_world(8, seed=5)])
+    ids = vq.encode(world)
+    assert ids.shape == (8, 16, 16)
+    assert vq.decode(ids).shape == (8, 64, 64, 3)
+
+
+def test_a_short_run_beats_chance(tmp_path):
+    """download -> encode -> train 200 steps -> score: colour well above chance (1/6)."""
+    config, images = demo.prepare(tmp_path, quick=True, rows=240)
+    with demo.ImageServer(images, port=0) as url:
+        demo.write_urls(tmp_path, url)
+        assert muse(["run", "--config", str(config), "--set", "train.max_steps=200"]) == 0
+    results = demo.score(config, per_pair=2)
+    scale = max(results)
+    guided = results[scale]["train_pairs"]
+    assert guided["n"] == 42
+    assert guided["colour"] >= 0.5, results
+    saved = json.loads((tmp_path / "data" / "samples" / "adherence.json").read_text())
+    assert saved[f"{scale:g}"]["train_pairs"] == guided
