@@ -27,7 +27,7 @@ from muse.testing import shapes
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS = 1200
-QUICK_VQ = dict(images=128, steps=120, decoder_steps=10, batch_size=16)
+QUICK_VQ = dict(images=128, steps=200, decoder_steps=20, batch_size=16)
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:

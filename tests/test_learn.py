@@ -29,7 +29,11 @@ def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     monkeypatch.setenv("MUSE_CACHE", str(tmp_path))
     recipe = VQRecipe(**demo.QUICK_VQ)
     path, stats = shapes_vq(recipe)
-    assert stats["psnr"] > 15 and stats["codes_used"] > recipe.codebook_size // 2
+    # reference: every picture replaced by its background (the corner pixel), i.e. no object at all
+    world = np.stack([r[0] for r in shapes.make_world(256, seed=recipe.world_seed)]).astype(np.float32) / 255
+    flat_mse = ((world - world[:, :1, :1, :]) ** 2).mean()
+    assert stats["psnr"] > 10 * np.log10(1 / flat_mse) + 2, stats
+    assert stats["codes_used"] > recipe.codebook_size // 2
     assert shapes_vq(recipe)[0] == path                       # second call: from the cache
     vq = load_vq(path, None, "diffusers", "cpu")              # the encode phase's loader
     world = np.stack([r[0] for r in shapes.make_world(8, seed=5)])
@@ -39,15 +43,16 @@ def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
 
 
 def test_a_short_run_beats_chance(tmp_path):
-    """download -> encode -> train 200 steps -> score: colour well above chance (1/6)."""
-    config, images = demo.prepare(tmp_path, quick=True, rows=240)
+    """The demo's VQ (trained once per machine, ~2.5 min), 480 rows, 300 steps: colour well above
+    chance (1/6; 0.4 is over 4 standard deviations above it at n=42)."""
+    config, images = demo.prepare(tmp_path, rows=480)
     with demo.ImageServer(images, port=0) as url:
         demo.write_urls(tmp_path, url)
-        assert muse(["run", "--config", str(config), "--set", "train.max_steps=200"]) == 0
+        assert muse(["run", "--config", str(config), "--set", "train.max_steps=300"]) == 0
     results = demo.score(config, per_pair=2)
     scale = max(results)
     guided = results[scale]["train_pairs"]
-    assert guided["n"] == 42
-    assert guided["colour"] >= 0.5, results
+    assert scale > 1 and guided["n"] == 42
+    assert guided["colour"] >= 0.4, {k: v["train_pairs"] for k, v in results.items()}
     saved = json.loads((tmp_path / "data" / "samples" / "adherence.json").read_text())
     assert saved[f"{scale:g}"]["train_pairs"] == guided
