@@ -26,9 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from muse.config import ModelConfig  # noqa: E402
-from muse.data import StreamingDataset, worker_init, write_test_dataset  # noqa: E402
+from muse.data import StreamingDataset, worker_init  # noqa: E402
 from muse.emulator import GCSEmulator  # noqa: E402
 from muse.storage import Storage  # noqa: E402
+from muse.testing.datasets import write_test_dataset  # noqa: E402
 
 DIR = "encoded/bench"
 

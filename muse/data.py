@@ -28,7 +28,6 @@ batch per stream and the next batch number: that is the loader state saved in ch
 from __future__ import annotations
 
 import hashlib
-import io
 import signal
 from dataclasses import dataclass
 
@@ -38,22 +37,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.schema import GRID_BASE, GRID_SUPERRES, encoded_schema, t5_from_bytes, t5_to_bytes
+from muse.layout import GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, read_manifest, t5_from_bytes
 from muse.storage import Storage
-
-MANIFEST = "_MANIFEST.json"
-
-
-class DataError(RuntimeError):
-    """Encoded data that cannot be trained on; the message says which file and what to do."""
-
-
-def read_manifest(storage: Storage, dataset_dir: str) -> dict:
-    rel = f"{dataset_dir}/{MANIFEST}"
-    if not storage.exists(rel):
-        raise DataError(f"no encoded dataset: {storage.url(rel)} does not exist; run `muse encode` "
-                        "with the same encode settings first (the dataset version is a hash of them)")
-    return storage.read_json(rel)
 
 
 def eval_position(key: str) -> float:
@@ -64,15 +49,6 @@ def eval_position(key: str) -> float:
 
 def in_eval_slice(key: str, eval_holdout: float) -> bool:
     return eval_holdout > 0 and eval_position(key) < eval_holdout
-
-
-def empty_caption(manifest: dict) -> torch.Tensor:
-    """The T5 embedding of "" from the manifest, [L, text_dim] float32 (for cond dropout)."""
-    import base64
-
-    raw = base64.b64decode(manifest["empty_caption"]["t5"])
-    arr = np.frombuffer(raw, dtype="<f2").reshape(-1, manifest["text_dim"])
-    return torch.from_numpy(arr.astype(np.float32))
 
 
 @dataclass(frozen=True)
@@ -313,72 +289,3 @@ def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
 def worker_init(_: int) -> None:
     """DataLoader workers leave SIGTERM to the trainer, which checkpoints and then exits."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-
-
-# ----------------------------------------------------------------------------- test data
-
-def _write_test_images(storage: Storage, sid: int, cols: dict, rng, size: int) -> None:
-    from PIL import Image
-
-    n = len(cols["key"])
-    jpegs = []
-    for _ in range(n):
-        blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
-        buf = io.BytesIO()
-        Image.fromarray(blocks).resize((size, size), Image.NEAREST).save(buf, format="JPEG", quality=95)
-        jpegs.append(buf.getvalue())
-    table = pa.table({
-        "key": cols["key"], "caption": cols["caption"], "caption_was_null": [False] * n,
-        "url": [f"http://test/{k}.jpg" for k in cols["key"]], "image": pa.array(jpegs, pa.binary()),
-        "width": pa.array([size] * n, pa.int32()), "height": pa.array([size] * n, pa.int32()),
-        "replaced": cols["replaced"], "status": ["success"] * n,
-        "error_message": pa.array([None] * n, pa.string()), "reason": pa.array([None] * n, pa.string())})
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(f"images/{sid:05d}.parquet", buf.getvalue())
-
-
-def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows: int = 24,
-                       row_group_size: int = 8, text_dim: int = 16, codebook_size: int = 64,
-                       superres: bool = False, max_len: int = 12, replaced_every: int = 0,
-                       seed: int = 0, image_size: int | None = None) -> dict:
-    """Random encoded shards + manifest in the phase 2 format (tests and benchmarks); with
-    `image_size`, also the phase 1 shards `images/NNNNN.parquet` (random blocky JPEGs, same keys)."""
-    import base64
-
-    rng = np.random.default_rng(seed)
-    entries, total = [], 0
-    for sid in range(shards):
-        lens = rng.integers(1, max_len + 1, rows)
-        cols = {
-            "key": [f"{sid:05d}{i:04d}" for i in range(rows)],
-            "caption": [f"caption {sid}-{i}" for i in range(rows)],
-            "replaced": [bool(replaced_every and i % replaced_every == 0) for i in range(rows)],
-            "t5": [t5_to_bytes(rng.standard_normal((n, text_dim))) for n in lens],
-            "t5_len": lens.astype(np.int16),
-            "vq16": list(rng.integers(0, codebook_size, (rows, GRID_BASE ** 2), dtype=np.int16)),
-        }
-        if superres:
-            cols["vq64"] = list(rng.integers(0, codebook_size, (rows, GRID_SUPERRES ** 2), dtype=np.int16))
-        if image_size:
-            _write_test_images(storage, sid, cols, rng, image_size)
-        table = pa.table(cols, schema=encoded_schema(superres))
-        buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
-        data = buf.getvalue()
-        name = f"{sid:05d}.parquet"
-        storage.write_bytes(f"{dataset_dir}/{name}", data)
-        entries.append({"id": sid, "path": name, "rows": rows, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest()})
-        total += rows
-    empty = rng.standard_normal((2, text_dim))
-    manifest = {
-        "schema_version": "1", "version": dataset_dir.rsplit("/", 1)[-1], "models": {},
-        "encode": {"row_group_size": row_group_size}, "text_dim": text_dim, "grid": GRID_BASE,
-        "superres_grid": GRID_SUPERRES if superres else None, "codebook_size": codebook_size,
-        "empty_caption": {"t5": base64.b64encode(t5_to_bytes(empty)).decode(), "t5_len": 2},
-        "rows": total, "shards": entries,
-    }
-    storage.write_json(f"{dataset_dir}/{MANIFEST}", manifest)
-    return manifest
-

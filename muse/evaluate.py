@@ -35,7 +35,8 @@ import torch
 
 from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
-from muse.data import empty_caption, iter_eval_rows, read_manifest
+from muse.data import iter_eval_rows
+from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, pad_embeddings, png_bytes
 from muse.storage import Storage, shard_name
 
@@ -187,7 +188,7 @@ def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[
     """Up to max_samples non-placeholder rows of the eval slice, and how many placeholders were passed."""
     _check_slice(cfg)
     rows, skipped = [], 0
-    for row in iter_eval_rows(storage, f"encoded/{cfg.encode.version()}", cfg.train.eval_holdout):
+    for row in iter_eval_rows(storage, dataset_dir(cfg), cfg.train.eval_holdout):
         if row["replaced"]:
             skipped += 1
             continue
@@ -196,7 +197,7 @@ def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[
             break
     if not rows:
         raise EvalError(f"the eval slice (train.eval_holdout={cfg.train.eval_holdout}) of "
-                        f"encoded/{cfg.encode.version()} has no real picture; raise train.eval_holdout")
+                        f"{dataset_dir(cfg)} has no real picture; raise train.eval_holdout")
     return rows, skipped
 
 
@@ -290,7 +291,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     fid = make_fid(fid_extractor(e.fid_features, clip, device), device)  # fail before generating
     clip()
     rows, skipped = eval_rows(cfg, storage, max_samples)
-    manifest = read_manifest(storage, f"encoded/{cfg.encode.version()}")
+    manifest = read_manifest(storage, dataset_dir(cfg))
     vq = load_decoder(cfg.encode, device)
     try:
         fake = generate_images(model, vq, rows, empty_caption(manifest), e, device)
@@ -308,7 +309,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     record = {"step": step, "checkpoint": where, "metrics": result,
               "counts": {"samples": len(rows), "skipped_replaced": skipped, "max_samples": max_samples},
               "settings": {**e.model_dump(mode="json"), "max_samples": max_samples,
-                           "eval_holdout": cfg.train.eval_holdout, "dataset": f"encoded/{cfg.encode.version()}",
+                           "eval_holdout": cfg.train.eval_holdout, "dataset": dataset_dir(cfg),
                            "device": str(device)},
               "seconds": round(time.time() - t0, 2)}
     storage.write_json(f"{rel}.json", record)

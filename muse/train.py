@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from muse import checkpoint, tracking
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import DataError, StreamingDataset, empty_caption, read_manifest, worker_init
+from muse.data import DataError, StreamingDataset, worker_init
+from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.storage import Storage
 
 # bf16 dense peak FLOP/s for MFU; unknown GPUs report no MFU rather than a wrong one.
@@ -56,10 +57,6 @@ def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], r
     rc = subprocess.call(cmd)
     if rc:
         raise TrainError(f"training failed: torchrun exited with code {rc} (see the log above)")
-
-
-def dataset_dir(cfg: PipelineConfig) -> str:
-    return f"encoded/{cfg.encode.version()}"
 
 
 def check_data(cfg: PipelineConfig, manifest: dict, model) -> None:

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import io
-import json
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from muse.storage import Storage
+from muse.layout import IMAGE_SCHEMA, IMAGES, done_marker
+from muse.storage import Storage, shard_name
 
 
 def picture(seed: int, size: int) -> Image.Image:
@@ -35,9 +35,9 @@ def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int
         "caption_was_null": [False] * n, "url": [f"http://x/{i}.jpg" for i in range(n)], "image": images,
         "width": [size] * n, "height": [size] * n, "replaced": replaced,
         "status": ["success"] * n, "error_message": [""] * n, "reason": [""] * n,
-    })
+    }, schema=IMAGE_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    storage.write_bytes(f"images/{shard_id:05d}.parquet", buf.getvalue())
-    storage.write_bytes(f"images/{shard_id:05d}_stats.json", json.dumps({"rows_in": n}).encode())
+    storage.write_bytes(shard_name(IMAGES, shard_id), buf.getvalue())
+    storage.write_json(done_marker(IMAGES, shard_id), {"rows_in": n})
     return images

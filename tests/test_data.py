@@ -6,7 +6,8 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from muse.data import DataError, StreamingDataset, worker_init, write_test_dataset
+from muse.data import DataError, StreamingDataset, worker_init
+from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
 
 DIR = "encoded/v1"

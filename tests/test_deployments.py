@@ -175,7 +175,7 @@ def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path
 
 def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_path):
     from muse.config import load_config
-    from muse.encode import dataset_dir
+    from muse.layout import dataset_dir
     from muse.storage import Storage
 
     out, config = demo_subset

@@ -16,10 +16,10 @@ import pytest
 from PIL import Image
 
 from muse.config import load_config
-from muse.download import (REGISTRY, DownloadError, SourceError, download_part, list_image_shards,
-                           plan_download, run_download)
+from muse.download import REGISTRY, DownloadError, SourceError, download_part, plan_download, run_download
 from muse.download.runner import verify_shard
 from muse.download.sources import read_source
+from muse.layout import IMAGES, done_shards
 from muse.placeholders import color_of, solid_color
 from muse.storage import Storage
 
@@ -78,7 +78,7 @@ def make_cfg(root, paths, tmp_path, **download):
 def read_all(root) -> pa.Table:
     st = Storage(str(root))
     return pa.concat_tables([pq.read_table(io.BytesIO(st.read_bytes(f"images/{sid:05d}.parquet")))
-                             for sid in list_image_shards(st)])
+                             for sid in done_shards(st, IMAGES)])
 
 
 def decode(b: bytes) -> np.ndarray:
@@ -191,7 +191,7 @@ def test_killed_download_reruns_to_the_same_output(reference, tmp_path):
     assert proc.poll() is None, "download finished before it could be killed"
     os.killpg(proc.pid, signal.SIGKILL)  # the whole group: our process and img2dataset's
     proc.wait()
-    assert len(list_image_shards(Storage(str(root)))) < 3
+    assert len(done_shards(Storage(str(root)), IMAGES)) < 3
     run_download(make_cfg(root, [src], tmp_path))
     assert read_all(root).equals(ref)
 
@@ -232,7 +232,7 @@ def test_deadline_kills_img2dataset_and_names_the_limit(server, tmp_path):
     cfg = make_cfg(tmp_path / "root", [src], tmp_path, deadline_s=0.5, timeout_s=30)
     with pytest.raises(DownloadError, match="deadline_s"):
         run_download(cfg)
-    assert list_image_shards(Storage(str(tmp_path / "root"))) == []
+    assert done_shards(Storage(str(tmp_path / "root")), IMAGES) == []
 
 
 def test_missing_img2dataset_shard_is_named(tmp_path):

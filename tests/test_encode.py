@@ -19,11 +19,11 @@ import yaml
 
 from encode_helpers import write_image_shard
 from muse.config import load_config
-from muse.encode import EncodeError, dataset_dir, plan_encode, run_encode
+from muse.encode import EncodeError, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
 from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
-from muse.schema import t5_from_bytes
+from muse.layout import dataset_dir, t5_from_bytes
 from muse.storage import Storage
 from muse.tiny import build_tiny_encoders, tiny_encode_overrides
 

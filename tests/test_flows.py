@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from muse.config import load_config  # noqa: E402
-from muse.encode import dataset_dir  # noqa: E402
+from muse.layout import dataset_dir  # noqa: E402
 from muse.storage import Storage  # noqa: E402
 
 

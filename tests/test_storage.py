@@ -2,7 +2,7 @@
 
 import pytest
 
-from muse.download import list_image_shards
+from muse.layout import IMAGES, done_shards
 from muse.storage import Storage, shard_id_of, shard_name, source_fs
 
 
@@ -20,9 +20,9 @@ def test_write_read_list(any_root):
     assert st.read_bytes("images/00001.parquet") == b"one"
     assert st.read_json("images/00001_stats.json") == {"rows_in": 1}
     assert st.list("images", ".parquet") == ["images/00001.parquet", "images/00002.parquet"]
-    assert list_image_shards(st) == [1]
+    assert done_shards(st, IMAGES) == [1]
     st.delete("images/00001_stats.json")
-    assert list_image_shards(Storage(any_root)) == []
+    assert done_shards(Storage(any_root), IMAGES) == []
 
 
 class Boom(Exception):

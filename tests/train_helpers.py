@@ -11,8 +11,8 @@ from pathlib import Path
 import yaml
 
 from muse.config import load_config
-from muse.data import write_test_dataset
 from muse.storage import Storage
+from muse.testing.datasets import write_test_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 

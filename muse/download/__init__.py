@@ -26,19 +26,11 @@ from muse.download.runner import DownloadError, run_img2dataset, verify_shard
 from muse.download.sources import (REGISTRY, ROW, DownloadPart, SourceError, load_registry,
                                    plan_parts, read_source)
 from muse.download.writer import build_shard, is_http
-from muse.storage import Storage, shard_id_of, shard_name
+from muse.layout import IMAGES, done_marker, done_shards
+from muse.storage import Storage, shard_name
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "download_part", "finalize_download",
-           "list_image_shards", "DownloadPart", "DownloadError", "SourceError"]
-
-
-def list_image_shards(storage: Storage) -> list[int]:
-    """Completed shard ids: both `images/NNNNN.parquet` and `images/NNNNN_stats.json` exist."""
-    names = storage.list("images")
-    base = {n.rsplit("/", 1)[-1] for n in names}
-    return sorted(shard_id_of(n) for n in base
-                  if n.endswith(".parquet") and not n.startswith("_")
-                  and n.replace(".parquet", "_stats.json") in base)
+           "DownloadPart", "DownloadError", "SourceError"]
 
 
 def plan_download(cfg) -> list[DownloadPart]:
@@ -63,7 +55,7 @@ def _fetch_list(rows: pa.Table) -> pa.Table:
 def download_part(cfg, part: DownloadPart) -> list[dict]:
     """Fetch one source file's unfinished shards and write them; returns their stats."""
     storage = Storage.from_config(cfg)
-    done = set(list_image_shards(storage))
+    done = set(done_shards(storage, IMAGES))
     todo = [s for s in part.shard_ids() if s not in done]
     label = f"{part.source} (shards {part.first_shard}..{part.first_shard + part.num_shards - 1})"
     if not todo:
@@ -97,9 +89,9 @@ def _write_shard(cfg, storage, part, sid, table, out_dir, label) -> dict:
     data, stats = build_shard(table.slice(start, end - start), fetched, sid, part.shard_size,
                               cfg.download.image_size, cfg.download.encode_quality)
     stats.update(source=part.source, source_rows=[start, end])
-    storage.write_bytes(shard_name("images", sid), data)
-    storage.write_json(shard_name("images", sid, "_stats.json"), stats)
-    print(f"[download] {shard_name('images', sid)}: {stats['succeeded']}/{stats['rows_in']} ok, "
+    storage.write_bytes(shard_name(IMAGES, sid), data)
+    storage.write_json(done_marker(IMAGES, sid), stats)  # the done marker, after the data
+    print(f"[download] {shard_name(IMAGES, sid)}: {stats['succeeded']}/{stats['rows_in']} ok, "
           f"replaced {stats['replaced_by_reason']}", file=sys.stderr, flush=True)
     return stats
 
@@ -109,10 +101,10 @@ def summarize(storage: Storage) -> dict:
     live = {s for e in reg["sources"].values()
             for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
     summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "shards": []}
-    for sid in list_image_shards(storage):
+    for sid in done_shards(storage, IMAGES):
         if live and sid not in live:
             continue
-        st = storage.read_json(shard_name("images", sid, "_stats.json"))
+        st = storage.read_json(done_marker(IMAGES, sid))
         summary["shards"].append(sid)
         summary["rows_in"] += st["rows_in"]
         summary["succeeded"] += st["succeeded"]
@@ -134,9 +126,9 @@ def format_summary(summary: dict) -> str:
 def finalize_download(cfg) -> dict:
     """Write images/_config.yaml and print the summary across all current shards."""
     storage = Storage.from_config(cfg)
-    storage.write_config("images", cfg)
+    storage.write_config(IMAGES, cfg)
     summary = summarize(storage)
-    print(f"[download] summary for {storage.url('images')}\n{format_summary(summary)}",
+    print(f"[download] summary for {storage.url(IMAGES)}\n{format_summary(summary)}",
           file=sys.stderr, flush=True)
     return summary
 

@@ -13,17 +13,16 @@ from __future__ import annotations
 import io
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
-from muse.schema import IMAGE_COLUMNS
+from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, done_shards
 from muse.storage import Storage, shard_name, source_fs
 
-REGISTRY = "images/_SOURCES.json"
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
 
 
@@ -130,7 +129,7 @@ def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | 
     cols = {"url": pc.cast(table[url_col], pa.string()), "caption": pc.cast(table[cap_col], pa.string())}
     for c in carry:
         # A carried column may not shadow an output column: LAION has none, others might.
-        cols[f"source_{c}" if c in IMAGE_COLUMNS or c == "reason" else c] = table[c]
+        cols[f"source_{c}" if c in IMAGE_COLUMNS else c] = table[c]
     cols[ROW] = pa.array(range(table.num_rows), pa.int64())
     return pa.table(cols)
 
@@ -154,16 +153,11 @@ def load_registry(storage: Storage) -> dict:
     return {"next_shard": 0, "sources": {}}
 
 
-def shard_complete(storage: Storage, shard_id: int) -> bool:
-    return storage.exists(shard_name("images", shard_id, "_stats.json")) and \
-        storage.exists(shard_name("images", shard_id))
-
-
 def retire(storage: Storage, entry: dict) -> None:
     """Delete a changed file's old shards: stats first (the done marker), then parquet."""
     for sid in range(entry["first_shard"], entry["first_shard"] + entry["num_shards"]):
-        storage.delete(shard_name("images", sid, "_stats.json"))
-        storage.delete(shard_name("images", sid))
+        storage.delete(done_marker(IMAGES, sid))
+        storage.delete(shard_name(IMAGES, sid))
 
 
 def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
@@ -172,6 +166,7 @@ def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
     gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
     remaining = src.max_samples
     parts: list[DownloadPart] = []
+    done = set(done_shards(storage, IMAGES))
     for uri in expand_sources(src.paths, gp):
         if remaining == 0:
             break
@@ -195,11 +190,7 @@ def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
             reg["sources"][uri] = entry
         part = DownloadPart(uri, fp, entry["first_shard"], entry["num_shards"], entry["rows"],
                             entry["shard_size"])
-        if not all(shard_complete(storage, s) for s in part.shard_ids()):
+        if not done.issuperset(part.shard_ids()):
             parts.append(part)
     storage.write_json(REGISTRY, reg)
     return parts
-
-
-def part_to_dict(part: DownloadPart) -> dict:
-    return asdict(part)

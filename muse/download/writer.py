@@ -2,7 +2,7 @@
 
 Input: our slice of the source table and img2dataset's per-shard parquet (it lists every
 row it was given, failures included, with `status` and `error_message`). Output: the
-columns of `muse.schema.IMAGE_COLUMNS` + `reason` + the carried source columns. A success
+columns of `muse.layout.IMAGE_SCHEMA` + the carried source columns. A success
 is kept as RGB JPEG (grayscale converted); a perfectly uniform decode (16-bit PNGs come out
 pure white) is treated as failed `blank_image`. Every failed row gets
 `placeholders.solid_color(key)`.
@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.download.sources import ROW
+from muse.layout import IMAGE_COLUMNS, IMAGE_SCHEMA
 from muse.placeholders import solid_color
 
 BAD_URL_MESSAGE = "not an http(s) URL: not fetched"
@@ -79,8 +80,7 @@ def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: in
     f_status = fetched.column("status").to_pylist()
     f_error = fetched.column("error_message").to_pylist()
     f_jpg = fetched.column("jpg")
-    out = {c: [] for c in ("key", "caption", "caption_was_null", "url", "image", "width", "height",
-                           "replaced", "status", "error_message", "reason")}
+    out = {c: [] for c in IMAGE_COLUMNS}
     counts: dict[str, int] = {}
     urls, captions = rows.column("url").to_pylist(), rows.column("caption").to_pylist()
     for i, row in enumerate(rows.column(ROW).to_pylist()):
@@ -118,11 +118,7 @@ def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: in
 
 
 def _to_table(out: dict, rows: pa.Table) -> pa.Table:
-    types = {"key": pa.string(), "caption": pa.string(), "caption_was_null": pa.bool_(),
-             "url": pa.string(), "image": pa.binary(), "width": pa.int32(), "height": pa.int32(),
-             "replaced": pa.bool_(), "status": pa.string(), "error_message": pa.string(),
-             "reason": pa.string()}
-    cols = {c: pa.array(v, types[c]) for c, v in out.items()}
+    cols = {f.name: pa.array(out[f.name], f.type) for f in IMAGE_SCHEMA}
     for c in rows.column_names:
         if c not in ("url", "caption", ROW):
             cols[c] = rows.column(c)

@@ -14,7 +14,6 @@ and uploads the previous shard.
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import io
 import queue
@@ -22,6 +21,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Callable
 
 import numpy as np
 import pyarrow as pa
@@ -29,19 +29,13 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.config import resolve_device
-from muse.schema import GRID_BASE, GRID_SUPERRES, SCHEMA_VERSION, encoded_schema, t5_to_bytes
+from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
+                         done_shards, empty_caption_record, encoded_schema, t5_to_bytes, write_manifest)
 from muse.storage import Storage, shard_name
-
-MANIFEST = "_MANIFEST.json"
-ENCODERS = "_ENCODERS.json"  # what the manifest needs from the models, so finalizing never loads them
 
 
 class EncodeError(RuntimeError):
     """A shard could not be encoded; the message names it."""
-
-
-def dataset_dir(cfg) -> str:
-    return f"encoded/{cfg.encode.version()}"
 
 
 class Encoders:
@@ -121,7 +115,7 @@ def _batches(table: pa.Table, batch_size: int, base_px: int, superres: bool, dep
 
 
 def encode_table(table: pa.Table, enc: Encoders, e, where: str) -> pa.Table:
-    """An image shard table -> the encoded table (schema.encoded_schema)."""
+    """An image shard table -> the encoded table (layout.encoded_schema)."""
     captions = table.column("caption").to_pylist()
     t5, t5_len, vq16, vq64 = [], [], [], []
     for start, lo, hi in _batches(table, e.batch_size, enc.base_px, e.superres, e.prefetch_batches, where):
@@ -154,7 +148,7 @@ def _to_parquet(table: pa.Table, row_group_size: int) -> bytes:
 
 
 def _read_images(storage: Storage, shard_id: int) -> pa.Table:
-    src = shard_name("images", shard_id)
+    src = shard_name(IMAGES, shard_id)
     try:
         with storage.open(src) as f:
             table = pq.read_table(f, columns=["key", "caption", "replaced", "image"])
@@ -164,15 +158,20 @@ def _read_images(storage: Storage, shard_id: int) -> pa.Table:
     return table
 
 
-def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: ThreadPoolExecutor | None = None,
-                 table: pa.Table | None = None):
-    """Encode one shard; returns its record (or a Future of it when `writer` is given).
-    `table`: the image shard, when the caller has already read it (run_encode reads ahead)."""
+def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None) -> dict:
+    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, source, replaced).
+    `table`: the image shard, when the caller has already read it."""
     storage = storage or Storage.from_config(cfg)
+    return _encode_then_write(cfg, shard_id, storage, table)()
+
+
+def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | None) -> Callable[[], dict]:
+    """Run the models on one shard now; return the function that writes it (Parquet, then the
+    record), so that `run_encode` can upload in a writer thread while the next shard is encoded."""
     e, ds = cfg.encode, dataset_dir(cfg)
     enc = Encoders.get(e)
     table = _read_images(storage, shard_id) if table is None else table
-    out = encode_table(table, enc, e, storage.url(shard_name("images", shard_id)))
+    out = encode_table(table, enc, e, storage.url(shard_name(IMAGES, shard_id)))
     # Same content from every worker, so a race between two of them is harmless. Computed
     # here, not in the writer thread, which would run it beside the next shard's models.
     facts = None if storage.exists(f"{ds}/{ENCODERS}") else _encoder_facts(enc, e)
@@ -181,35 +180,27 @@ def encode_shard(cfg, shard_id: int, storage: Storage | None = None, writer: Thr
         if facts is not None:
             storage.write_json(f"{ds}/{ENCODERS}", facts)
         data = _to_parquet(out, e.row_group_size)
-        rel = f"{ds}/{shard_id:05d}.parquet"
+        rel = shard_name(ds, shard_id)
         storage.write_bytes(rel, data)
-        record = {"id": shard_id, "path": f"{shard_id:05d}.parquet", "rows": out.num_rows, "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name("images", shard_id),
+        record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
+                  "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name(IMAGES, shard_id),
                   "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False)))}
-        storage.write_json(f"{ds}/{shard_id:05d}.json", record)  # the done marker, after the data
+        storage.write_json(done_marker(ds, shard_id), record)  # the done marker, after the data
         return record
 
-    return writer.submit(write) if writer else write()
-
-
-def _image_shards(storage: Storage) -> list[int]:
-    from muse.download import list_image_shards
-
-    return list_image_shards(storage)
+    return write
 
 
 def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
-    """Image shards that have no encoded record yet in this dataset version."""
+    """Image shards that are not yet done in this dataset version."""
     storage = storage or Storage.from_config(cfg)
-    done = {int(p.rsplit("/", 1)[1][:5]) for p in storage.list(dataset_dir(cfg), ".json")
-            if not p.rsplit("/", 1)[1].startswith("_")}
-    return [s for s in _image_shards(storage) if s not in done]
+    done = set(done_shards(storage, dataset_dir(cfg)))
+    return [s for s in done_shards(storage, IMAGES) if s not in done]
 
 
 def _encoder_facts(enc: Encoders, e) -> dict:
     empty = enc.text.encode([""])[0]  # the unconditional text for guidance dropout and sampling
-    return {"info": enc.info(e),
-            "empty_caption": {"t5": base64.b64encode(t5_to_bytes(empty)).decode(), "t5_len": int(empty.shape[0])}}
+    return {"info": enc.info(e), "empty_caption": empty_caption_record(empty)}
 
 
 def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
@@ -222,32 +213,22 @@ def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
     facts_rel = f"{ds}/{ENCODERS}"
     facts = storage.read_json(facts_rel) if storage.exists(facts_rel) else _encoder_facts(Encoders.get(e), e)
     info = facts["info"]
-    shards, pending = [], []
-    for sid in _image_shards(storage):
-        rel = f"{ds}/{sid:05d}.json"
-        if storage.exists(rel):
-            shards.append(storage.read_json(rel))
-        else:
-            pending.append(sid)
-    manifest = {
-        "schema_version": SCHEMA_VERSION, "version": e.version(), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "models": {k: info[k] for k in ("text_model", "vq_model", "superres_vq_model")},
-        "encode": e.model_dump(mode="json"), "text_dim": info["text_dim"], "grid": GRID_BASE,
-        "superres_grid": info["superres_grid"], "codebook_size": info["codebook_size"],
-        "empty_caption": facts["empty_caption"],
-        "rows": sum(s["rows"] for s in shards), "replaced": sum(s.get("replaced", 0) for s in shards),
-        "shards": shards, "pending": pending,
-    }
+    done = set(done_shards(storage, ds))
+    current = done_shards(storage, IMAGES)
+    shards = [storage.read_json(done_marker(ds, sid)) for sid in current if sid in done]
     storage.write_config(ds, cfg)
-    storage.write_json(f"{ds}/{MANIFEST}", manifest)
-    return manifest
+    return write_manifest(storage, ds, shards=shards, text_dim=info["text_dim"],
+                          codebook_size=info["codebook_size"], empty_caption=facts["empty_caption"],
+                          superres=e.superres, encode=e.model_dump(mode="json"),
+                          models={k: info[k] for k in ("text_model", "vq_model", "superres_vq_model")},
+                          pending=[sid for sid in current if sid not in done])
 
 
 def run_encode(cfg) -> dict:
     """`muse encode`: every image shard not yet encoded, then the manifest. Raises if any shard failed."""
     storage = Storage.from_config(cfg)
     todo = plan_encode(cfg, storage)
-    total = len(_image_shards(storage))
+    total = len(done_shards(storage, IMAGES))
     print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}", file=sys.stderr)
     failed: dict[int, str] = {}
     t0, rows = time.time(), 0
@@ -261,7 +242,7 @@ def run_encode(cfg) -> dict:
                 reads.append(reader.submit(_read_images, storage, todo[i + 1]))
             try:
                 table = reads.pop(0).result()
-                pending.append((sid, encode_shard(cfg, sid, storage, writer, table)))
+                pending.append((sid, writer.submit(_encode_then_write(cfg, sid, storage, table))))
             except Exception as err:  # noqa: BLE001 - one bad shard must not stop the others
                 failed[sid] = str(err)
                 print(f"encode: shard {sid:05d} FAILED: {err}", file=sys.stderr)
