@@ -6,7 +6,7 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
-from muse.download import download_part, finalize_download, plan_download
+from muse.download import download_part, finalize_download, plan_download, summary_rows
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
@@ -24,16 +24,6 @@ def plan_task(config_path: str, overrides: list[str]) -> list:
 @task
 def finalize_task(config_path: str, overrides: list[str]) -> dict:
     return finalize_download(cfg_from(config_path, overrides))
-
-
-def summary_rows(summary: dict) -> list[dict]:
-    n = max(summary["rows_in"], 1)
-    rows = [{"what": "shards", "count": len(summary["shards"]), "share": ""},
-            {"what": "rows in", "count": summary["rows_in"], "share": "100%"},
-            {"what": "succeeded", "count": summary["succeeded"], "share": f"{100 * summary['succeeded'] / n:.1f}%"}]
-    for reason, c in sorted(summary["replaced_by_reason"].items(), key=lambda x: -x[1]):
-        rows.append({"what": f"replaced: {reason}", "count": c, "share": f"{100 * c / n:.1f}%"})
-    return rows
 
 
 @flow(name="download", log_prints=True)

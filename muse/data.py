@@ -38,6 +38,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from muse.layout import GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, read_manifest, t5_from_bytes
+from muse.masking import pad_embeddings
 from muse.storage import Storage
 
 
@@ -107,14 +108,8 @@ def _ids(table: pa.Table, col: str, size: int, where: str) -> np.ndarray:
 
 def collate(rows: list[tuple[_UnitData, int]], replaced_weight: float | None = None) -> dict:
     """Rows -> batch: T5 padded to the longest caption + bool mask (True = real token)."""
-    lens = [int(u.lens[i]) for u, i in rows]
-    dim = rows[0][0].t5.shape[1]
-    hidden = torch.zeros(len(rows), max(lens), dim, dtype=torch.float16)
-    mask = torch.zeros(len(rows), max(lens), dtype=torch.bool)
-    for b, ((u, i), n) in enumerate(zip(rows, lens)):
-        s = int(u.start[i])
-        hidden[b, :n] = u.t5[s:s + n]
-        mask[b, :n] = True
+    hidden, mask = pad_embeddings([u.t5[int(u.start[i]):int(u.start[i] + u.lens[i])] for u, i in rows],
+                                  dtype=torch.float16)
     out = {
         "encoder_hidden_states": hidden, "encoder_attention_mask": mask,
         "vq16": torch.stack([u.vq16[i] for u, i in rows]),

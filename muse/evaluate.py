@@ -37,7 +37,8 @@ from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
 from muse.layout import dataset_dir, empty_caption, read_manifest
-from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, pad_embeddings, png_bytes
+from muse.masking import pad_embeddings
+from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, png_bytes
 from muse.storage import Storage, shard_name
 
 IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few dozen rows, seconds on a GPU
@@ -228,11 +229,11 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
 
 def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device) -> np.ndarray:
     """Pictures from the rows' stored T5 embeddings, `e.batch_size` at a time, one seeded generator."""
-    uncond, uncond_mask = pad_embeddings([empty.numpy()], device)
+    uncond, uncond_mask = pad_embeddings([empty], device=device)
     gen = torch.Generator(device=device).manual_seed(e.seed)
     out = []
     for i in range(0, len(rows), e.batch_size):
-        hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device)
+        hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device=device)
         ids = generate(model, hidden, mask, uncond, uncond_mask, steps=e.steps, guidance_scale=e.guidance_scale,
                        temperature=e.temperature, generator=gen)
         out.append(decode_ids(vq, ids, model.config.grid_size))

@@ -7,12 +7,16 @@
 - conditioning dropout for classifier-free guidance: the caption is replaced by the
   empty-caption embedding with probability p, i.e. KEPT with probability 1 - p
   (open-muse and diffusers' aMUSEd script invert this and keep it only p of the time).
+
+Also the one padding of variable-length T5 embeddings (`pad_embeddings`, `pad_to`), shared by
+the loader's batches, conditioning dropout and the sampler's guidance.
 """
 
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -44,12 +48,25 @@ def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
     return (per_token * w).sum() / mask.sum().clamp(min=1)
 
 
-def _pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:
+    """Zero-pad `x` along `dim` to `length` (unchanged if already as long)."""
     extra = length - x.shape[dim]
     if extra <= 0:
         return x
     pad = [0, 0] * (x.dim() - dim - 1) + [0, extra]
     return F.pad(x, pad)
+
+
+def pad_embeddings(embs, dtype: torch.dtype = torch.float32,
+                   device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """[L_i, D] arrays or tensors -> hidden (B, max L, D) zero-padded + mask (B, max L) bool (True = real token)."""
+    L = max(e.shape[0] for e in embs)
+    hidden = torch.zeros(len(embs), L, embs[0].shape[1], dtype=dtype, device=device)
+    mask = torch.zeros(len(embs), L, dtype=torch.bool, device=device)
+    for i, e in enumerate(embs):
+        hidden[i, : e.shape[0]] = e if isinstance(e, torch.Tensor) else torch.from_numpy(np.asarray(e))
+        mask[i, : e.shape[0]] = True
+    return hidden, mask
 
 
 def drop_condition(hidden: torch.Tensor, attn_mask: torch.Tensor, empty_hidden: torch.Tensor,
@@ -63,8 +80,8 @@ def drop_condition(hidden: torch.Tensor, attn_mask: torch.Tensor, empty_hidden: 
     empty_hidden = empty_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
     empty_mask = empty_mask.reshape(1, -1).bool()
     L = max(hidden.shape[1], empty_hidden.shape[1])
-    hidden, attn_mask = _pad_to(hidden, L, 1), _pad_to(attn_mask.bool(), L, 1)
-    empty_hidden, empty_mask = _pad_to(empty_hidden, L, 1), _pad_to(empty_mask, L, 1)
+    hidden, attn_mask = pad_to(hidden, L, 1), pad_to(attn_mask.bool(), L, 1)
+    empty_hidden, empty_mask = pad_to(empty_hidden, L, 1), pad_to(empty_mask, L, 1)
     kept = torch.rand(B, generator=generator, device=hidden.device) >= p
     hidden = torch.where(kept[:, None, None], hidden, empty_hidden.expand(B, -1, -1))
     attn_mask = torch.where(kept[:, None], attn_mask, empty_mask.expand(B, -1))

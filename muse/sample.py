@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from muse.config import resolve_device
-from muse.masking import _pad_to
+from muse.masking import pad_embeddings, pad_to
 
 
 def _gumbel(shape, generator, device) -> torch.Tensor:
@@ -36,8 +36,8 @@ def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, gu
         return model(ids, hidden, attn_mask, low_res_ids).float()
     B = ids.shape[0]
     L = max(hidden.shape[1], uncond_hidden.shape[1])
-    h = torch.cat([_pad_to(hidden, L, 1), _pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
-    m = torch.cat([_pad_to(attn_mask.bool(), L, 1), _pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
+    h = torch.cat([pad_to(hidden, L, 1), pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
+    m = torch.cat([pad_to(attn_mask.bool(), L, 1), pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
     low = None if low_res_ids is None else torch.cat([low_res_ids, low_res_ids])
     cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)   # one batched forward
     return uncond + guidance_scale * (cond - uncond)
@@ -79,17 +79,6 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
 
 
 # ----------------------------------------------------------------------------- muse sample
-
-def pad_embeddings(embs: list[np.ndarray], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[L_i, D] arrays -> hidden (B, max L, D) float32 zero-padded + mask (B, max L) bool (True = real)."""
-    L = max(e.shape[0] for e in embs)
-    hidden = torch.zeros(len(embs), L, embs[0].shape[1], device=device)
-    mask = torch.zeros(len(embs), L, dtype=torch.bool, device=device)
-    for i, e in enumerate(embs):
-        hidden[i, : e.shape[0]] = torch.as_tensor(np.asarray(e, dtype=np.float32), device=device)
-        mask[i, : e.shape[0]] = True
-    return hidden, mask
-
 
 def load_checkpoint_model(storage, ref: str | None, run_name: str):
     """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint."""
@@ -236,8 +225,8 @@ def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | No
     device = resolve_device(s.device)
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
-    hidden, mask = pad_embeddings(text.encode(prompts), device)
-    uncond, uncond_mask = pad_embeddings(text.encode([""]), device)
+    hidden, mask = pad_embeddings(text.encode(prompts), device=device)
+    uncond, uncond_mask = pad_embeddings(text.encode([""]), device=device)
     model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
     gen = torch.Generator(device=device).manual_seed(s.seed)
     ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,

@@ -30,7 +30,7 @@ from muse.layout import IMAGES, done_marker, done_shards
 from muse.storage import Storage, shard_name
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "download_part", "finalize_download",
-           "DownloadPart", "DownloadError", "SourceError"]
+           "summary_rows", "DownloadPart", "DownloadError", "SourceError"]
 
 
 def plan_download(cfg) -> list[DownloadPart]:
@@ -113,14 +113,19 @@ def summarize(storage: Storage) -> dict:
     return summary
 
 
-def format_summary(summary: dict) -> str:
+def summary_rows(summary: dict) -> list[dict]:
+    """The summary as table rows {what, count, share}: printed on stderr, a Prefect artifact in flows."""
     n = max(summary["rows_in"], 1)
-    lines = [f"{'shards':<32}{len(summary['shards']):>10}",
-             f"{'rows in':<32}{summary['rows_in']:>10}",
-             f"{'succeeded':<32}{summary['succeeded']:>10}  {100 * summary['succeeded'] / n:5.1f}%"]
-    for r, c in sorted(summary["replaced_by_reason"].items(), key=lambda x: -x[1]):
-        lines.append(f"{'replaced: ' + r:<32}{c:>10}  {100 * c / n:5.1f}%")
-    return "\n".join(lines)
+    rows = [{"what": "shards", "count": len(summary["shards"]), "share": ""},
+            {"what": "rows in", "count": summary["rows_in"], "share": "100%"},
+            {"what": "succeeded", "count": summary["succeeded"], "share": f"{100 * summary['succeeded'] / n:.1f}%"}]
+    for reason, c in sorted(summary["replaced_by_reason"].items(), key=lambda x: -x[1]):
+        rows.append({"what": f"replaced: {reason}", "count": c, "share": f"{100 * c / n:.1f}%"})
+    return rows
+
+
+def format_summary(summary: dict) -> str:
+    return "\n".join(f"{r['what']:<32}{r['count']:>10}  {r['share']:>6}".rstrip() for r in summary_rows(summary))
 
 
 def finalize_download(cfg) -> dict:

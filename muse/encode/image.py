@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from muse.encode.loading import LOAD_LOCK
+
 # The open-muse VQGAN f16/8192 architecture as diffusers VQModel arguments (FACTS: 128 x
 # [1,2,2,4,6] channels, 2 res blocks per level, no attention, 64-d codes).
 VQGAN_F16_CONFIG = dict(block_out_channels=(128, 256, 256, 512, 768), layers_per_block=2, latent_channels=64,
@@ -81,8 +83,6 @@ def _read_state(folder: str) -> dict:
 
 
 def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
-    from muse.encode.text import LOAD_LOCK
-
     with LOAD_LOCK:
         return _load_unlocked(cls, name_or_path, subfolder, fmt, convert)
 

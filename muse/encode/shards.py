@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.config import resolve_device
+from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
                          done_shards, empty_caption_record, encoded_schema, t5_to_bytes, write_manifest)
 from muse.storage import Storage, shard_name
@@ -66,8 +67,6 @@ class Encoders:
 
     @classmethod
     def get(cls, e) -> "Encoders":
-        from muse.encode.text import LOAD_LOCK
-
         key = e.model_dump_json()
         with LOAD_LOCK:  # shard tasks in threads share one set of models
             if key not in cls._cache:

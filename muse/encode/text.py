@@ -7,14 +7,10 @@ bf16 are offered.
 
 from __future__ import annotations
 
-import threading
-
 import numpy as np
 import torch
 
-# transformers/diffusers patch torch globally while they build a model (meta-device init),
-# which is not thread-safe: Prefect runs tasks in threads, so loads go one at a time.
-LOAD_LOCK = threading.RLock()
+from muse.encode.loading import LOAD_LOCK
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
