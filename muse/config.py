@@ -83,9 +83,21 @@ class EncodeConfig(_Section):
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 
+# The one home of the transformer sizes: `model.preset` picks one, `model.*` overrides it,
+# and the model classes' own defaults (muse/models/base.py MuseConfig) are the base preset.
+MODEL_PRESETS = {
+    "tiny": dict(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0),
+    # ~0.6M parameters (the demo, `make demo`): what 2 CPU cores train to adherence in minutes
+    "demo": dict(hidden_size=128, depth=3, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0),
+    "small": dict(hidden_size=512, depth=8, num_heads=8, mlp_ratio=4.0, mlp="gelu", dropout=0.0),
+    # ~632M parameters with an 8192 codebook and 768-d text (the paper's base size)
+    "base": dict(hidden_size=1536, depth=16, num_heads=16, mlp_ratio=4.0, mlp="gelu", dropout=0.0),
+}
+
+
 class ModelConfig(_Section):
     kind: Literal["base", "superres"] = "base"
-    preset: Literal["tiny", "small", "base"] = "base"
+    preset: Literal[tuple(MODEL_PRESETS)] = "base"  # type: ignore[valid-type]  # the keys above
     # Optional overrides of the preset; null keeps the preset's value.
     hidden_size: Optional[int] = Field(None, ge=8)
     depth: Optional[int] = Field(None, ge=1)

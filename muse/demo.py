@@ -91,8 +91,7 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             f"encode.text_model={encoders['text_model']}", f"encode.vq_model={encoders['vq_model']}",
             "encode.vq_subfolder=null", "encode.vq_format=diffusers", "encode.text_max_length=16",
             "encode.batch_size=64", "encode.row_group_size=64", "encode.device=cpu",
-            # 0.6M parameters: what 2 CPU cores can train to adherence in a few minutes
-            "model.preset=tiny", "model.hidden_size=128", "model.depth=3", "model.num_heads=4", "model.mlp_ratio=2",
+            "model.preset=demo",
             f"model.codebook_size={encoders['codebook_size']}", f"model.text_dim={encoders['text_dim']}",
             "train.run_name=demo", "train.batch_size=16", "train.grad_accum=1",
             f"train.max_steps={40 if quick else 1000}", "train.warmup_steps=50", "train.lr=3e-3",

@@ -71,8 +71,29 @@ def test_wandb_is_off_by_default_and_typed():
 
 
 def test_shipped_pipeline_yaml_restates_the_defaults():
+    """pipeline.yaml documents the defaults: every section equals the config's defaults, key by key
+    (source.paths has none: it is the one required key)."""
     from muse.config import PipelineConfig
 
     shipped = load_config("pipeline.yaml").model_dump()
-    defaults = PipelineConfig(source=shipped["source"]).model_dump()
+    defaults = PipelineConfig(source={"paths": shipped["source"]["paths"]}).model_dump()
+    assert set(shipped) == set(defaults) == set(PipelineConfig.model_fields)
+    for section in defaults:
+        for key, value in defaults[section].items():
+            assert shipped[section][key] == value, \
+                f"pipeline.yaml {section}.{key} = {shipped[section][key]!r}, muse/config.py default {value!r}"
     assert shipped == defaults
+
+
+def test_model_presets_have_one_home():
+    """The model classes' defaults are the base preset + the config's defaults, and every preset is complete."""
+    from muse.config import MODEL_PRESETS, ModelConfig
+    from muse.models import MuseConfig, model_config
+
+    assert model_config(ModelConfig()) == MuseConfig()
+    keys = set(MODEL_PRESETS["base"])
+    assert all(set(p) == keys for p in MODEL_PRESETS.values())
+    assert ModelConfig.model_fields["preset"].annotation.__args__ == tuple(MODEL_PRESETS)
+    for name, preset in MODEL_PRESETS.items():
+        built = model_config(ModelConfig(preset=name))
+        assert {k: getattr(built, k) for k in keys} == preset, name

@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 import pytest
 
-from muse.config import ModelConfig
-from muse.models import (MultiAxisAttention, MuseSuperRes, MuseTransformer, PRESETS, build_model,
-                         load_pretrained, model_config)
+from muse.config import MODEL_PRESETS, ModelConfig
+from muse.models import (MultiAxisAttention, MuseSuperRes, MuseTransformer, build_model, load_pretrained,
+                         model_config)
 from muse.models.superres import MuseSuperResConfig
 
 torch.set_num_threads(1)
@@ -115,7 +115,7 @@ def test_save_load_round_trip_exact(tmp_path, kind):
 
 def test_presets_and_overrides():
     cfg = model_config(ModelConfig(preset="small", depth=3, mlp="geglu"))
-    assert cfg.depth == 3 and cfg.hidden_size == PRESETS["small"]["hidden_size"] and cfg.mlp == "geglu"
+    assert cfg.depth == 3 and cfg.hidden_size == MODEL_PRESETS["small"]["hidden_size"] and cfg.mlp == "geglu"
     with torch.device("meta"):
         base = build_model(ModelConfig(preset="base"))
     n = sum(p.numel() for p in base.parameters())

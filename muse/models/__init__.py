@@ -1,7 +1,7 @@
 """The two Muse transformers, their presets and loading.
 
 `build_model(cfg.model)` makes the base (16x16) or super-resolution (64x64) model from a
-preset plus the config's overrides; `load_pretrained(dir)` reads `config.json` to pick
+preset (`muse.config.MODEL_PRESETS`) plus the config's overrides; `load_pretrained(dir)` reads `config.json` to pick
 the class.
 """
 
@@ -10,23 +10,17 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from muse.config import MODEL_PRESETS
 from muse.models.base import MuseConfig, MuseTransformer
 from muse.models.superres import MultiAxisAttention, MuseSuperRes, MuseSuperResConfig
 
-# base: ~632M parameters with an 8192 codebook and 768-d text (the paper's base size).
-PRESETS = {
-    "tiny": dict(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0),
-    "small": dict(hidden_size=512, depth=8, num_heads=8, mlp_ratio=4.0),
-    "base": dict(hidden_size=1536, depth=16, num_heads=16, mlp_ratio=4.0),
-}
-
 __all__ = ["MuseConfig", "MuseTransformer", "MuseSuperResConfig", "MuseSuperRes", "MultiAxisAttention",
-           "PRESETS", "build_model", "model_config", "load_pretrained"]
+           "build_model", "model_config", "load_pretrained"]
 
 
 def model_config(model_cfg) -> MuseConfig:
     """The model dataclass config from `cfg.model` (a config.ModelConfig): preset + overrides."""
-    values = dict(PRESETS[model_cfg.preset])
+    values = dict(MODEL_PRESETS[model_cfg.preset])
     for key in ("hidden_size", "depth", "num_heads", "mlp_ratio", "mlp", "dropout"):
         v = getattr(model_cfg, key)
         if v is not None:

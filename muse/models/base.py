@@ -18,20 +18,24 @@ import torch
 import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
+from muse.config import MODEL_PRESETS, ModelConfig
 from muse.models.layers import Block, Grid2DPositions
+
+_BASE = MODEL_PRESETS["base"]
 
 
 @dataclass
 class MuseConfig:
+    # Defaults: the base preset and the pipeline config's defaults, not a third copy of them.
     kind: str = "base"
-    hidden_size: int = 1536
-    depth: int = 16
-    num_heads: int = 16
-    mlp_ratio: float = 4.0
-    mlp: str = "gelu"
-    dropout: float = 0.0
-    codebook_size: int = 8192
-    text_dim: int = 768
+    hidden_size: int = _BASE["hidden_size"]
+    depth: int = _BASE["depth"]
+    num_heads: int = _BASE["num_heads"]
+    mlp_ratio: float = _BASE["mlp_ratio"]
+    mlp: str = _BASE["mlp"]
+    dropout: float = _BASE["dropout"]
+    codebook_size: int = ModelConfig.model_fields["codebook_size"].default
+    text_dim: int = ModelConfig.model_fields["text_dim"].default
     grid_size: int = 16
     text_len_for_flops: int = 77  # only used by num_flops_per_sample
 
@@ -95,11 +99,22 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         self.pos_emb = Grid2DPositions(c.grid_size, c.hidden_size)
         self.text_proj = nn.Linear(c.text_dim, c.hidden_size)
         self.text_norm = nn.LayerNorm(c.hidden_size)
-        self.blocks = nn.ModuleList(Block(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.dropout)
+        self._add_memory_modules(c)
+        self.blocks = nn.ModuleList(Block(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.dropout,
+                                          self_attn=self._self_attention(c))
                                     for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.hidden_size)
         self.head = nn.Linear(c.hidden_size, c.codebook_size)
         self.apply(_init_weights)
+
+    # Subclass hooks, called in __init__ at the place their modules belong: the registration
+    # order fixes the seeded initialisation, so a subclass adds modules here, not afterwards.
+    def _add_memory_modules(self, c: MuseConfig) -> None:
+        """Modules that build the cross-attention memory besides the text (none here)."""
+
+    def _self_attention(self, c: MuseConfig) -> nn.Module | None:
+        """A block's self-attention; None: full attention over all tokens."""
+        return None
 
     def memory(self, encoder_hidden_states, encoder_attention_mask, low_res_ids=None):
         """The cross-attention memory and its mask: here the projected text only."""

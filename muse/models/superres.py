@@ -19,8 +19,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from muse.models.base import MuseConfig, MuseTransformer, PretrainedMixin, _init_weights
-from muse.models.layers import Block, Grid2DPositions
+from muse.models.base import MuseConfig, MuseTransformer
+from muse.models.layers import Grid2DPositions
 
 
 @dataclass
@@ -70,27 +70,19 @@ class MultiAxisAttention(nn.Module):
 
 
 class MuseSuperRes(MuseTransformer):
+    """The base transformer (its __init__, forward and weights layout) with two hooks filled in:
+    low-res id embeddings in the memory, multi-axis self-attention in every block."""
+
     config_class = MuseSuperResConfig
 
-    def __init__(self, config: MuseSuperResConfig):
-        PretrainedMixin.__init__(self)
-        nn.Module.__init__(self)
-        config.validate()
-        self.config = c = config
-        self.tok_emb = nn.Embedding(c.codebook_size + 1, c.hidden_size)
-        self.pos_emb = Grid2DPositions(c.grid_size, c.hidden_size)
-        self.text_proj = nn.Linear(c.text_dim, c.hidden_size)
-        self.text_norm = nn.LayerNorm(c.hidden_size)
+    def _add_memory_modules(self, c: MuseSuperResConfig) -> None:
+        """The low-resolution ids, embedded with their own 2-D positions, join the text memory."""
         self.low_res_emb = nn.Embedding(c.codebook_size, c.hidden_size)
         self.low_res_pos = Grid2DPositions(c.low_res_grid_size, c.hidden_size)
         self.low_res_norm = nn.LayerNorm(c.hidden_size)
-        self.blocks = nn.ModuleList(
-            Block(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.dropout,
-                  self_attn=MultiAxisAttention(c.hidden_size, c.num_heads, c.grid_size, c.patch_size, c.dropout))
-            for _ in range(c.depth))
-        self.norm_out = nn.LayerNorm(c.hidden_size)
-        self.head = nn.Linear(c.hidden_size, c.codebook_size)
-        self.apply(_init_weights)
+
+    def _self_attention(self, c: MuseSuperResConfig) -> nn.Module:
+        return MultiAxisAttention(c.hidden_size, c.num_heads, c.grid_size, c.patch_size, c.dropout)
 
     def memory(self, encoder_hidden_states, encoder_attention_mask, low_res_ids=None):
         if low_res_ids is None:
