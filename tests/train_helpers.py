@@ -11,6 +11,7 @@ from pathlib import Path
 import yaml
 
 from muse.config import load_config
+from muse.layout import dataset_dir
 from muse.storage import Storage
 from muse.testing.datasets import write_test_dataset
 
@@ -36,7 +37,7 @@ def tiny_config(tmp: Path, root: str, **train) -> Path:
 def make_data(config_path: Path, **kw) -> dict:
     cfg = load_config(config_path)
     storage = Storage.from_config(cfg)
-    return write_test_dataset(storage, f"encoded/{cfg.encode.version()}", **kw)
+    return write_test_dataset(storage, dataset_dir(cfg), **kw)
 
 
 def run_train(config_path: Path, *extra: str, nproc: int = 0, env: dict | None = None,
