@@ -2,7 +2,7 @@
 
 import pytest
 
-from muse.layout import IMAGES, done_shards
+from muse.layout import IMAGES, done_marker, done_shards
 from muse.storage import Storage, shard_id_of, shard_name, source_fs
 
 
@@ -23,6 +23,20 @@ def test_write_read_list(any_root):
     assert done_shards(st, IMAGES) == [1]
     st.delete("images/00001_stats.json")
     assert done_shards(Storage(any_root), IMAGES) == []
+
+
+def test_done_rule_is_the_same_for_both_phases(tmp_path):
+    """A shard is done when its Parquet file and its marker exist; underscore files are not shards."""
+    st = Storage(str(tmp_path))
+    ds = "encoded/v1"
+    assert done_marker(IMAGES, 3) == "images/00003_stats.json" and done_marker(ds, 3) == "encoded/v1/00003.json"
+    for sid in (1, 2, 3):
+        st.write_bytes(f"{ds}/{sid:05d}.parquet", b"x")
+    st.write_json(f"{ds}/00001.json", {"rows": 1})
+    st.write_json(f"{ds}/00004.json", {"rows": 1})  # a record without its data: not done
+    st.write_json(f"{ds}/_MANIFEST.json", {})
+    st.write_json(f"{ds}/00002_stats.json", {})      # the other phase's marker does not count here
+    assert done_shards(st, ds) == [1]
 
 
 class Boom(Exception):
