@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sample", "text -> image with parallel decoding"),
                         ("eval", "FID and CLIP score of a checkpoint on the held-out eval slice"),
                         ("run", "download, encode, train and sample in order")]:
-        p = sub.add_parser(name, help=help_, description=f"{help_}. Reads config sections: {SECTIONS[name]}.")
+        p = sub.add_parser(name, help=help_, description=f"{help_}\n\nReads config sections: {SECTIONS[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # one line per fact, unwrapped
         _common(p)
         if name == "train":
             p.add_argument("--resume", default="latest",

@@ -28,9 +28,10 @@ ROW = "__muse_row"  # our row index, passed through img2dataset's save_additiona
 
 
 # What a new user needs when the URL list is missing (docs/download.md has the steps).
-WHERE_LISTS = ("URL lists are Parquet/CSV/JSONL files with a URL and a TEXT column, such as the LAION / "
-               "re-LAION metadata Parquet parts on the Hugging Face hub; fetch one part, point source.paths "
-               "at it and try a slice with --set source.max_samples=1000 (see docs/download.md)")
+WHERE_LISTS = ("URL lists are Parquet/CSV/JSONL files with a URL and a caption column (source.url_column, "
+               "source.caption_column; URL and TEXT in LAION's metadata), such as the LAION / re-LAION "
+               "metadata Parquet parts on the Hugging Face hub: fetch one part, point source.paths at it "
+               "and try a slice with --set source.max_samples=1000 (see docs/download.md)")
 
 
 class SourceError(ValueError):
