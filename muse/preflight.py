@@ -81,7 +81,7 @@ def storage_root(cfg, must_exist: bool) -> Storage:
 
 # ----------------------------------------------------------------------------- inputs
 
-def image_shards(cfg, storage: Storage) -> list[int]:
+def image_shards(storage: Storage) -> list[int]:
     from muse.download import list_image_shards
 
     shards = list_image_shards(storage)
@@ -174,15 +174,23 @@ def _encode(cfg, args) -> None:
     from muse.encode.shards import ENCODERS, dataset_dir, plan_encode
 
     storage = storage_root(cfg, must_exist=True)
-    image_shards(cfg, storage)
+    image_shards(storage)
     if plan_encode(cfg, storage) or not storage.exists(f"{dataset_dir(cfg)}/{ENCODERS}"):
         check_models(cfg, ["encode"])  # all done already: no model is loaded, none needs checking
 
 
 def _train(cfg, args) -> None:
+    from muse import checkpoint
+
     storage = storage_root(cfg, must_exist=True)
     manifest(cfg, storage)
     train_settings(cfg)
+    resume = getattr(args, "resume", "latest")
+    if resume not in ("latest", "none"):
+        try:  # the trainer resolves it the same way, but only after torchrun has started
+            checkpoint.resolve(storage, cfg.train.run_name, resume)
+        except (ValueError, FileNotFoundError) as e:
+            raise UsageError(f"{e}: pass a checkpoints/<run>/step-N folder, latest or none") from None
 
 
 def train_settings(cfg) -> None:

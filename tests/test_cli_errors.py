@@ -171,3 +171,14 @@ def test_a_cached_model_loads_when_the_hub_is_unreachable(tmp_path):
                               "HF_HOME": str(tmp_path / "hf"), "HF_ENDPOINT": f"https://{HOST}"})
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().startswith("(") and "Retrying" not in out.stderr
+
+
+def test_train_resume_from_a_missing_checkpoint(tmp_path):
+    from muse.config import load_config
+    from muse.storage import Storage
+
+    path = config(tmp_path)
+    storage = Storage.from_config(load_config(path))
+    storage.write_json(f"encoded/{load_config(path).encode.version()}/_MANIFEST.json", {})  # only its presence is checked
+    one_line_error(muse(tmp_path, "train", "--config", path, "--resume", "checkpoints/muse/step-00000100"),
+                   "muse train: --resume checkpoints/muse/step-00000100: no checkpoint there", "trainer.pt missing")
