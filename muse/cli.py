@@ -1,25 +1,56 @@
 """`muse download|encode|train|sample|eval|run --config pipeline.yaml --set key=value`.
 
-Each subcommand loads and validates the one config, then calls the library. Phase
-modules are imported lazily so `muse --help` and config errors are instant.
+Each subcommand loads and validates the one config, runs the cheap checks of
+`muse.preflight` (storage root, inputs, output location, hub models) and only then calls
+the library, which loads the models. Phase modules are imported lazily so `muse --help`
+and config errors are instant.
+
+Exit codes: 0 done; 2 a user mistake (config, missing input or checkpoint, unreachable
+storage or hub), printed as one line `muse <command>: <what>: <what to do>`; 1 a phase that
+failed (its error in one line) or an unexpected error (with its traceback). `--debug` or
+`MUSE_DEBUG=1` adds the traceback to every error.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import traceback
 
 from muse.config import ConfigError, PipelineConfig, load_config
+
+# The config sections each command reads (shown in its --help).
+SECTIONS = {
+    "download": "storage, source, download",
+    "encode": "storage, encode",
+    "train": "storage, encode (dataset version), model, train, eval and sample (in-training evaluation/samples)",
+    "sample": "storage, encode (text and VQ models), train (run_name), sample",
+    "eval": "storage, encode, model, train (run_name, eval_holdout), eval",
+    "run": "all: storage, source, download, encode, model, train, sample",
+}
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("muse-pipeline")
+    except PackageNotFoundError:  # run from a checkout without `pip install -e .`
+        return "unknown (not installed)"
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", default="pipeline.yaml", help="pipeline config (default: pipeline.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set train.lr=3e-4 (repeatable)")
+    p.add_argument("--debug", action="store_true",
+                   help="print the traceback of every error (also: MUSE_DEBUG=1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="muse", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"muse {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_ in [("download", "phase 1: URL list -> image shards (failures replaced)"),
                         ("encode", "phase 2: image shards -> T5 + VQ token shards"),
@@ -27,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("sample", "text -> image with parallel decoding"),
                         ("eval", "FID and CLIP score of a checkpoint on the held-out eval slice"),
                         ("run", "download, encode, train and sample in order")]:
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=f"{help_}\n\nReads config sections: {SECTIONS[name]}",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # one line per fact, unwrapped
         _common(p)
         if name == "train":
             p.add_argument("--resume", default="latest",
@@ -87,21 +119,66 @@ def run_phase(name: str, cfg: PipelineConfig, config_path: str | None, overrides
         raise ValueError(name)
 
 
+def _user_mistake(err: BaseException) -> bool:
+    """Errors that name what the user should change (exit 2). Classes of modules that were never
+    imported cannot have been raised, so they are looked up without importing anything."""
+    names = [("muse.config", "ConfigError"), ("muse.preflight", "UsageError"), ("muse.hub", "HubUnavailable"),
+             ("muse.download.sources", "SourceError"), ("muse.data", "DataError")]
+    classes = tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
+    return isinstance(err, classes)
+
+
+def one_line(message: str) -> str:
+    """A multi-line message (a config error lists its keys on lines below a heading) as one line."""
+    out = ""
+    for line in (ln.strip() for ln in str(message).splitlines()):
+        if line:
+            out += line if not out else (" " if out.endswith(":") else "; ") + line
+    return out
+
+
+def report(where: str, err: BaseException, debug: bool) -> int:
+    """Print `err` for the user; the exit code: 2 user mistake, 1 anything else."""
+    user = _user_mistake(err)
+    ours = type(err).__module__.startswith("muse.")  # our errors say what and where
+    if debug or not (user or ours):
+        traceback.print_exception(type(err), err, err.__traceback__, file=sys.stderr)
+    if user:
+        print(f"{where}: {one_line(err)}", file=sys.stderr)
+        return 2
+    if ours:
+        print(f"{where}: {type(err).__name__}: {one_line(err)}", file=sys.stderr)
+    return 1
+
+
+def _run(args, cfg: PipelineConfig, overrides: list[str]) -> None:
+    """Preflight, then the phase(s); `muse run` checks each later phase again just before it."""
+    from muse import preflight
+
+    if args.command == "run":
+        preflight.check_run(cfg, args)
+        phases = ["download", "encode", "train", "sample"]
+    else:
+        preflight.check(args.command, cfg, args)
+        phases = [args.command]
+    for i, phase in enumerate(phases):
+        if len(phases) > 1:
+            print(f"muse run: {phase}", file=sys.stderr, flush=True)  # which phase an error line belongs to
+        if i:  # its inputs exist only now
+            preflight.check(phase, cfg, args)
+        run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"), args=args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    debug = args.debug or os.environ.get("MUSE_DEBUG", "") not in ("", "0")
+    where = f"muse {args.command}"
     try:
         overrides = args.overrides + _sample_overrides(args)
         cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        print(f"muse: {e}", file=sys.stderr)
-        return 2
-    phases = ["download", "encode", "train", "sample"] if args.command == "run" else [args.command]
-    for phase in phases:
-        try:
-            run_phase(phase, cfg, args.config, overrides, resume=getattr(args, "resume", "latest"), args=args)
-        except (RuntimeError, ValueError, FileNotFoundError) as e:  # our errors say what and where
-            print(f"muse {phase}: {type(e).__name__}: {e}", file=sys.stderr)
-            return 1
+        _run(args, cfg, overrides)
+    except Exception as err:  # noqa: BLE001 - sorted by report(): one line or a traceback
+        return report(where, err, debug)
     return 0
 
 

@@ -75,9 +75,15 @@ class Clip:
     def __init__(self, name_or_path: str, device):
         from transformers import CLIPModel, CLIPProcessor
 
+        from muse.hub import HubUnavailable, hub_kwargs
+
         try:
-            self.model = CLIPModel.from_pretrained(name_or_path).to(device).eval()
-            self.processor = CLIPProcessor.from_pretrained(name_or_path)
+            hub = hub_kwargs(name_or_path, "eval.clip_model")  # no minute of hub retries when offline
+        except HubUnavailable as e:
+            raise EvalError(str(e)) from None
+        try:
+            self.model = CLIPModel.from_pretrained(name_or_path, **hub).to(device).eval()
+            self.processor = CLIPProcessor.from_pretrained(name_or_path, **hub)
         except OSError as e:
             raise EvalError(f"eval.clip_model={name_or_path!r} cannot be loaded ({str(e).splitlines()[0]}); "
                             "give a local folder saved with CLIPModel/CLIPProcessor.save_pretrained, "

@@ -223,11 +223,12 @@ def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | No
     s, e = cfg.sample, cfg.encode
     scale = s.guidance_scale if guidance_scale is None else guidance_scale
     device = resolve_device(s.device)
+    # the checkpoint first: a missing one is named before T5 spends time (or the hub) loading
+    model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
     hidden, mask = pad_embeddings(text.encode(prompts), device=device)
     uncond, uncond_mask = pad_embeddings(text.encode([""]), device=device)
-    model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
     gen = torch.Generator(device=device).manual_seed(s.seed)
     ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
                    temperature=s.temperature, generator=gen)

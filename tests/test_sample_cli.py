@@ -85,4 +85,4 @@ def test_missing_checkpoint_is_a_clear_error(setup):
     out = subprocess.run([sys.executable, "-m", "muse.cli", "sample", "--config", str(cfg), *sets, "--prompt", "x"],
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                                                                            "HF_HUB_OFFLINE": "1"})
-    assert out.returncode == 1 and "no checkpoint" in out.stderr and "train first" in out.stderr
+    assert out.returncode == 2 and "no checkpoint" in out.stderr and "train first" in out.stderr  # a user mistake

@@ -26,6 +26,13 @@ from muse.storage import Storage, shard_name, source_fs
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
 
 
+# What a new user needs when the URL list is missing (docs/download.md has the steps).
+WHERE_LISTS = ("URL lists are Parquet/CSV/JSONL files with a URL and a caption column (source.url_column, "
+               "source.caption_column; URL and TEXT in LAION's metadata), such as the LAION / re-LAION "
+               "metadata Parquet parts on the Hugging Face hub: fetch one part, point source.paths at it "
+               "and try a slice with --set source.max_samples=1000 (see docs/download.md)")
+
+
 class SourceError(ValueError):
     """A source file that cannot be used: names the file and what to do."""
 
@@ -60,10 +67,10 @@ def expand_sources(paths: list[str], gcs_project: str | None = None) -> list[str
         if any(c in path for c in "*?["):
             matches = sorted(fs.glob(path))
             if not matches:
-                raise SourceError(f"source.paths: no file matches {uri!r}")
+                raise SourceError(f"source.paths: no file matches {uri!r}: {WHERE_LISTS}")
             out += [prefix + m if prefix else m for m in matches]
         elif not fs.exists(path):
-            raise SourceError(f"source.paths: file not found: {uri!r}")
+            raise SourceError(f"source.paths: file not found: {uri!r}: {WHERE_LISTS}")
         else:
             out.append(uri)
     return out

@@ -58,13 +58,13 @@ def paella_class():
     return PaellaVQModel
 
 
-def _resolve(name_or_path: str, subfolder: str | None) -> str:
+def _resolve(name_or_path: str, subfolder: str | None, hub: dict) -> str:
     """Local folder (+subfolder) or download a hub snapshot (only needed for open-muse format)."""
     p = Path(name_or_path)
     if not p.exists():
         from huggingface_hub import snapshot_download
 
-        p = Path(snapshot_download(name_or_path))
+        p = Path(snapshot_download(name_or_path, **hub))
     return str(p / subfolder) if subfolder else str(p)
 
 
@@ -82,17 +82,20 @@ def _read_state(folder: str) -> dict:
     raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin")
 
 
-def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
+def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert, key: str):
+    from muse.hub import hub_kwargs
+
+    hub = hub_kwargs(name_or_path, key, subfolder)  # before the load: no minute of retries when offline
     with LOAD_LOCK:
-        return _load_unlocked(cls, name_or_path, subfolder, fmt, convert)
+        return _load_unlocked(cls, name_or_path, subfolder, fmt, convert, hub)
 
 
-def _load_unlocked(cls, name_or_path: str, subfolder: str | None, fmt: str, convert):
+def _load_unlocked(cls, name_or_path: str, subfolder: str | None, fmt: str, convert, hub: dict):
     if fmt == "diffusers":
-        return cls.from_pretrained(name_or_path, subfolder=subfolder)
+        return cls.from_pretrained(name_or_path, subfolder=subfolder, **hub)
     if fmt != "open-muse":
         raise ValueError(f"unknown VQ format {fmt!r}: diffusers or open-muse")
-    folder = _resolve(name_or_path, subfolder)
+    folder = _resolve(name_or_path, subfolder, hub)
     config = json.loads((Path(folder) / "config.json").read_text())
     model = cls.from_config(_openmuse_config(cls, config))
     state = convert(_read_state(folder), model)
@@ -161,19 +164,20 @@ def _factor(model) -> int:
 
 
 def load_vq(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
-            device: str = "cpu") -> VQTokenizer:
+            device: str = "cpu", key: str = "encode.vq_model") -> VQTokenizer:
     """The base tokenizer (open-muse VQGAN f16) as a VQTokenizer, fp32."""
     from diffusers import VQModel
 
     def convert(state, model):
         return openmuse_vqgan_to_diffusers(state, len(model.config.block_out_channels))
 
-    model = _load(VQModel, name_or_path, subfolder, fmt, convert).float()
+    model = _load(VQModel, name_or_path, subfolder, fmt, convert, key).float()
     return VQTokenizer(model, torch.device(device), _factor(model))
 
 
 def load_paella(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
-                device: str = "cpu") -> VQTokenizer:
+                device: str = "cpu", key: str = "encode.superres_vq_model") -> VQTokenizer:
     """The super-resolution tokenizer (PaellaVQ f8) as a VQTokenizer, fp32, eval mode (BatchNorm)."""
-    model = _load(paella_class(), name_or_path, subfolder, fmt, lambda s, m: openmuse_paella_to_diffusers(s)).float()
+    model = _load(paella_class(), name_or_path, subfolder, fmt, lambda s, m: openmuse_paella_to_diffusers(s),
+                  key).float()
     return VQTokenizer(model, torch.device(device), _factor(model))
