@@ -22,9 +22,7 @@ from muse.download.runner import verify_shard
 from muse.download.sources import read_source
 from muse.placeholders import color_of, solid_color
 from muse.storage import Storage
-
-sys.path.insert(0, str(Path(__file__).parent))
-from imageserver import ImageServer, refused_url, source_image  # noqa: E402
+from muse.testing.imageserver import ImageServer, refused_url, source_image
 
 SIZE = 32
 LONG_CAPTION = "a very long caption " * 500

@@ -1,16 +1,11 @@
 """download.distributor=spark in Spark local mode (needs pyspark + Java 17)."""
 
-import sys
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.config import load_config
 from muse.download import run_download
-
-sys.path.insert(0, str(Path(__file__).parent))
-from imageserver import ImageServer  # noqa: E402
+from muse.testing.imageserver import ImageServer
 
 
 def test_spark_distributor_local_mode(tmp_path):

@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from encode_helpers import write_image_shard
 from muse.config import load_config
 from muse.encode import EncodeError, dataset_dir, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
@@ -25,7 +24,8 @@ from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
 from muse.schema import t5_from_bytes
 from muse.storage import Storage
-from muse.tiny import build_tiny_encoders, tiny_encode_overrides
+from muse.testing.image_shards import write_image_shard
+from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)

@@ -18,8 +18,8 @@ from muse import evaluate
 from muse.config import load_config
 from muse.data import in_eval_slice, iter_eval_rows
 from muse.storage import Storage
-from muse.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
-from train_helpers import REPO, make_data, read_tb, read_trace, run_train, tiny_config
+from muse.testing.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
+from tests.train_helpers import REPO, make_data, read_tb, read_trace, run_train, tiny_config
 
 HOLDOUT = 0.25
 STEPS = 8

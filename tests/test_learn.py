@@ -7,6 +7,7 @@ import numpy as np
 from muse import demo
 from muse.cli import main as muse
 from muse.testing import shapes
+from muse.testing.imageserver import ImageServer
 
 
 def test_scorer_reads_the_world_and_rejects_a_blank_picture():
@@ -46,8 +47,8 @@ def test_a_short_run_beats_chance(tmp_path):
     """The demo's VQ (trained once per machine, ~2.5 min), 480 rows, 300 steps: colour well above
     chance (1/6; 0.4 is over 4 standard deviations above it at n=42)."""
     config, images = demo.prepare(tmp_path, rows=480)
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(tmp_path, url)
+    with ImageServer(images) as srv:
+        demo.write_urls(tmp_path, srv.url())
         assert muse(["run", "--config", str(config), "--set", "train.max_steps=300"]) == 0
     results = demo.score(config, per_pair=2)
     scale = max(results)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from muse.config import ModelConfig
 from muse.models import build_model
-from muse.tiny import CODEBOOK, TEXT_DIM, build_tiny_encoders, tiny_encode_overrides
+from muse.testing.tiny import CODEBOOK, TEXT_DIM, build_tiny_encoders, tiny_encode_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,7 @@ import yaml
 from muse import checkpoint, train
 from muse.config import apply_overrides, load_config
 from muse.storage import Storage
-from train_helpers import make_data, read_tb, run_train, tiny_config
+from tests.train_helpers import make_data, read_tb, run_train, tiny_config
 
 SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped", "train/epoch",
            "train/samples_per_s", "train/tokens_per_s"]
@@ -52,7 +52,7 @@ def test_resumed_run_shows_each_step_once(tmp_path):
 
 
 def test_sample_grid_goes_to_tensorboard(tmp_path):
-    from muse.tiny import build_tiny_encoders, tiny_encode_overrides
+    from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
     enc = build_tiny_encoders(tmp_path / "enc")
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=2, sample_every=2)

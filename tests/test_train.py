@@ -8,7 +8,7 @@ import torch
 
 from muse import checkpoint, train
 from muse.storage import Storage
-from train_helpers import make_data, read_tb, read_trace, run_train, signal_tree, tiny_config
+from tests.train_helpers import make_data, read_tb, read_trace, run_train, signal_tree, tiny_config
 
 STEPS = 8
 
