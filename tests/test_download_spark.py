@@ -2,10 +2,13 @@
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from muse.config import load_config
 from muse.download import run_download
 from muse.testing.imageserver import ImageServer
+
+pytestmark = pytest.mark.slow  # starts a JVM and Spark in local mode
 
 
 def test_spark_distributor_local_mode(tmp_path):

@@ -140,6 +140,7 @@ def test_superres_tokens(tmp_path, tiny_encoders):
     assert np.array_equal(np.array(table.column("vq16").to_pylist()), ids16)
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_is_byte_identical(tmp_path, tiny_encoders):
     """SIGKILL the encoder after its first shard, re-run: same bytes as an uninterrupted run."""
     roots = {}

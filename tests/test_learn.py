@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 
 from muse import demo
 from muse.cli import main as muse
@@ -23,6 +24,7 @@ def test_scorer_reads_the_world_and_rejects_a_blank_picture():
     assert all(p not in shapes.training_pairs() for p in shapes.HELD_OUT)
 
 
+@pytest.mark.slow
 def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     from muse.encode.image import load_vq
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
@@ -43,6 +45,7 @@ def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     assert vq.decode(ids).shape == (8, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_a_short_run_beats_chance(tmp_path):
     """The demo's VQ (trained once per machine, ~2.5 min), 480 rows, 300 steps: colour well above
     chance (1/6; 0.4 is over 4 standard deviations above it at n=42)."""
