@@ -1,11 +1,12 @@
 # Two commands on a fresh machine:
 #   make demo   the whole pipeline on a tiny bundled subset, offline, on CPU
 #   make test   the test suite (what CI runs)
+#   make test-fast   the suite without the tests marked slow (the inner loop, under 3 minutes)
 PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test install bench clean
+.PHONY: demo test test-fast install bench clean
 
 $(BIN)/muse: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -25,6 +26,9 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest -q
+
+test-fast: install
+	$(BIN)/python -m pytest -q -m "not slow"
 
 bench: install
 	bash bench/all.sh

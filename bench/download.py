@@ -21,18 +21,16 @@ import time
 from pathlib import Path
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from imageserver import ImageServer, body_for, refused_url  # noqa: E402
 from muse.config import load_config  # noqa: E402
 import muse.download  # noqa: E402
 from muse.download import run_download  # noqa: E402
 from muse.download.runner import run_img2dataset  # noqa: E402
 from muse.download.sources import ROW  # noqa: E402
+from muse.testing.imageserver import ImageServer, body_for, refused_url  # noqa: E402
 
 
 _I2D_SECONDS: list[float] = []

@@ -15,28 +15,23 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import sys
 import tempfile
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+import numpy as np
+import torch
+import yaml
+from PIL import Image
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-import yaml  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from muse.config import load_config  # noqa: E402
-from muse.encode import run_encode  # noqa: E402
-from muse.encode.shards import Encoders  # noqa: E402
-from muse.storage import Storage  # noqa: E402
-from muse.tiny import build_tiny_encoders, tiny_encode_overrides  # noqa: E402
+from muse.config import load_config
+from muse.encode import run_encode
+from muse.encode.shards import Encoders
+from muse.storage import Storage
+from muse.testing.image_shards import write_image_shard
+from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
 
 def write_shards(storage: Storage, shards: int, rows: int) -> None:
-    from encode_helpers import write_image_shard
-
     for sid in range(shards):
         write_image_shard(storage, sid, [f"a photo of object {sid} number {i} on a table" for i in range(rows)])
 

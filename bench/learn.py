@@ -24,6 +24,7 @@ from pathlib import Path
 from muse import demo
 from muse.cli import main as muse
 from muse.config import load_config
+from muse.testing.imageserver import ImageServer
 
 
 def run(out: Path, overrides: list[str]) -> dict:
@@ -31,8 +32,8 @@ def run(out: Path, overrides: list[str]) -> dict:
     t = time.time()
     config, images = demo.prepare(out)
     times["prepare (world, T5, VQ)"] = time.time() - t
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(out, url)
+    with ImageServer(images) as srv:
+        demo.write_urls(out, srv.url())
         for phase in ("download", "encode", "train", "sample"):
             t = time.time()
             rc = muse([phase, "--config", str(config)] + sum((["--set", o] for o in overrides), []))

@@ -16,20 +16,16 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
-import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from muse.config import ModelConfig  # noqa: E402
-from muse.data import StreamingDataset, worker_init  # noqa: E402
-from muse.emulator import GCSEmulator  # noqa: E402
-from muse.storage import Storage  # noqa: E402
-from muse.testing.datasets import write_test_dataset  # noqa: E402
+from muse.config import ModelConfig
+from muse.data import StreamingDataset, worker_init
+from muse.storage import Storage
+from muse.testing.datasets import write_test_dataset
+from muse.testing.gcs import GCSEmulator
 
 DIR = "encoded/bench"
 

@@ -14,20 +14,17 @@ several repeats. The last line is the step-time ratio (goal <= 1.05).
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from muse.config import ModelConfig  # noqa: E402
-from muse.masking import mask_tokens, masked_loss  # noqa: E402
-from muse.models import build_model  # noqa: E402
-from muse.sample import generate  # noqa: E402
+from muse.config import ModelConfig
+from muse.masking import mask_tokens, masked_loss
+from muse.models import build_model
+from muse.sample import generate
 
 H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, SXM
 

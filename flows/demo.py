@@ -27,6 +27,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 def main(argv=None) -> int:
     from muse import demo
+    from muse.testing.imageserver import ImageServer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--output", default="demo-output")
@@ -34,7 +35,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     t0 = time.time()
     config, images = demo.prepare(args.output)
-    with demo.ImageServer(images) as url:
+    with ImageServer(images, port=demo.PORT) as srv:
+        url = srv.url()
         rows = demo.write_urls(args.output, url)
         print(f"demo: {rows} URLs served from {url}; config {config}", flush=True)
         if args.no_prefect:

@@ -2,10 +2,12 @@
 
 - 1,200 pictures of coloured shapes with captions (`muse.testing.shapes`), plus two rows
   that must fail (a 404 and a `file://` URL) to show the replacement path;
-- a threaded HTTP server on 127.0.0.1 serving them (LAION URLs are unreachable here);
+- a threaded HTTP server on 127.0.0.1 serving them (`muse.testing.imageserver`; LAION URLs are
+  unreachable here), on port `PORT` when it is free so the URL list stays the same between runs;
 - a tiny T5 built on the spot and a VQ tokenizer trained on the world (`muse.testing.shapes_vq`,
   cached per machine), both loaded through the real code path;
-- a pipeline config: `pipeline.yaml` with the overrides in `demo_overrides`;
+- a pipeline config: the config's defaults (what `pipeline.yaml` lists) with the one list of
+  overrides in `demo_overrides`, written resolved to `<output>/pipeline.yaml`;
 - `score(config)`: every colour x shape prompt sampled at guidance 1 and at the configured
   scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
@@ -15,18 +17,14 @@
 from __future__ import annotations
 
 import json
-import threading
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-import yaml
 from PIL import Image
 
 from muse.testing import shapes
 
-REPO = Path(__file__).resolve().parents[1]
 ROWS = 1200
+PORT = 8765   # the demo's image server; any free port when it is taken
 QUICK_VQ = dict(images=128, steps=200, decoder_steps=20, batch_size=16)
 
 
@@ -42,31 +40,6 @@ def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
     return out
 
 
-class ImageServer:
-    """`with ImageServer(folder) as url:` serves `folder` on 127.0.0.1 (a free port)."""
-
-    def __init__(self, folder: Path, port: int = 8765):
-        handler = partial(_QuietHandler, directory=str(folder))
-        try:  # a stable port keeps the URL list unchanged between demo runs (nothing re-fetched)
-            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
-        except OSError:
-            self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def __enter__(self) -> str:
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        return self.url
-
-    def __exit__(self, *exc) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args) -> None:  # img2dataset's own progress is enough
-        pass
-
-
 def write_source(path: Path, base_url: str, items: list[tuple[str, str]]) -> int:
     rows = [{"url": f"{base_url}/{name}", "caption": caption, "sample_id": i} for i, (name, caption) in enumerate(items)]
     rows.append({"url": f"{base_url}/missing.jpg", "caption": "a picture that is gone (404)", "sample_id": len(rows)})
@@ -78,10 +51,10 @@ def write_source(path: Path, base_url: str, items: list[tuple[str, str]]) -> int
 
 
 def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list[str]:
-    """The demo's settings as `--set` overrides of pipeline.yaml: one list, read top to bottom."""
-    prompts = [shapes.caption(c, s) for c in shapes.COLOURS for s in shapes.SHAPES]
-    if quick:  # the tests' subset: shards of 25 rows, two prompts
-        prompts = prompts[:2]
+    """The demo's settings as `--set` overrides of the config's defaults: one list, read top to bottom.
+
+    `quick` (the tests' subset) changes three: shards of 25 rows, 40 steps, two prompts."""
+    prompts = shapes.all_prompts()[:2] if quick else shapes.all_prompts()
     sets = [f"storage.root={out / 'data'}", f"storage.work_dir={out / 'work'}",
             f"source.paths=[{source}]", "source.url_column=url", "source.caption_column=caption",
             "source.format=jsonl",
@@ -107,9 +80,9 @@ def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tu
     """Images, encoders, config (without the URL list, which needs the server's port).
 
     -> (config path, images folder)."""
-    from muse.config import apply_overrides
+    from muse.config import load_config
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
-    from muse.tiny import TEXT_DIM, build_tiny_t5
+    from muse.testing.tiny import TEXT_DIM, build_tiny_t5
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -120,10 +93,11 @@ def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tu
                 "codebook_size": vq_stats["codebook_size"], "text_dim": TEXT_DIM}
     source = out / "source" / "urls.jsonl"
     source.parent.mkdir(exist_ok=True)
-    data = apply_overrides(yaml.safe_load((REPO / "pipeline.yaml").read_text()),
-                           demo_overrides(out, encoders, source, quick))
+    # from the defaults, not the repo's pipeline.yaml (the same values, checked by a test):
+    # an installed package has no repo, and the config is validated before anything runs
+    cfg = load_config(None, demo_overrides(out, encoders, source, quick), data={})
     path = out / "pipeline.yaml"
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.write_text(cfg.to_yaml())
     return path, out / "images"
 
 
@@ -146,15 +120,16 @@ def score(config_path: str | Path, per_pair: int = 4) -> dict:
     """Sample every colour x shape prompt `per_pair` times at guidance 1 and at sample.guidance_scale,
     judge each picture, print the adherence table, write captioned grids next to the samples."""
     from muse.config import load_config
-    from muse.sample import generate_images, make_grid, png_bytes
+    from muse.sample import generate_images, load_models, make_grid, png_bytes
     from muse.storage import Storage
 
     cfg = load_config(config_path)
     storage = Storage.from_config(cfg)
-    prompts = [shapes.caption(c, s) for c in shapes.COLOURS for s in shapes.SHAPES for _ in range(per_pair)]
+    prompts = shapes.all_prompts(per_pair)
+    models = load_models(cfg, storage)
     results = {}
     for scale in sorted({1.0, cfg.sample.guidance_scale}):
-        images = generate_images(cfg, prompts, storage, guidance_scale=scale)
+        images = generate_images(cfg, prompts, storage, guidance_scale=scale, models=models)
         results[scale] = shapes.adherence(images, prompts)
         storage.write_bytes(f"samples/adherence-g{scale:g}.png",
                             png_bytes(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts)}))

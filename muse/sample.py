@@ -16,6 +16,7 @@ from __future__ import annotations
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -216,28 +217,50 @@ def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
     return np.asarray(vq.decode(ids.view(-1, grid, grid).cpu()), dtype=np.uint8)
 
 
-def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | None = None) -> np.ndarray:
-    """T5 -> base -> optional super-res -> VQ decode: uint8 images (B, H, W, 3), one per prompt."""
+@dataclass
+class SamplingModels:
+    """Everything `generate_images` runs, loaded once (the demo samples at two guidance scales)."""
+    text: object                     # muse.encode.text.TextEncoder
+    base: torch.nn.Module
+    superres: torch.nn.Module | None
+    decoder: object                  # the VQTokenizer that decodes the last model's ids
+
+
+def load_models(cfg, storage) -> SamplingModels:
+    """T5, the base (and super-res) checkpoints and the VQ decoder that `cfg.sample` names."""
     from muse.encode.text import TextEncoder
 
     s, e = cfg.sample, cfg.encode
-    scale = s.guidance_scale if guidance_scale is None else guidance_scale
     device = resolve_device(s.device)
-    # the checkpoint first: a missing one is named before T5 spends time (or the hub) loading
-    model = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
-    text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
-                                       device=str(device))
-    hidden, mask = pad_embeddings(text.encode(prompts), device=device)
-    uncond, uncond_mask = pad_embeddings(text.encode([""]), device=device)
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    ids = generate(model, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
-                   temperature=s.temperature, generator=gen)
+    # the checkpoints first: a missing one is named before T5 spends time (or the hub) loading
+    base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
+    sr = None
     if s.superres_checkpoint:
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
-        ids = generate(sr, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
+    text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
+                                       device=str(device))
+    return SamplingModels(text, base, sr, load_decoder(e, device, superres=sr is not None))
+
+
+def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | None = None,
+                    models: SamplingModels | None = None) -> np.ndarray:
+    """T5 -> base -> optional super-res -> VQ decode: uint8 images (B, H, W, 3), one per prompt.
+
+    `models` from `load_models(cfg, storage)` to reuse them across calls; loaded here otherwise."""
+    s = cfg.sample
+    scale = s.guidance_scale if guidance_scale is None else guidance_scale
+    device = resolve_device(s.device)
+    m = models or load_models(cfg, storage)
+    hidden, mask = pad_embeddings(m.text.encode(prompts), device=device)
+    uncond, uncond_mask = pad_embeddings(m.text.encode([""]), device=device)
+    gen = torch.Generator(device=device).manual_seed(s.seed)
+    ids = generate(m.base, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
+                   temperature=s.temperature, generator=gen)
+    if m.superres is not None:
+        ids = generate(m.superres, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
                        guidance_scale=scale, temperature=s.temperature, generator=gen, low_res_ids=ids)
-        return decode_ids(load_decoder(e, device, superres=True), ids, sr.config.grid_size)
-    return decode_ids(load_decoder(e, device), ids, model.config.grid_size)
+    last = m.base if m.superres is None else m.superres
+    return decode_ids(m.decoder, ids, last.config.grid_size)
 
 
 def run_sample(cfg) -> list[str]:

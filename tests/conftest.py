@@ -11,7 +11,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 
 import pytest  # noqa: E402
 
-from muse.emulator import GCSEmulator  # noqa: E402
+from muse.testing.gcs import GCSEmulator  # noqa: E402
 
 
 @pytest.fixture(scope="session")
@@ -39,9 +39,10 @@ def any_root(request, tmp_path) -> str:
 def demo_subset(tmp_path_factory):
     """The demo's images, tiny encoders and config, with its URL list served on 127.0.0.1."""
     from muse import demo
+    from muse.testing.imageserver import ImageServer
 
     out = tmp_path_factory.mktemp("demo")
     config, images = demo.prepare(out, quick=True)
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(out, url)
+    with ImageServer(images) as srv:
+        demo.write_urls(out, srv.url())
         yield out, config

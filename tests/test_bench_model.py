@@ -4,9 +4,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_model_bench_prints_its_table():
     out = subprocess.run([sys.executable, "bench/model.py", "--tiny", "--repeats", "1"], cwd=REPO,
                          capture_output=True, text=True, timeout=300)

@@ -154,10 +154,7 @@ def test_unexpected_errors_keep_their_traceback(capsys):
 def test_a_cached_model_loads_when_the_hub_is_unreachable(tmp_path):
     """The way out "fill the cache": a model in the HF cache loads without HF_HUB_OFFLINE and without
     a minute of retries (the hang guard), because the load is told local_files_only."""
-    try:  # being moved under muse/testing/
-        from muse.testing.tiny import build_tiny_t5
-    except ImportError:
-        from muse.tiny import build_tiny_t5
+    from muse.testing.tiny import build_tiny_t5
 
     repo = tmp_path / "hf/hub/models--muse-test--tiny-t5"
     build_tiny_t5(repo / "snapshots/0000000000000000000000000000000000000000")

@@ -140,6 +140,7 @@ def test_refresh_cron_matches_pipeline_yaml():
     assert deps["train"]["parameters"]["target"] == "local"
 
 
+@pytest.mark.slow
 def test_deployments_from_prefect_yaml(deployed):
     from prefect.client.orchestration import get_client
 
@@ -156,6 +157,7 @@ def test_deployments_from_prefect_yaml(deployed):
     assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
 
 
+@pytest.mark.slow
 def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path):
     from muse.config import load_config
     from muse.storage import Storage
@@ -173,6 +175,7 @@ def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path
     assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+@pytest.mark.slow
 def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_path):
     from muse.config import load_config
     from muse.layout import dataset_dir

@@ -22,9 +22,7 @@ from muse.download.sources import read_source
 from muse.layout import IMAGES, done_shards
 from muse.placeholders import color_of, solid_color
 from muse.storage import Storage
-
-sys.path.insert(0, str(Path(__file__).parent))
-from imageserver import ImageServer, refused_url, source_image  # noqa: E402
+from muse.testing.imageserver import ImageServer, refused_url, source_image
 
 SIZE = 32
 LONG_CAPTION = "a very long caption " * 500
@@ -160,6 +158,7 @@ def test_stats_registry_and_config_written(reference, tmp_path):
     assert plan_download(make_cfg(root, [src], tmp_path)) == []  # complete: nothing to do
 
 
+@pytest.mark.slow
 def test_same_download_to_gcs_is_identical(reference, gcs_root, tmp_path):
     rows, src, _, ref = reference
     st = Storage(gcs_root)
@@ -173,6 +172,7 @@ def test_same_download_to_gcs_is_identical(reference, gcs_root, tmp_path):
     assert plan_download(make_cfg(gcs_root, [remote_src], tmp_path)) == []  # stable fingerprint
 
 
+@pytest.mark.slow
 def test_killed_download_reruns_to_the_same_output(reference, tmp_path):
     rows, src, _, ref = reference
     root = tmp_path / "root"
@@ -196,6 +196,7 @@ def test_killed_download_reruns_to_the_same_output(reference, tmp_path):
     assert read_all(root).equals(ref)
 
 
+@pytest.mark.slow
 def test_adding_a_source_fetches_only_its_rows(server, tmp_path):
     first = write_source(tmp_path / "a.parquet", [(server.url(f"/img/{i}.jpg"), f"a{i}", None, i)
                                                   for i in range(10, 19)])

@@ -1,16 +1,14 @@
 """download.distributor=spark in Spark local mode (needs pyspark + Java 17)."""
 
-import sys
-from pathlib import Path
-
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from muse.config import load_config
 from muse.download import run_download
+from muse.testing.imageserver import ImageServer
 
-sys.path.insert(0, str(Path(__file__).parent))
-from imageserver import ImageServer  # noqa: E402
+pytestmark = pytest.mark.slow  # starts a JVM and Spark in local mode
 
 
 def test_spark_distributor_local_mode(tmp_path):

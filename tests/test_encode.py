@@ -17,7 +17,6 @@ import pytest
 import torch
 import yaml
 
-from encode_helpers import write_image_shard
 from muse.config import load_config
 from muse.encode import EncodeError, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
@@ -25,7 +24,8 @@ from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
 from muse.layout import dataset_dir, t5_from_bytes
 from muse.storage import Storage
-from muse.tiny import build_tiny_encoders, tiny_encode_overrides
+from muse.testing.image_shards import write_image_shard
+from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 torch.set_num_threads(1)
@@ -140,6 +140,7 @@ def test_superres_tokens(tmp_path, tiny_encoders):
     assert np.array_equal(np.array(table.column("vq16").to_pylist()), ids16)
 
 
+@pytest.mark.slow
 def test_killed_run_then_rerun_is_byte_identical(tmp_path, tiny_encoders):
     """SIGKILL the encoder after its first shard, re-run: same bytes as an uninterrupted run."""
     roots = {}

@@ -18,8 +18,8 @@ from muse import evaluate
 from muse.config import load_config
 from muse.data import in_eval_slice, iter_eval_rows
 from muse.storage import Storage
-from muse.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
-from train_helpers import REPO, make_data, read_tb, read_trace, run_train, tiny_config
+from muse.testing.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
+from tests.train_helpers import REPO, make_data, read_tb, read_trace, run_train, tiny_config
 
 HOLDOUT = 0.25
 STEPS = 8
@@ -69,6 +69,7 @@ def test_eval_slice_is_a_stable_hash_of_the_key():
     assert not any(in_eval_slice(k, 0.0) for k in keys)
 
 
+@pytest.mark.slow
 def test_trainer_never_sees_the_eval_rows_and_the_reader_yields_exactly_them(world):
     config, tmp, _ = world
     cfg = load_config(config)
@@ -84,6 +85,7 @@ def test_trainer_never_sees_the_eval_rows_and_the_reader_yields_exactly_them(wor
     assert all(r["t5"].shape[1] == 16 and r["caption"].startswith("caption ") for r in rows)
 
 
+@pytest.mark.slow
 def test_exact_resume_with_an_eval_slice(world):
     config, tmp, _ = world
     out = run_train(config, "--set", "train.run_name=resumed", "--resume", str(tmp / "root/checkpoints/t/step-00000004"),
@@ -98,6 +100,7 @@ def test_exact_resume_with_an_eval_slice(world):
     assert out.returncode == 2 and "train.eval_holdout=0.25" in out.stderr, out.stderr
 
 
+@pytest.mark.slow
 def test_eval_every_writes_results_and_leaves_training_unchanged(world):
     config, tmp, log = world
     storage = Storage.from_config(load_config(config))
@@ -110,6 +113,7 @@ def test_eval_every_writes_results_and_leaves_training_unchanged(world):
     assert "step 4: eval fid" in log.stdout
 
 
+@pytest.mark.slow
 def test_eval_every_metrics_and_grid_go_to_tensorboard(world):
     config, tmp, _ = world
     storage = Storage.from_config(load_config(config))
@@ -132,6 +136,7 @@ def test_eval_every_metrics_and_grid_go_to_tensorboard(world):
     assert [p.step for p in acc.Scalars("train/loss")] == list(range(1, STEPS + 1))
 
 
+@pytest.mark.slow
 def test_eval_every_failure_is_logged_not_fatal(world):
     config, tmp, _ = world
     out = run_train(config, "--set", "train.run_name=broken", "--set", "train.eval_every=4", "--set", "train.max_steps=4",
@@ -140,6 +145,7 @@ def test_eval_every_failure_is_logged_not_fatal(world):
     assert "step 4: evaluation skipped (EvalError: eval.clip_model='/nonexistent/clip'" in out.stdout
 
 
+@pytest.mark.slow
 def test_muse_eval_end_to_end(world):
     config, tmp, _ = world
     cmd = [sys.executable, "-m", "muse.cli", "eval", "--config", str(config), "--max-samples", "10"]
@@ -164,6 +170,7 @@ def test_muse_eval_end_to_end(world):
     assert json.loads(png.text["parameters"])["checkpoint"] == rec["checkpoint"]
 
 
+@pytest.mark.slow
 def test_extra_metrics_plug_in(world):
     config, tmp, _ = world
     cfg = load_config(config)
@@ -234,12 +241,14 @@ def test_eval_without_a_slice_says_which_key(tmp_path):
         load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_every=2))
 
 
+@pytest.mark.slow
 def test_results_json_is_plain_json(world):
     config, tmp, _ = world
     rec = json.loads((tmp / "root/checkpoints/withevals/eval/step-00000008.json").read_text())
     assert {"step", "checkpoint", "metrics", "counts", "settings", "seconds"} <= set(rec)
 
 
+@pytest.mark.slow
 def test_eval_flow_makes_a_metrics_table(world):
     import asyncio
     import os

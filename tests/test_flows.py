@@ -15,6 +15,8 @@ from muse.config import load_config  # noqa: E402
 from muse.layout import dataset_dir  # noqa: E402
 from muse.storage import Storage  # noqa: E402
 
+pytestmark = pytest.mark.slow  # Prefect's test harness and the demo subset, end to end
+
 
 @pytest.fixture(scope="module")
 def harness():

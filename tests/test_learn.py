@@ -3,10 +3,12 @@
 import json
 
 import numpy as np
+import pytest
 
 from muse import demo
 from muse.cli import main as muse
 from muse.testing import shapes
+from muse.testing.imageserver import ImageServer
 
 
 def test_scorer_reads_the_world_and_rejects_a_blank_picture():
@@ -22,6 +24,7 @@ def test_scorer_reads_the_world_and_rejects_a_blank_picture():
     assert all(p not in shapes.training_pairs() for p in shapes.HELD_OUT)
 
 
+@pytest.mark.slow
 def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     from muse.encode.image import load_vq
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
@@ -42,12 +45,13 @@ def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     assert vq.decode(ids).shape == (8, 64, 64, 3)
 
 
+@pytest.mark.slow
 def test_a_short_run_beats_chance(tmp_path):
     """The demo's VQ (trained once per machine, ~2.5 min), 480 rows, 300 steps: colour well above
     chance (1/6; 0.4 is over 4 standard deviations above it at n=42)."""
     config, images = demo.prepare(tmp_path, rows=480)
-    with demo.ImageServer(images, port=0) as url:
-        demo.write_urls(tmp_path, url)
+    with ImageServer(images) as srv:
+        demo.write_urls(tmp_path, srv.url())
         assert muse(["run", "--config", str(config), "--set", "train.max_steps=300"]) == 0
     results = demo.score(config, per_pair=2)
     scale = max(results)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from muse.config import ModelConfig
 from muse.models import build_model
-from muse.tiny import CODEBOOK, TEXT_DIM, build_tiny_encoders, tiny_encode_overrides
+from muse.testing.tiny import CODEBOOK, TEXT_DIM, build_tiny_encoders, tiny_encode_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -44,6 +44,7 @@ def _run(cfg, sets, *args):
     return out
 
 
+@pytest.mark.slow
 def test_base_sample_writes_a_256px_png(setup):
     tmp, cfg, sets = setup
     _run(cfg, sets, "--prompt", "a red circle", "--checkpoint", str(tmp / "base"), "--out", str(tmp / "one.png"))
@@ -54,6 +55,7 @@ def test_base_sample_writes_a_256px_png(setup):
                                                   "guidance_scale": 4.0, "temperature": 1.0, "seed": 0}
 
 
+@pytest.mark.slow
 def test_superres_batch_writes_512px_pngs_and_a_grid(setup):
     tmp, cfg, sets = setup
     (tmp / "prompts.txt").write_text("a red circle\n\na blue square\na green star\n")
@@ -72,6 +74,7 @@ def test_superres_batch_writes_512px_pngs_and_a_grid(setup):
     assert json.loads(grid.text["parameters"]) == params
 
 
+@pytest.mark.slow
 def test_same_seed_same_image(setup):
     tmp, cfg, sets = setup
     for name in ("a.png", "b.png"):

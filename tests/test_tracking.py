@@ -10,7 +10,7 @@ import yaml
 from muse import checkpoint, train
 from muse.config import apply_overrides, load_config
 from muse.storage import Storage
-from train_helpers import make_data, read_tb, run_train, tiny_config
+from tests.train_helpers import make_data, read_tb, run_train, tiny_config
 
 SCALARS = ["train/loss", "train/lr", "train/grad_norm", "train/skipped", "train/epoch",
            "train/samples_per_s", "train/tokens_per_s"]
@@ -20,6 +20,7 @@ def _storage(config) -> Storage:
     return Storage.from_config(load_config(config))
 
 
+@pytest.mark.slow
 def test_training_writes_tensorboard_scalars(any_root, tmp_path):
     config = tiny_config(tmp_path, any_root, max_steps=4, checkpoint_every=100)
     make_data(config)
@@ -38,6 +39,7 @@ def test_training_writes_tensorboard_scalars(any_root, tmp_path):
         assert all(p.value == pytest.approx(metrics[p.step][key], rel=1e-6) for p in pts), tag
 
 
+@pytest.mark.slow
 def test_resumed_run_shows_each_step_once(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=4, checkpoint_every=2)
     make_data(config)
@@ -51,8 +53,9 @@ def test_resumed_run_shows_each_step_once(tmp_path):
     assert [p.step for p in acc.Scalars("train/loss")] == [1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_sample_grid_goes_to_tensorboard(tmp_path):
-    from muse.tiny import build_tiny_encoders, tiny_encode_overrides
+    from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
     enc = build_tiny_encoders(tmp_path / "enc")
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=2, sample_every=2)
@@ -85,6 +88,7 @@ def test_wandb_configured_but_missing_fails_at_start(tmp_path, capsys, monkeypat
     assert not _storage(config).exists("checkpoints/t")  # nothing trained
 
 
+@pytest.mark.slow
 def test_wandb_offline_writes_a_run(tmp_path):
     pytest.importorskip("wandb", reason="wandb is optional (pip install wandb)")
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=100)

@@ -8,7 +8,7 @@ import torch
 
 from muse import checkpoint, train
 from muse.storage import Storage
-from train_helpers import make_data, read_tb, read_trace, run_train, signal_tree, tiny_config
+from tests.train_helpers import make_data, read_tb, read_trace, run_train, signal_tree, tiny_config
 
 STEPS = 8
 
@@ -42,6 +42,7 @@ def _final_weights(config, run):
     return checkpoint.load_model(storage, rel).state_dict()
 
 
+@pytest.mark.slow
 def test_two_ranks_stay_identical_and_loss_falls(gcs_run):
     config, tmp, out = gcs_run
     r0, r1 = read_trace(tmp / "ref", 0), read_trace(tmp / "ref", 1)
@@ -66,6 +67,7 @@ def test_two_ranks_stay_identical_and_loss_falls(gcs_run):
     assert [p.value for p in loss] == pytest.approx([m["loss"] for m in metrics], rel=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig,pause,workers", [(signal.SIGTERM, 3, 2), (signal.SIGKILL, 6, 1)])
 def test_interrupt_and_resume_matches_uninterrupted(gcs_run, sig, pause, workers):
     config, tmp, _ = gcs_run
@@ -102,6 +104,7 @@ def test_interrupt_and_resume_matches_uninterrupted(gcs_run, sig, pause, workers
         torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=5, checkpoint_every=100)
     make_data(config)
@@ -115,6 +118,7 @@ def test_nonfinite_steps_are_skipped_and_counted(tmp_path):
     assert 0 < tr[1]["lr"] < tr[2]["lr"] < tr[3]["lr"]
 
 
+@pytest.mark.slow
 def test_nonfinite_in_a_row_stops_with_advice(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=8, max_nonfinite_steps=3)
     make_data(config)
@@ -158,6 +162,7 @@ def test_bad_config_and_data_fail_clearly(tmp_path, capsys):
     assert rc == 2 and "data's is 32x32" in err
 
 
+@pytest.mark.slow
 def test_muse_train_launches_torchrun(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2)
     make_data(config)
@@ -167,6 +172,7 @@ def test_muse_train_launches_torchrun(tmp_path):
     assert checkpoint.latest(Storage(str(tmp_path / "root")), "t").endswith("step-00000002")
 
 
+@pytest.mark.slow
 def test_superres_with_ema_and_downweight_trains_and_saves(tmp_path):
     from muse.config import load_config
 

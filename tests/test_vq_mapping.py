@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from muse.encode.image import (load_paella, load_vq, openmuse_paella_to_diffusers,
                                openmuse_vqgan_to_diffusers)
-from muse.tiny import build_tiny_paella, build_tiny_vq
+from muse.testing.tiny import build_tiny_paella, build_tiny_vq
 
 torch.set_num_threads(1)
 

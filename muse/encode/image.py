@@ -120,6 +120,15 @@ def _openmuse_config(cls, config: dict) -> dict:
     return {k: v for k, v in config.items() if not k.startswith("_")}
 
 
+def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:
+    """Quantized latents (B, C, h, w) -> pictures (B, 3, h*f, w*f), RGB in [0, 1] before clamping.
+
+    Differentiable: `muse.testing.shapes_vq` trains through it, `VQTokenizer.decode` decodes ids."""
+    if type(model).__name__ == "PaellaVQModel":
+        return model.decode(quant, force_not_quantize=True).sample
+    return model.decoder(model.post_quant_conv(quant), None)
+
+
 class VQTokenizer:
     """Batched image <-> ids with a diffusers VQModel or PaellaVQModel."""
 
@@ -149,10 +158,7 @@ class VQTokenizer:
         q = self._quantizer()
         C = q.embedding.weight.shape[1]
         quant = q.embedding(ids.reshape(-1)).view(B, h, w, C).permute(0, 3, 1, 2).contiguous()
-        if self.is_paella:
-            x = self.model.decode(quant, force_not_quantize=True).sample
-        else:
-            x = self.model.decoder(self.model.post_quant_conv(quant), None)
+        x = decode_latents(self.model, quant)
         return (x.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 

@@ -4,5 +4,10 @@ Nothing here is needed to run the pipeline on real data; it lets the whole pipel
 offline on a CPU and still show that it learns:
 - `shapes`: a learnable tiny world (coloured shapes with captions) and its deterministic
   prompt-adherence scorer;
-- `shapes_vq`: a diffusers `VQModel` trained briefly on that world, cached per machine.
+- `shapes_vq`: a diffusers `VQModel` trained briefly on that world, cached per machine;
+- `tiny`: tiny random-init encoders (T5, VQ, Paella, CLIP, FID features) saved like the real ones;
+- `gcs`: `GCSEmulator`, a real fake-gcs-server on 127.0.0.1;
+- `imageserver`: `ImageServer`, a real HTTP server of generated images and failure routes
+  (or of a folder's files, for the demo);
+- `image_shards`: `write_image_shard`, phase-1 shards written directly for the encode tests.
 """

@@ -87,6 +87,11 @@ def render(scene: Scene, size: int = 64) -> np.ndarray:
     return np.asarray(img.resize((size, size), Image.Resampling.BOX))
 
 
+def all_prompts(per_pair: int = 1) -> list[str]:
+    """Every colour x shape caption, held-out pairs included, each `per_pair` times in a row."""
+    return [caption(c, s) for c in COLOURS for s in SHAPES for _ in range(per_pair)]
+
+
 def training_pairs() -> list[tuple[str, str]]:
     return [(c, s) for c in COLOURS for s in SHAPES if (c, s) not in HELD_OUT]
 

@@ -23,6 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from muse.encode.image import decode_latents
+
 CACHE_VERSION = 1  # bump when the training code changes what comes out
 
 
@@ -62,7 +64,7 @@ def build_vq(r: VQRecipe):
 def _forward(vq, x):
     h = vq.encode(x).latents                                    # (B, C, 16, 16)
     zq, qloss, (_, _, idx) = vq.quantize(h)
-    return vq.decoder(vq.post_quant_conv(zq), None), qloss, h, idx
+    return decode_latents(vq, zq), qloss, h, idx
 
 
 def _restart_dead(vq, h: torch.Tensor, used: torch.Tensor, gen: torch.Generator) -> int:
@@ -128,7 +130,7 @@ def _tune_decoder(vq, data: torch.Tensor, r: VQRecipe, gen: torch.Generator, log
         x = data[torch.randint(0, len(data), (r.batch_size // 2,), generator=gen)]
         with torch.no_grad():
             zq = vq.quantize(vq.encode(x).latents)[0]
-        loss = F.mse_loss(vq.decoder(vq.post_quant_conv(zq), None), x)
+        loss = F.mse_loss(decode_latents(vq, zq), x)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -1,4 +1,4 @@
-"""Phase-1 style image shards written directly (the encode tests do not depend on downloading)."""
+"""Phase-1 image shards written directly: the encode tests and `bench/encode.py` need no download."""
 
 from __future__ import annotations
 

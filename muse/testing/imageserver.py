@@ -1,6 +1,7 @@
-"""A real HTTP server on 127.0.0.1 that serves generated images and failure routes.
+"""A real HTTP server on 127.0.0.1 for the download tests, `bench/download.py` and the demo.
 
-Used by the download tests and `bench/download.py`. Routes:
+`ImageServer(folder)` serves the files of `folder` (the demo's pictures; anything else is a
+404). `ImageServer()` serves generated images and failure routes instead:
     /img/<n>.jpg        a deterministic RGB JPEG (gradient + pattern seeded by n)
     /png/<n>.png        the same picture as PNG
     /gray/<n>.png       a grayscale PNG
@@ -19,8 +20,10 @@ import io
 import socket
 import threading
 import time
+import mimetypes
 from functools import lru_cache
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -78,17 +81,27 @@ def body_for(path: str) -> tuple[int, str, bytes, dict]:
     return 404, "text/plain", b"no such route", {}
 
 
+def file_for(folder: Path, path: str) -> tuple[int, str, bytes, dict]:
+    """(status, content type, body, extra headers) for a file directly inside `folder`."""
+    name = path.lstrip("/")
+    file = folder / name
+    if not name or "/" in name or name.startswith(".") or not file.is_file():
+        return 404, "text/plain", b"not found", {}
+    return 200, mimetypes.guess_type(name)[0] or "application/octet-stream", file.read_bytes(), {}
+
+
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
 
     def do_GET(self):  # noqa: N802
         path = self.path.split("?", 1)[0]
         self.server.requests.append(path)  # tests check what was (not) fetched
-        if path == "/slow":
+        folder = self.server.folder
+        if folder is None and path == "/slow":
             time.sleep(SLOW_SECONDS)  # longer than the client's socket timeout
             path = "/img/1.jpg"
         try:
-            status, ctype, body, headers = body_for(path)
+            status, ctype, body, headers = body_for(path) if folder is None else file_for(folder, path)
             self.send_response(status)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
@@ -104,12 +117,19 @@ class _Handler(BaseHTTPRequestHandler):
 
 
 class ImageServer:
-    """`with ImageServer() as srv: srv.url("/img/3.jpg")`."""
+    """`with ImageServer() as srv: srv.url("/img/3.jpg")`; `srv.url()` is the base URL.
 
-    def __init__(self):
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    `port` 0 takes a free port; another port is tried first and a free one taken if it is busy
+    (the demo asks for a fixed one so its URL list, and so its download, stays the same)."""
+
+    def __init__(self, folder: str | Path | None = None, port: int = 0):
+        try:
+            self.httpd = ThreadingHTTPServer(("127.0.0.1", port), _Handler)
+        except OSError:
+            self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.httpd.daemon_threads = True
         self.httpd.requests = []
+        self.httpd.folder = None if folder is None else Path(folder)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
@@ -117,7 +137,7 @@ class ImageServer:
     def requests(self) -> list[str]:
         return self.httpd.requests
 
-    def url(self, path: str) -> str:
+    def url(self, path: str = "") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def __enter__(self) -> "ImageServer":
