@@ -20,6 +20,9 @@ trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash igno
 and the world size, so the slice is the same for every run on the data, and a larger f
 holds out a superset.
 
+A DataError in a DataLoader worker comes back as a batch `{"_error": message}` (raised in
+the main process it is raised as usual).
+
 Every batch carries the state of its stream after it was cut (unit position, the buffer as
 (position, row) indices, RNG state); the trainer keeps the state of the last consumed
 batch per stream and the next batch number: that is the loader state saved in checkpoints.
@@ -243,8 +246,10 @@ class StreamingDataset(IterableDataset):
                     streams[s] = _Stream(self, storage, s, self.state["streams"].get(s))
                 batch = streams[s].next_batch()
             except DataError as e:
-                # in-band, so the trainer can print this one line: DataLoader would re-raise it
-                # from a worker wrapped in the worker's traceback
+                if not info:
+                    raise
+                # from a worker: in-band, so the trainer can print this one line (DataLoader
+                # would re-raise it with the worker's traceback inside the message)
                 yield {"_error": str(e)}
                 return
             batch["_batch"], batch["_stream"], batch["_state"] = g, s, streams[s].state()
