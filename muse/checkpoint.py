@@ -14,9 +14,11 @@ is loaded with `weights_only=True`; weights are safetensors.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -24,6 +26,25 @@ import torch
 from muse.storage import Storage
 
 MODEL_FILES = ("model.safetensors", "config.json")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be resumed from; the message names it and says what to do."""
+
+
+@dataclass
+class TrainState:
+    """Everything an exact resume needs besides the weights. `loader` goes to loader.json (JSON,
+    one entry per rank), the rest to trainer.pt; `rng` also holds one entry per rank."""
+    step: int = 0
+    skipped: int = 0                  # non-finite steps skipped so far
+    optimizer: dict | None = None
+    scheduler: dict | None = None
+    scaler: dict | None = None        # {} when the GradScaler was disabled (bf16, fp32, CPU)
+    ema: list | None = None
+    rng: list = field(default_factory=list)
+    loader: list = field(default_factory=list)
+    fp32_fallback: bool = False       # train.nonfinite_fallback switched the run to fp32
 
 
 def run_dir(run_name: str) -> str:
@@ -42,18 +63,19 @@ def latest(storage: Storage, run_name: str) -> str | None:
     return f"{run_dir(run_name)}/{storage.read_bytes(rel).decode().strip()}"
 
 
-def save(storage: Storage, run_name: str, step: int, model, trainer_state: dict,
-         loader_state: dict, config_yaml: str, keep: int) -> str:
+def save(storage: Storage, run_name: str, model, state: TrainState, config_yaml: str, keep: int) -> str:
     """Write one checkpoint, then LATEST, then drop all but the newest `keep`."""
-    rel = step_dir(run_name, step)
+    rel = step_dir(run_name, state.step)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
         for name in sorted(p.name for p in Path(tmp).iterdir()):
             storage.upload_file(Path(tmp) / name, f"{rel}/{name}")
+    trainer = dataclasses.asdict(state)
+    loader = trainer.pop("loader")
     buf = io.BytesIO()
-    torch.save(trainer_state, buf)
+    torch.save(trainer, buf)
     storage.write_bytes(f"{rel}/trainer.pt", buf.getvalue())
-    storage.write_json(f"{rel}/loader.json", loader_state)
+    storage.write_json(f"{rel}/loader.json", {"ranks": loader})
     storage.write_text(f"{rel}/pipeline.yaml", config_yaml)
     storage.write_text(f"{run_dir(run_name)}/LATEST", rel.rsplit("/", 1)[1] + "\n")
     _prune(storage, run_name, keep)
@@ -95,18 +117,32 @@ def download_model(storage: Storage, rel: str, local_dir: str | Path) -> Path:
 
 
 def load_model(storage: Storage, rel: str):
-    """The model saved in checkpoint `rel` (relative to the root), via its own from_pretrained."""
+    """The model saved in checkpoint `rel` (relative to the root), via its own from_pretrained.
+    Any failure is a CheckpointError naming the checkpoint (the files are read from a temp dir)."""
     from muse.models import load_pretrained
 
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_pretrained(str(download_model(storage, rel, tmp)))
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_pretrained(str(download_model(storage, rel, tmp)))
+    except Exception as e:
+        raise _unreadable(storage, rel, "model.safetensors/config.json", e) from e
 
 
-def load_trainer_state(storage: Storage, rel: str) -> tuple[dict, dict]:
-    """(trainer.pt contents, loader.json) of a checkpoint."""
-    state = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/trainer.pt")), map_location="cpu",
-                       weights_only=True)
-    return state, storage.read_json(f"{rel}/loader.json")
+def load_state(storage: Storage, rel: str) -> TrainState:
+    """The TrainState of a checkpoint (trainer.pt + loader.json); CheckpointError if unreadable."""
+    try:
+        trainer = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/trainer.pt")), map_location="cpu",
+                             weights_only=True)
+        loader = storage.read_json(f"{rel}/loader.json")["ranks"]
+    except Exception as e:
+        raise _unreadable(storage, rel, "trainer.pt/loader.json", e) from e
+    known = {f.name for f in dataclasses.fields(TrainState)}
+    return TrainState(**{k: v for k, v in trainer.items() if k in known}, loader=loader)
+
+
+def _unreadable(storage: Storage, rel: str, files: str, e: Exception) -> CheckpointError:
+    return CheckpointError(f"{storage.url(rel)}: {files} unreadable ({type(e).__name__}: {e}): "
+                           "resume from an older checkpoint (--resume DIR) or start over (--resume none)")
 
 
 def write_metrics(storage: Storage, run_name: str, records: list[dict]) -> None:

@@ -18,7 +18,7 @@ import os
 import sys
 import traceback
 
-from muse.config import ConfigError, PipelineConfig, load_config
+from muse.config import PipelineConfig, load_config
 
 # The config sections each command reads (shown in its --help).
 SECTIONS = {

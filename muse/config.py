@@ -153,6 +153,8 @@ class TrainConfig(_Section):
     nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
         "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
     device: str = "auto"
+    verify: Literal["sha256", "size", "none"] = Field(
+        "size", description="check shards against the manifest at start: size (cheap), sha256 (reads all)")
 
 
 class SampleConfig(_Section):

@@ -20,6 +20,9 @@ trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash igno
 and the world size, so the slice is the same for every run on the data, and a larger f
 holds out a superset.
 
+A DataError in a DataLoader worker comes back as a batch `{"_error": message}` (raised in
+the main process it is raised as usual).
+
 Every batch carries the state of its stream after it was cut (unit position, the buffer as
 (position, row) indices, RNG state); the trainer keeps the state of the last consumed
 batch per stream and the next batch number: that is the loader state saved in checkpoints.
@@ -77,6 +80,30 @@ def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> list[Unit]
     return units
 
 
+def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bool = False,
+                  rank: int = 0, world: int = 1) -> None:
+    """Each shard's byte size (one metadata call; cheap on GCS) and, with sha256, its hash (a full
+    read) against the manifest; rank r checks shards r, r + world, ... -> DataError naming it."""
+    for shard in sorted(manifest["shards"], key=lambda s: s["id"])[rank::world]:
+        rel = f"{dataset_dir}/{shard['path']}"
+        fix = "re-run `muse encode` (or set train.verify: none to train on it anyway)"
+        try:
+            size = storage.size(rel)
+        except FileNotFoundError:
+            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}") from None
+        if "bytes" in shard and size != shard["bytes"]:
+            raise DataError(f"{storage.url(rel)}: {size} bytes, the manifest says {shard['bytes']}: "
+                            f"the shard changed or was cut short after encoding: {fix}")
+        if sha256 and "sha256" in shard:
+            h = hashlib.sha256()
+            with storage.open(rel) as f:
+                while chunk := f.read(1 << 22):
+                    h.update(chunk)
+            if h.hexdigest() != shard["sha256"]:
+                raise DataError(f"{storage.url(rel)}: sha256 {h.hexdigest()[:12]}..., the manifest says "
+                                f"{shard['sha256'][:12]}...: the shard changed after encoding: {fix}")
+
+
 class _UnitData:
     """One decoded row group: T5 packed [sum L, D] fp16 + offsets, ids, keys, replaced."""
 
@@ -130,7 +157,7 @@ class StreamingDataset(IterableDataset):
     streams in the main process). Storage is created inside each worker (gcsfs is not fork-safe).
     """
 
-    def __init__(self, root_uri: str, dataset_dir: str, rank: int = 0, world_size: int = 1,
+    def __init__(self, root_uri: str, dataset_dir: str, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2048, batch_size: int = 16,
                  streams: int = 8, superres: bool = False, replaced_rows: str = "keep",
                  replaced_weight: float = 0.1, gcs_project: str | None = None, eval_holdout: float = 0.0):
@@ -185,9 +212,17 @@ class StreamingDataset(IterableDataset):
         streams: dict[int, _Stream] = {}
         while True:
             s = g % self.streams
-            if s not in streams:
-                streams[s] = _Stream(self, storage, s, self.state["streams"].get(s))
-            batch = streams[s].next_batch()
+            try:
+                if s not in streams:
+                    streams[s] = _Stream(self, storage, s, self.state["streams"].get(s))
+                batch = streams[s].next_batch()
+            except DataError as e:
+                if not info:
+                    raise
+                # from a worker: in-band, so the trainer can print this one line (DataLoader
+                # would re-raise it with the worker's traceback inside the message)
+                yield {"_error": str(e)}
+                return
             batch["_batch"], batch["_stream"], batch["_state"] = g, s, streams[s].state()
             yield batch
             g += nw
@@ -218,7 +253,10 @@ class _Stream:
                 with self.storage.open(unit.path) as f:
                     table = pq.ParquetFile(f).read_row_group(unit.row_group)
             except FileNotFoundError:
-                raise DataError(f"{where}: listed in the manifest but missing; re-run `muse encode`") from None
+                raise DataError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
+            except (OSError, pa.ArrowException) as e:  # truncated, corrupt, unreachable
+                raise DataError(f"{where}: unreadable ({type(e).__name__}: {e}): re-run `muse encode` "
+                                "for this shard, or check the storage") from None
             if table.num_rows != unit.rows:
                 raise DataError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
                                 "the shard changed after encoding, re-run `muse encode`")
@@ -282,5 +320,21 @@ def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers leave SIGTERM to the trainer, which checkpoints and then exits."""
+    """DataLoader workers leave SIGTERM to the trainer, which checkpoints and then exits; they
+    die with it when it is killed (Linux: the parent-death signal), never outliving the job."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _die_with_parent()
+
+
+def _die_with_parent() -> None:
+    import ctypes
+    import os
+    import sys
+
+    if not sys.platform.startswith("linux"):
+        return
+    PR_SET_PDEATHSIG = 1
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before prctl: nobody is left to read our batches
+        os._exit(1)
+

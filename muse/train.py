@@ -1,10 +1,16 @@
 """The training loop: `torchrun --nproc-per-node=N -m muse.train --config pipeline.yaml`.
 
-Read top to bottom: setup (DDP, config checks against the manifest), model + optimizer,
-resume, then one loop of optimizer steps, each `grad_accum` micro-steps of masked-token
-prediction. `muse train` calls `launch()`, which runs torchrun for you.
+Read top to bottom: `main` loads the config and the manifest, `setup_distributed` joins the
+torchrun job, `build` makes the model (checked against the data), optimizer and precision,
+`resume` loads a checkpoint's `TrainState`, and `train_loop` runs the optimizer steps, each
+`grad_accum` micro-steps of masked-token prediction. `muse train` calls `launch()`, which runs
+torchrun for you.
 
-Test hooks (environment variables, used by tests/test_train.py, harmless otherwise):
+A fatal error on any rank (bad shard, unreadable checkpoint) ends the job with one line
+`muse train: <where>: <problem>: <what to do>` and a non-zero exit: the loader is closed on
+every exit path, so its workers never keep the process alive.
+
+Test hooks (environment variables, read once into `Hooks`; used by the tests, harmless otherwise):
   MUSE_INJECT_NONFINITE_STEPS=3,4  make the loss of those optimizer steps NaN
   MUSE_TRACE=/path/prefix          each rank appends {step, keys, weights hash} per step to
                                    /path/prefix.rank<R>.jsonl
@@ -15,8 +21,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
-import io
 import json
 import math
 import os
@@ -24,16 +30,18 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from muse import checkpoint, tracking
+from muse.checkpoint import CheckpointError, TrainState
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import DataError, StreamingDataset, worker_init
+from muse.data import DataError, StreamingDataset, verify_shards, worker_init
 from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.storage import Storage
+from muse.train_callbacks import StepCallback
 
 # bf16 dense peak FLOP/s for MFU; unknown GPUs report no MFU rather than a wrong one.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -124,12 +132,382 @@ def close_loader(it) -> None:
             w.join()
 
 
-def all_gather(obj, world: int) -> list:
-    if world == 1:
-        return [obj]
-    out = [None] * world
-    dist.all_gather_object(out, obj)
+# ----------------------------------------------------------------------------- the job's pieces
+
+@dataclass(frozen=True)
+class Hooks:
+    """The test hooks of the module docstring, read once from the environment."""
+    nonfinite_steps: frozenset = frozenset()
+    pause_at: int = 0
+    trace: str | None = None
+
+    @classmethod
+    def from_env(cls, env=os.environ) -> "Hooks":
+        steps = frozenset(int(s) for s in env.get("MUSE_INJECT_NONFINITE_STEPS", "").split(",") if s.strip())
+        return cls(steps, int(env.get("MUSE_PAUSE_AT_STEP", "0") or 0), env.get("MUSE_TRACE") or None)
+
+    def after_step(self, rank: int, rec: dict, keys: list, model, stopped) -> None:
+        """Append the step to the trace; at MUSE_PAUSE_AT_STEP wait until `stopped()` (a signal)."""
+        if self.trace:
+            with open(f"{self.trace}.rank{rank}.jsonl", "a") as f:
+                f.write(json.dumps({"step": rec["step"], "keys": keys, "hash": weights_hash(model),
+                                    "loss": rec["loss"], "lr": rec["lr"], "skipped": rec["skipped"]}) + "\n")
+        if rec["step"] == self.pause_at:
+            deadline = time.time() + 120
+            while not stopped() and time.time() < deadline:
+                time.sleep(0.05)
+
+
+@dataclass
+class Dist:
+    """This process's place in the job. torchrun sets RANK/WORLD_SIZE; plain `python -m` is one
+    process and every collective below is then a no-op."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    ddp: bool = False
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def master(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    def log(self, *a) -> None:
+        if self.master:
+            print(*a, flush=True)
+
+    def gather(self, obj) -> list:
+        if not self.ddp:
+            return [obj]
+        out = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def mean_(self, x: torch.Tensor) -> None:
+        if self.ddp:
+            dist.all_reduce(x)
+            x /= self.world
+
+    def any(self, flag: bool) -> bool:
+        if not self.ddp:
+            return flag
+        t = torch.tensor(float(flag), device=self.device)
+        dist.all_reduce(t)
+        return bool(t.item())
+
+    def barrier(self) -> None:
+        if self.ddp:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.ddp and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def setup_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU); train.device=cpu forces the CPU."""
+    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
+                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    cuda = torch.cuda.is_available() and device != "cpu"
+    d = Dist(rank, world, local_rank, "WORLD_SIZE" in os.environ,
+             torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
+    if cuda:
+        torch.cuda.set_device(d.device)
+    if d.ddp:
+        dist.init_process_group("nccl" if cuda else "gloo")
+    return d
+
+
+def build_optimizer(cfg: PipelineConfig, model, total_steps: int, fused: bool = False):
+    """AdamW (no weight decay on biases and norms) and the warmup + cosine LambdaLR."""
+    t = cfg.train
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                   {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=t.lr, betas=tuple(t.betas), fused=fused)
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+
+
+@dataclass
+class Job:
+    """The model and everything that steps it, built once by `build`."""
+    cfg: PipelineConfig
+    d: Dist
+    raw_model: torch.nn.Module         # the module itself: checkpoints, EMA, clipping
+    model: torch.nn.Module             # compiled and/or DDP-wrapped: forward + backward
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    amp_dtype: torch.dtype | None      # None = fp32
+    ema: list | None
+    gen: torch.Generator               # masking and condition dropout, one stream per rank
+    empty: torch.Tensor                # T5 of "" for condition dropout [L, D]
+    total_steps: int
+    global_batch: int
+    train_rows: float
+    nonfinite_run: int = 0
+
+
+def build(cfg: PipelineConfig, manifest: dict, d: Dist) -> Job:
+    """Model (checked against the data), DDP, precision, optimizer, schedule, EMA."""
+    from muse.models import build_model
+
+    t = cfg.train
+    torch.manual_seed(t.seed)  # same init on every rank; per-rank streams below
+    raw_model = build_model(cfg.model).to(d.device)
+    check_data(cfg, manifest, raw_model)
+    model = torch.compile(raw_model) if t.compile else raw_model
+    if d.ddp:
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.cuda else None)
+    # precision: bf16 autocast where supported, else fp16 + GradScaler; CPU runs fp32
+    amp_dtype = None
+    if t.mixed_precision and d.cuda:
+        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    global_batch = t.batch_size * t.grad_accum * d.world
+    train_rows = manifest["rows"] * (1 - t.eval_holdout)  # expected size: the eval slice is a key hash
+    total_steps = t.max_steps or max(1, math.ceil(t.epochs * train_rows / global_batch))
+    optimizer, scheduler = build_optimizer(cfg, raw_model, total_steps, fused=d.cuda)
+    return Job(cfg, d, raw_model, model, optimizer, scheduler,
+               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype,
+               [p.detach().clone() for p in raw_model.parameters()] if t.ema else None,
+               torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank),
+               empty_caption(manifest).to(d.device), total_steps, global_batch, train_rows)
+
+
+def to_fp32(job: Job) -> None:
+    job.amp_dtype = None
+    job.scaler = torch.amp.GradScaler("cuda", enabled=False)
+
+
+def resume(job: Job, storage: Storage, which: str) -> tuple[TrainState, str | None]:
+    """--resume latest|none|DIR: the checkpoint's TrainState applied to the job, or a fresh one."""
+    try:
+        rel = checkpoint.resolve(storage, job.cfg.train.run_name, which)
+    except (ValueError, FileNotFoundError) as e:
+        raise CheckpointError(f"{e}: pass an existing checkpoint dir, latest or none") from None
+    if not rel:
+        return TrainState(), None
+    st = checkpoint.load_state(storage, rel)
+    if len(st.loader) != job.d.world:
+        raise CheckpointError(f"{storage.url(rel)}: written by {len(st.loader)} ranks, this run has "
+                              f"{job.d.world}: exact resume needs the same world size (or --resume none)")
+    # through the model's own from_pretrained, as the sampler loads it
+    job.raw_model.load_state_dict(checkpoint.load_model(storage, rel).state_dict())
+    job.optimizer.load_state_dict(st.optimizer)
+    job.scheduler.load_state_dict(st.scheduler)
+    if st.fp32_fallback:  # the run had already fallen back: stay there
+        to_fp32(job)
+    # a scaler state exists only for fp16 runs; a run that changed precision starts a fresh one
+    if job.scaler.is_enabled() and st.scaler:
+        job.scaler.load_state_dict(st.scaler)
+    if job.ema is not None and st.ema is not None:
+        job.ema = [e.to(job.d.device) for e in st.ema]
+    job.d.log(f"resumed from {storage.url(rel)} at step {st.step}")
+    return st, rel
+
+
+class LoaderPosition:
+    """What the loader state in a checkpoint records: each stream's state after its last
+    consumed batch and the next batch number (see muse/data.py)."""
+
+    def __init__(self, ds: StreamingDataset):
+        self.streams, self.next_batch = dict(ds.state["streams"]), ds.state["batch"]
+
+    def consumed(self, batch: dict) -> dict:
+        if "_error" in batch:  # a DataError in the loader, passed on as one line (see data.py)
+            raise DataError(batch["_error"])
+        self.streams[batch["_stream"]] = batch["_state"]
+        self.next_batch = batch["_batch"] + 1
+        return batch
+
+    def to_json(self, eval_holdout: float) -> dict:
+        return {"batch": self.next_batch, "eval_holdout": eval_holdout,
+                "streams": {str(s): StreamingDataset.state_json(v) for s, v in self.streams.items()}}
+
+
+def start_loader(cfg: PipelineConfig, data_dir: str, d: Dist, st: TrainState):
+    """This rank's DataLoader at the saved position -> (its iterator, a LoaderPosition)."""
+    t = cfg.train
+    ds = StreamingDataset(cfg.storage.root, data_dir, rank=d.rank, world_size=d.world, seed=t.seed,
+                          shuffle_buffer=t.shuffle_buffer, batch_size=t.batch_size,
+                          streams=t.loader_streams, superres=cfg.model.kind == "superres",
+                          replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight,
+                          gcs_project=cfg.storage.gcs_project, eval_holdout=t.eval_holdout)
+    if st.loader:
+        ds.load_state(st.loader[d.rank])
+    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=d.cuda,
+                                         worker_init_fn=worker_init if t.num_workers else None,
+                                         prefetch_factor=4 if t.num_workers else None)
+    return iter(loader), LoaderPosition(ds)
+
+
+# ----------------------------------------------------------------------------- one step
+
+def forward_backward(job: Job, batch: dict, sync: bool, poison: bool) -> torch.Tensor:
+    """One micro-step: condition dropout, masking, loss / grad_accum, backward -> detached loss."""
+    from muse.masking import drop_condition, mask_tokens, masked_loss
+
+    t, dev = job.cfg.train, job.d.device
+    target_key, low_key = ("vq64", "vq16") if job.cfg.model.kind == "superres" else ("vq16", None)
+    hidden = batch["encoder_hidden_states"].to(dev, non_blocking=True).float()
+    attn = batch["encoder_attention_mask"].to(dev, non_blocking=True)
+    targets = batch[target_key].to(dev, non_blocking=True)
+    low = batch[low_key].to(dev, non_blocking=True) if low_key else None
+    weights = batch["weights"].to(dev) if "weights" in batch else None
+    empty_mask = torch.ones(1, job.empty.shape[0], dtype=torch.bool, device=dev)
+    hidden, attn, _ = drop_condition(hidden, attn, job.empty, empty_mask, t.cond_dropout, job.gen)
+    input_ids, mask = mask_tokens(targets, job.raw_model.config.mask_token_id, job.gen)
+    # DDP all-reduces gradients only on the last micro-step
+    with contextlib.nullcontext() if sync or not job.d.ddp else job.model.no_sync():
+        with torch.autocast(dev.type, dtype=job.amp_dtype, enabled=job.amp_dtype is not None):
+            logits = job.model(input_ids, hidden, attn, low)
+        loss = masked_loss(logits.float(), targets, mask, t.label_smoothing, weights) / t.grad_accum
+        if poison:
+            loss = loss * float("nan")
+        job.scaler.scale(loss).backward()
+    return loss.detach()
+
+
+def optimizer_step(job: Job, st: TrainState, loss_sum: torch.Tensor) -> tuple[float, float]:
+    """Clip, step (skipped when the loss or gradient is not finite), EMA, schedule -> (lr, grad norm).
+    Gradients and the loss are all-reduced, so every rank takes the same branch."""
+    t = job.cfg.train
+    job.scaler.unscale_(job.optimizer)
+    grad_norm = torch.nn.utils.clip_grad_norm_(job.raw_model.parameters(), t.grad_clip or float("inf"))
+    job.d.mean_(loss_sum)
+    if bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum)):
+        job.scaler.step(job.optimizer)
+        job.nonfinite_run = 0
+        if job.ema is not None:
+            torch._foreach_lerp_(job.ema, [p.detach() for p in job.raw_model.parameters()], 1 - t.ema_decay)
+    else:
+        st.skipped += 1
+        job.nonfinite_run += 1
+        job.d.log(f"step {st.step}: non-finite loss or gradient, step skipped ({st.skipped} so far)")
+    job.scaler.update()
+    job.optimizer.zero_grad(set_to_none=True)
+    lr = job.scheduler.get_last_lr()[0]
+    job.scheduler.step()
+    return lr, float(grad_norm)
+
+
+def too_many_nonfinite(job: Job, st: TrainState) -> bool:
+    """After max_nonfinite_steps in a row: fall back to fp32 (recorded in the TrainState) or stop."""
+    t = job.cfg.train
+    if job.nonfinite_run < t.max_nonfinite_steps:
+        return False
+    if t.nonfinite_fallback and job.amp_dtype is not None:
+        job.d.log(f"step {st.step}: {job.nonfinite_run} non-finite steps in a row: continuing in fp32")
+        to_fp32(job)
+        job.nonfinite_run, st.fp32_fallback = 0, True
+        return False
+    print(f"muse train: stopping at step {st.step}: {job.nonfinite_run} non-finite steps in a row "
+          f"({st.skipped} skipped in total). Set train.mixed_precision: false (or "
+          "train.nonfinite_fallback: true), or lower train.lr. The last checkpoint is intact.",
+          file=sys.stderr, flush=True)
+    return True
+
+
+def throughput(job: Job, samples: int, seconds: float) -> dict:
+    out = {"samples_per_s": samples / max(seconds, 1e-9)}
+    out["tokens_per_s"] = out["samples_per_s"] * job.raw_model.config.grid_size ** 2
+    name = torch.cuda.get_device_name() if job.d.cuda else ""
+    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    if peak and hasattr(job.raw_model, "num_flops_per_sample"):
+        out["mfu"] = job.raw_model.num_flops_per_sample() * out["samples_per_s"] / (peak * job.d.world)
     return out
+
+
+def save(job: Job, st: TrainState, pos: LoaderPosition, storage: Storage, records: list, tracker,
+         final: bool = False) -> None:
+    """A checkpoint of every rank's RNG and loader position, written by rank 0; all ranks wait."""
+    t, d = job.cfg.train, job.d
+    rng = d.gather(rng_state(job.gen))
+    loader = d.gather(pos.to_json(t.eval_holdout))
+    if d.master:
+        full = dataclasses.replace(st, optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(),
+                                   scaler=job.scaler.state_dict(), ema=job.ema, rng=rng, loader=loader)
+        where = checkpoint.save(storage, t.run_name, job.raw_model, full, job.cfg.to_yaml(), t.keep_checkpoints)
+        checkpoint.write_metrics(storage, t.run_name, records)
+        tracker.flush()
+        d.log(f"step {st.step}: checkpoint {storage.url(where)}" + (" (final)" if final else ""))
+    d.barrier()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: Storage, records: list,
+               tracker, hooks: Hooks) -> int:
+    t, d = job.cfg.train, job.d
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    callback = StepCallback(job.cfg, storage, tracker, d.rank, d.ddp)
+    t0, samples = time.time(), 0
+    while st.step < job.total_steps:
+        job.model.train()
+        loss_sum, keys = torch.zeros((), device=d.device), []
+        for micro in range(t.grad_accum):
+            batch = pos.consumed(next(batches))
+            keys += batch["keys"]
+            loss_sum += forward_backward(job, batch, sync=micro == t.grad_accum - 1,
+                                         poison=st.step + 1 in hooks.nonfinite_steps)
+        st.step += 1
+        samples += job.global_batch
+        lr, grad_norm = optimizer_step(job, st, loss_sum)
+        if too_many_nonfinite(job, st):
+            return 3
+
+        rec = {"step": st.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
+               "skipped": st.skipped, "epoch": st.step * job.global_batch / job.train_rows}
+        if st.step % t.log_every == 0 or st.step == job.total_steps:
+            rec |= throughput(job, samples, time.time() - t0)
+            d.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
+            tracker.scalars(st.step, rec)
+            t0, samples = time.time(), 0
+        records.append(rec)
+        hooks.after_step(d.rank, rec, keys, job.raw_model, lambda: stop["flag"])
+
+        if d.any(stop["flag"]):  # a SIGTERM seen by any rank stops all of them at this step boundary
+            d.log(f"step {st.step}: SIGTERM received, writing a checkpoint and exiting")
+            save(job, st, pos, storage, records, tracker)
+            break
+        if st.step % t.checkpoint_every == 0 or st.step == job.total_steps:
+            save(job, st, pos, storage, records, tracker, final=st.step == job.total_steps)
+        callback(st.step, job.raw_model, d.device)
+    return 0
+
+
+def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which: str, hooks: Hooks) -> int:
+    """Build, resume, start the loader, run the loop; the loader is closed however it ends."""
+    t, data_dir = cfg.train, dataset_dir(cfg)
+    job = build(cfg, manifest, d)
+    st, rel = resume(job, storage, which)
+    if t.verify != "none":
+        verify_shards(storage, data_dir, manifest, sha256=t.verify == "sha256", rank=d.rank, world=d.world)
+    records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= st.step] if rel else []
+    tracker = tracking.Tracker.start(cfg, storage, d.rank, st.step)  # TensorBoard (+ wandb) on rank 0
+    batches = None
+    try:
+        batches, pos = start_loader(cfg, data_dir, d, st)
+        if st.rng:  # after the loader started: its iterator draws a base seed from the global RNG
+            set_rng_state(st.rng[d.rank], job.gen)
+        d.log(f"model {cfg.model.kind} {sum(p.numel() for p in job.raw_model.parameters()) / 1e6:.2f}M params | "
+              f"world {d.world} x batch {t.batch_size} x accum {t.grad_accum} = global batch {job.global_batch} | "
+              f"{job.total_steps} steps | precision {job.amp_dtype or 'fp32'} | "
+              f"data {storage.url(data_dir)} ({manifest['rows']} rows)")
+        if st.step >= job.total_steps:
+            d.log(f"nothing to do: {rel} is at step {st.step} of {job.total_steps} "
+                  "(raise train.max_steps or --resume none)")
+        return train_loop(job, st, batches, pos, storage, records, tracker, hooks)
+    finally:
+        if batches is not None:
+            close_loader(batches)
+        tracker.close()
 
 
 def parse_args(argv=None):
@@ -140,309 +518,37 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def load_job(args) -> tuple[PipelineConfig, Storage, dict]:
+    """Config, storage and manifest; ConfigError/DataError before any process group exists."""
+    cfg = load_config(args.config, args.overrides)
+    storage = Storage.from_config(cfg)
+    manifest = read_manifest(storage, dataset_dir(cfg))
+    tracking.require(cfg)
+    t = cfg.train
+    if t.loader_streams % max(t.num_workers, 1):
+        raise ConfigError(f"train.num_workers ({t.num_workers}) must divide train.loader_streams "
+                          f"({t.loader_streams})")
+    return cfg, storage, manifest
+
+
+def fail(e: Exception, rc: int = 2) -> int:
+    print(f"muse train: {e}", file=sys.stderr, flush=True)
+    return rc
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides)
-        storage = Storage.from_config(cfg)
-        manifest = read_manifest(storage, dataset_dir(cfg))
-        tracking.require(cfg)
+        cfg, storage, manifest = load_job(args)
     except (ConfigError, DataError) as e:
-        print(f"muse train: {e}", file=sys.stderr)
-        return 2
-    t = cfg.train
-    if t.loader_streams % max(t.num_workers, 1):
-        print(f"muse train: train.num_workers ({t.num_workers}) must divide train.loader_streams "
-              f"({t.loader_streams})", file=sys.stderr)
-        return 2
-
-    # ---- distributed setup: torchrun sets RANK/WORLD_SIZE; plain `python -m` is one process
-    ddp = "WORLD_SIZE" in os.environ
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    cuda = torch.cuda.is_available() and t.device != "cpu"
-    device = torch.device(f"cuda:{local_rank}" if cuda else "cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    if ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    master = rank == 0
-    torch.manual_seed(t.seed)  # same init on every rank; per-rank streams below
-    log = (lambda *a: print(*a, flush=True)) if master else (lambda *a: None)
-
-    # ---- model, checked against the data
-    from muse.masking import drop_condition, mask_tokens, masked_loss
-    from muse.models import build_model
-
-    raw_model = build_model(cfg.model).to(device)
+        return fail(e)
+    d = setup_distributed(cfg.train.device)
     try:
-        check_data(cfg, manifest, raw_model)
-    except ConfigError as e:
-        print(f"muse train: {e}", file=sys.stderr)
-        return 2
-    model = raw_model
-    if t.compile:
-        model = torch.compile(model)
-    if ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[local_rank] if cuda else None)
-
-    # ---- precision: bf16 autocast where supported, else fp16 + GradScaler; CPU runs fp32
-    amp_dtype = None
-    if t.mixed_precision and cuda:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
-
-    global_batch = t.batch_size * t.grad_accum * world
-    train_rows = manifest["rows"] * (1 - t.eval_holdout)  # expected size: the eval slice is a key hash
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * train_rows / global_batch))
-    decay = [p for p in raw_model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in raw_model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=t.lr, betas=tuple(t.betas), fused=cuda)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    ema = [p.detach().clone() for p in raw_model.parameters()] if t.ema else None
-    gen = torch.Generator(device=device).manual_seed(t.seed * 1000 + rank)
-
-    # ---- resume
-    step, skipped, records = 0, 0, []
-    loader_state = None
-    rel = checkpoint.resolve(storage, t.run_name, args.resume)
-    if rel:
-        state, loader_json = checkpoint.load_trainer_state(storage, rel)
-        # through the model's own from_pretrained, as the sampler loads it
-        raw_model.load_state_dict(checkpoint.load_model(storage, rel).state_dict())
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        if ema is not None and state.get("ema") is not None:
-            ema = [e.to(device) for e in state["ema"]]
-        step, skipped = state["step"], state["skipped"]
-        if len(loader_json["ranks"]) != world:
-            print(f"muse train: {rel} was written by {len(loader_json['ranks'])} ranks, this run has "
-                  f"{world}; exact resume needs the same world size (or --resume none)", file=sys.stderr)
-            return 2
-        loader_state = loader_json["ranks"][rank]
-        set_rng_state(state["rng"][rank], gen)
-        records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= step]
-        log(f"resumed from {storage.url(rel)} at step {step}")
-    tracker = tracking.Tracker.start(cfg, storage, rank, step)  # TensorBoard (+ wandb) on rank 0
-
-    # ---- data
-    ds = StreamingDataset(cfg.storage.root, dataset_dir(cfg), rank, world, t.seed, t.shuffle_buffer,
-                          t.batch_size, t.loader_streams, cfg.model.kind == "superres", t.replaced_rows,
-                          t.replaced_weight, cfg.storage.gcs_project, t.eval_holdout)
-    if loader_state:
-        try:
-            ds.load_state(loader_state)
-        except DataError as e:
-            print(f"muse train: {e}", file=sys.stderr)
-            return 2
-    stream_states = dict(ds.state["streams"])
-    next_batch = ds.state["batch"]
-    loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=cuda,
-                                         worker_init_fn=worker_init if t.num_workers else None,
-                                         prefetch_factor=4 if t.num_workers else None)
-    batches = iter(loader)
-    empty = empty_caption(manifest).to(device)
-    empty_mask = torch.ones(1, empty.shape[0], dtype=torch.bool, device=device)
-    target_key, low_key = ("vq64", "vq16") if cfg.model.kind == "superres" else ("vq16", None)
-    mask_id = raw_model.config.mask_token_id
-    n_params = sum(p.numel() for p in raw_model.parameters())
-    log(f"model {cfg.model.kind} {n_params / 1e6:.2f}M params | world {world} x batch {t.batch_size} x "
-        f"accum {t.grad_accum} = global batch {global_batch} | {total_steps} steps | "
-        f"precision {amp_dtype or 'fp32'} | data {storage.url(dataset_dir(cfg))} ({manifest['rows']} rows)")
-
-    # ---- signals and test hooks
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
-    inject = {int(s) for s in os.environ.get("MUSE_INJECT_NONFINITE_STEPS", "").split(",") if s.strip()}
-    pause_at = int(os.environ.get("MUSE_PAUSE_AT_STEP", "0") or 0)
-    trace = os.environ.get("MUSE_TRACE")
-
-    def save(final: bool = False) -> None:
-        rngs = all_gather(rng_state(gen), world)
-        loaders = all_gather({"batch": next_batch, "eval_holdout": t.eval_holdout, "streams": {
-            str(s): StreamingDataset.state_json(v) for s, v in stream_states.items()}}, world)
-        if master:
-            state = {"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                     "scaler": scaler.state_dict(), "ema": ema, "step": step, "skipped": skipped,
-                     "rng": rngs}
-            where = checkpoint.save(storage, t.run_name, step, raw_model, state, {"ranks": loaders},
-                                    cfg.to_yaml(), t.keep_checkpoints)
-            checkpoint.write_metrics(storage, t.run_name, records)
-            tracker.flush()
-            log(f"step {step}: checkpoint {storage.url(where)}" + (" (final)" if final else ""))
-        if ddp:
-            dist.barrier()
-
-    if step >= total_steps:
-        log(f"nothing to do: {rel} is at step {step} of {total_steps} (raise train.max_steps or --resume none)")
-    # ---- the loop
-    nonfinite_run, t0 = 0, time.time()
-    samples_since, tokens_per_sample = 0, raw_model.config.grid_size ** 2
-    while step < total_steps:
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        keys = []
-        for micro in range(t.grad_accum):
-            batch = next(batches)
-            stream_states[batch["_stream"]] = batch["_state"]
-            next_batch = batch["_batch"] + 1
-            keys += batch["keys"]
-            hidden = batch["encoder_hidden_states"].to(device, non_blocking=True).float()
-            attn = batch["encoder_attention_mask"].to(device, non_blocking=True)
-            targets = batch[target_key].to(device, non_blocking=True)
-            low = batch[low_key].to(device, non_blocking=True) if low_key else None
-            weights = batch["weights"].to(device) if "weights" in batch else None
-            hidden, attn, _ = drop_condition(hidden, attn, empty, empty_mask, t.cond_dropout, gen)
-            input_ids, mask = mask_tokens(targets, mask_id, gen)
-            sync = contextlib.nullcontext() if (not ddp or micro == t.grad_accum - 1) else model.no_sync()
-            with sync:
-                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                    logits = model(input_ids, hidden, attn, low)
-                loss = masked_loss(logits.float(), targets, mask, t.label_smoothing, weights) / t.grad_accum
-                if step + 1 in inject:
-                    loss = loss * float("nan")
-                scaler.scale(loss).backward()
-            loss_sum += loss.detach()
-        step += 1
-        samples_since += t.batch_size * t.grad_accum * world
-
-        # ---- non-finite guard: grads are all-reduced, so every rank takes the same branch
-        scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(raw_model.parameters(), t.grad_clip or float("inf"))
-        if ddp:
-            dist.all_reduce(loss_sum)
-            loss_sum /= world
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_sum))
-        if finite:
-            scaler.step(optimizer)
-            nonfinite_run = 0
-            if ema is not None:
-                torch._foreach_lerp_(ema, [p.detach() for p in raw_model.parameters()], 1 - t.ema_decay)
-        else:
-            skipped += 1
-            nonfinite_run += 1
-            log(f"step {step}: non-finite loss or gradient, step skipped ({skipped} so far)")
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
-        lr = scheduler.get_last_lr()[0]
-        scheduler.step()
-        if nonfinite_run >= t.max_nonfinite_steps:
-            if t.nonfinite_fallback and (amp_dtype is not None):
-                log(f"step {step}: {nonfinite_run} non-finite steps in a row: continuing in fp32")
-                amp_dtype, nonfinite_run = None, 0
-                scaler = torch.amp.GradScaler("cuda", enabled=False)
-            else:
-                print(f"muse train: stopping at step {step}: {nonfinite_run} non-finite steps in a row "
-                      f"({skipped} skipped in total). Set train.mixed_precision: false (or "
-                      "train.nonfinite_fallback: true), or lower train.lr. The last checkpoint is intact.",
-                      file=sys.stderr, flush=True)
-                close_loader(batches)
-                tracker.close()
-                if ddp:
-                    dist.destroy_process_group()
-                return 3
-
-        # ---- logging
-        rec = {"step": step, "loss": float(loss_sum), "lr": lr, "grad_norm": float(grad_norm),
-               "skipped": skipped, "epoch": step * global_batch / train_rows}
-        if trace:
-            with open(f"{trace}.rank{rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": step, "keys": keys, "hash": weights_hash(raw_model),
-                                    "loss": rec["loss"], "lr": lr, "skipped": skipped}) + "\n")
-        if step % t.log_every == 0 or step == total_steps:
-            dt = max(time.time() - t0, 1e-9)
-            rec["samples_per_s"] = samples_since / dt
-            rec["tokens_per_s"] = rec["samples_per_s"] * tokens_per_sample
-            peak = next((v for k, v in PEAK_FLOPS.items() if cuda and k in torch.cuda.get_device_name()), None)
-            if peak and hasattr(raw_model, "num_flops_per_sample"):
-                rec["mfu"] = raw_model.num_flops_per_sample() * rec["samples_per_s"] / (peak * world)
-            log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
-            tracker.scalars(step, rec)
-            t0, samples_since = time.time(), 0
-        records.append(rec)
-
-        if step == pause_at:
-            deadline = time.time() + 120
-            while not stop["flag"] and time.time() < deadline:
-                time.sleep(0.05)
-        if ddp:  # a SIGTERM seen by any rank stops all of them at this step boundary
-            flag = torch.tensor(float(stop["flag"]), device=device)
-            dist.all_reduce(flag)
-            stop["flag"] = bool(flag.item())
-        if stop["flag"]:
-            log(f"step {step}: SIGTERM received, writing a checkpoint and exiting")
-            save()
-            break
-        if step % t.checkpoint_every == 0 or step == total_steps:
-            save(final=step == total_steps)
-        if t.sample_every and step % t.sample_every == 0 and master:
-            _sample_best_effort(cfg, step, storage, tracker)
-        if t.eval_every and step % t.eval_every == 0:
-            if master:
-                _eval_best_effort(cfg, step, raw_model, device, storage, tracker)
-            if ddp:  # the other ranks wait for rank 0's evaluation
-                dist.barrier()
-
-    close_loader(batches)
-    tracker.close()
-    if ddp:
-        dist.destroy_process_group()
-    return 0
-
-
-def _sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage, tracker=None) -> None:
-    """`muse sample` on the latest checkpoint (sample.prompts), its grid (or single image) sent to
-    the tracker as `samples` with the prompts as caption; a failure is logged, never fatal."""
-    rel = checkpoint.latest(storage, cfg.train.run_name)
-    if rel is None:
-        return
-    try:
-        from muse.sample import run_sample
-
-        data = cfg.model_dump(mode="json")
-        data["sample"].update(checkpoint=storage.url(rel),
-                              out=storage.url(f"{checkpoint.run_dir(cfg.train.run_name)}/samples/step-{step:08d}.png"))
-        written = run_sample(PipelineConfig.model_validate(data))
-        if tracker is not None:
-            _track_png(tracker, step, "samples", storage, storage.relative(written[-1]))
-    except Exception as e:  # needs T5 + the VQ decoder; training must go on without them
-        print(f"step {step}: sampling skipped ({type(e).__name__}: {e})", flush=True)
-
-
-def _eval_best_effort(cfg: PipelineConfig, step: int, model, device, storage: Storage,
-                      tracker=None) -> dict | None:
-    """A small `muse eval` of the in-memory weights (<= IN_TRAINING_SAMPLES eval rows) -> metrics,
-    or None: a failure is logged, never fatal. The global RNG is restored, so training goes on
-    exactly as without it. The tracker gets the metrics as `eval/<name>` and the result grid as
-    `eval/samples`."""
-    try:
-        from muse.evaluate import IN_TRAINING_SAMPLES, results_rel, run_eval
-
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            metrics = run_eval(cfg, model=model, step=step, device=device,
-                               max_samples=min(cfg.eval.max_samples, IN_TRAINING_SAMPLES))
-    except Exception as e:  # needs the VQ decoder, CLIP and FID features; training must go on
-        print(f"step {step}: evaluation skipped ({type(e).__name__}: {e})", flush=True)
-        return None
-    print(f"step {step}: eval " + " | ".join(f"{k} {v:.4g}" for k, v in metrics.items()), flush=True)
-    if tracker is not None:
-        tracker.scalars(step, metrics, prefix="eval")
-        try:
-            _track_png(tracker, step, "eval/samples", storage, results_rel(cfg.train.run_name, step) + ".png")
-        except Exception as e:  # the metrics are in; a missing picture is not worth more
-            print(f"step {step}: eval grid not tracked ({type(e).__name__}: {e})", flush=True)
-    return metrics
-
-
-def _track_png(tracker, step: int, tag: str, storage: Storage, rel: str) -> None:
-    """A PNG written under the storage root to the tracker, its `prompt` text chunk as caption."""
-    from PIL import Image
-
-    png = Image.open(io.BytesIO(storage.read_bytes(rel)))
-    tracker.image(step, tag, np.asarray(png.convert("RGB")), png.text.get("prompt"))
+        return train(cfg, storage, manifest, d, args.resume, Hooks.from_env())
+    except (ConfigError, DataError, CheckpointError) as e:
+        return fail(e)
+    finally:
+        d.close()
 
 
 if __name__ == "__main__":

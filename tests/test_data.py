@@ -85,3 +85,18 @@ def test_missing_manifest_and_missing_shard_are_clear(tmp_path):
     Storage(root).delete(f"{DIR}/00000.parquet")
     with pytest.raises(DataError, match="00000.parquet.*missing"):
         _take(root, 1)
+
+
+def test_corrupt_shard_error_names_shard_and_row_group(tmp_path):
+    """pyarrow's own message ("Parquet magic bytes not found") names no file; ours does, and from a
+    worker it comes back in-band as one line instead of a worker traceback."""
+    root = str(tmp_path / "root")
+    storage = Storage(root)
+    write_test_dataset(storage, DIR, shards=1, rows=8, row_group_size=4)
+    data = storage.read_bytes(f"{DIR}/00000.parquet")
+    storage.write_bytes(f"{DIR}/00000.parquet", data[: len(data) // 2])
+    with pytest.raises(DataError, match=r"00000.parquet row group \d: unreadable \(ArrowInvalid.*muse encode"):
+        _take(root, 1, streams=2)
+    ds = StreamingDataset(root, DIR, seed=3, shuffle_buffer=4, batch_size=2, streams=2)
+    batch = next(iter(DataLoader(ds, batch_size=None, num_workers=2, worker_init_fn=worker_init)))
+    assert "00000.parquet row group" in batch["_error"] and "\n" not in batch["_error"]

@@ -185,8 +185,8 @@ def test_superres_with_ema_and_downweight_trains_and_saves(tmp_path):
     assert out.returncode == 0, out.stdout + out.stderr
     storage = Storage.from_config(load_config(config))
     rel = checkpoint.latest(storage, "t")
-    state, loader = checkpoint.load_trainer_state(storage, rel)
+    state = checkpoint.load_state(storage, rel)
     params = list(checkpoint.load_model(storage, rel).parameters())
-    assert state["step"] == 2 and len(loader["ranks"]) == 1
-    assert [e.shape for e in state["ema"]] == [p.shape for p in params]
-    assert any(not torch.equal(e, p) for e, p in zip(state["ema"], params))  # an average, not a copy
+    assert state.step == 2 and len(state.loader) == 1
+    assert [e.shape for e in state.ema] == [p.shape for p in params]
+    assert any(not torch.equal(e, p) for e, p in zip(state.ema, params))  # an average, not a copy
