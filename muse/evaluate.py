@@ -212,7 +212,7 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
     """The rows' phase-1 images (same shard id), decoded RGB and resized to size x size."""
     import pyarrow.parquet as pq
 
-    from muse.encode.shards import _decode
+    from muse.encode.shards import decode_picture
 
     out: dict[str, np.ndarray] = {}
     for sid in sorted({r["shard_id"] for r in rows}):
@@ -225,7 +225,7 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
             table = pq.read_table(f, columns=["key", "image"])
         for key, jpeg in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
             if key in wanted:
-                out[key] = _decode(jpeg, size)
+                out[key] = decode_picture(jpeg, size)
     missing = [r["key"] for r in rows if r["key"] not in out]
     if missing:
         raise EvalError(f"{len(missing)} eval rows have no image in images/ (e.g. key {missing[0]}): "
@@ -278,11 +278,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     device = torch.device(device) if device is not None else resolve_device(e.device)
     max_samples = max_samples or e.max_samples
     if model is None:
-        where = checkpoint_ref or checkpoint.latest(storage, run)
-        model = load_checkpoint_model(storage, checkpoint_ref, run)  # says "no checkpoint" when there is none
-        step = _step_of(where) if step is None else step
-        rel = storage.relative(where)
-        where = storage.url(rel) if rel is not None else where
+        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step)
     else:
         where = "in-training weights"
     was_training = model.training
@@ -311,22 +307,37 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     for fn in EXTRA_METRICS + list(metrics or []):
         result.update({k: float(v) for k, v in fn(fake, captions).items()})
 
-    rel = results_rel(run, step if step is not None else re.sub(r"[^\w.-]", "_", where.rstrip("/").rsplit("/", 1)[-1]))
-    name = rel.rsplit("/", 1)[1]
     record = {"step": step, "checkpoint": where, "metrics": result,
               "counts": {"samples": len(rows), "skipped_replaced": skipped, "max_samples": max_samples},
               "settings": {**e.model_dump(mode="json"), "max_samples": max_samples,
                            "eval_holdout": cfg.train.eval_holdout, "dataset": dataset_dir(cfg),
                            "device": str(device)},
               "seconds": round(time.time() - t0, 2)}
+    _write_results(storage, run, record, fake, captions)
+    return result
+
+
+def _load_checkpoint(storage: Storage, checkpoint_ref: str | None, run: str, step: int | None):
+    """-> (model, step, where): `where` is the checkpoint's URL, recorded with the results."""
+    where = checkpoint_ref or checkpoint.latest(storage, run)
+    model = load_checkpoint_model(storage, checkpoint_ref, run)  # says "no checkpoint" when there is none
+    step = _step_of(where) if step is None else step
+    rel = storage.relative(where)
+    return model, step, (storage.url(rel) if rel is not None else where)
+
+
+def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, captions: list[str]) -> None:
+    """checkpoints/<run>/eval/step-N.json + a captioned grid .png (text chunks like a sample's)."""
+    step, where, result = record["step"], record["checkpoint"], record["metrics"]
+    rel = results_rel(run, step if step is not None else re.sub(r"[^\w.-]", "_", where.rstrip("/").rsplit("/", 1)[-1]))
+    name = rel.rsplit("/", 1)[1]
     storage.write_json(f"{rel}.json", record)
     shown = captions[:GRID_IMAGES]  # like a sample grid: captions under the pictures and in the text chunks
     text = {"prompt": "\n".join(shown),
             "parameters": json.dumps({"checkpoint": where, "step": step, **record["settings"]})}
     storage.write_bytes(f"{rel}.png", png_bytes(make_grid(fake[:GRID_IMAGES], captions=shown), text))
     print(f"eval {name}: " + " | ".join(f"{k} {v:.4g}" for k, v in result.items())
-          + f" ({len(rows)} rows) -> {storage.url(rel + '.json')}", flush=True)
-    return result
+          + f" ({len(captions)} rows) -> {storage.url(rel + '.json')}", flush=True)
 
 
 __all__ = ["run_eval", "results_rel", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",

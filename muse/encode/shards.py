@@ -83,7 +83,8 @@ class Encoders:
                 "superres_grid": GRID_SUPERRES if e.superres else None}
 
 
-def _decode(jpeg: bytes, size: int) -> np.ndarray:
+def decode_picture(jpeg: bytes, size: int) -> np.ndarray:
+    """JPEG bytes -> uint8 (size, size, 3): the one resize rule, shared by encode and eval's real images."""
     img = Image.open(io.BytesIO(jpeg)).convert("RGB")
     if img.size != (size, size):
         img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
@@ -99,8 +100,8 @@ def _batches(table: pa.Table, batch_size: int, base_px: int, superres: bool, dep
             images = table.column("image").to_pylist()
             for start in range(0, table.num_rows, batch_size):
                 chunk = images[start:start + batch_size]
-                lo = np.stack([_decode(b, base_px) for b in chunk])
-                hi = np.stack([_decode(b, 512) for b in chunk]) if superres else None
+                lo = np.stack([decode_picture(b, base_px) for b in chunk])
+                hi = np.stack([decode_picture(b, 512) for b in chunk]) if superres else None
                 q.put((start, lo, hi))
         except Exception as err:  # noqa: BLE001 - handed to the consumer with the shard named
             q.put(EncodeError(f"{where}: cannot decode an image: {type(err).__name__}: {err}"))
