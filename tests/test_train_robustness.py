@@ -9,7 +9,7 @@ import torch
 from muse import checkpoint, train
 from muse.config import load_config
 from muse.storage import Storage
-from train_helpers import make_data, run_train, tiny_config
+from tests.train_helpers import make_data, run_train, tiny_config
 
 
 def _storage(config):
@@ -24,6 +24,7 @@ def _muse_lines(text):
     return [line for line in text.splitlines() if line.startswith("muse train: ")]
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_truncated_shard_ends_two_ranks_with_two_workers_quickly(tmp_path):
     """Hang guard: on main the job never exited (loader workers ignore SIGTERM and were joined)."""
     config = tiny_config(tmp_path, str(tmp_path / "root"), num_workers=2, verify="none")
@@ -41,6 +42,7 @@ def test_truncated_shard_ends_two_ranks_with_two_workers_quickly(tmp_path):
     assert "00000.parquet row group" in lines[0] and "unreadable" in lines[0] and "muse encode" in lines[0]
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_shard_size_and_sha256_checked_against_the_manifest(tmp_path, capsys):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=1)
     manifest = make_data(config)
@@ -70,6 +72,7 @@ def test_verify_rejects_unknown_values(tmp_path):
         load_config(config, ["train.verify=md5"])
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_unreadable_checkpoint_is_named(tmp_path, capsys):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=2)
     make_data(config)
@@ -86,6 +89,7 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys):
         checkpoint.load_state(storage, rel)
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_resume_is_exact_with_dropout(tmp_path):
     """The global RNG (dropout) continues where it was: on main the loader's base-seed draw after
     restoring it shifted the stream and the weights drifted."""
@@ -109,6 +113,7 @@ def test_resume_is_exact_with_dropout(tmp_path):
     assert sa.loader == sb.loader and sa.step == sb.step == 8
 
 
+@pytest.mark.slow  # torchrun jobs
 def test_fp32_fallback_is_persisted_and_precision_change_resumes(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=2)
     manifest = make_data(config)
