@@ -123,7 +123,7 @@ def _user_mistake(err: BaseException) -> bool:
     """Errors that name what the user should change (exit 2). Classes of modules that were never
     imported cannot have been raised, so they are looked up without importing anything."""
     names = [("muse.config", "ConfigError"), ("muse.preflight", "UsageError"), ("muse.hub", "HubUnavailable"),
-             ("muse.download.sources", "SourceError"), ("muse.data", "DataError")]
+             ("muse.download.sources", "SourceError"), ("muse.layout", "DataError")]
     classes = tuple(getattr(sys.modules[m], n) for m, n in names if m in sys.modules)
     return isinstance(err, classes)
 
