@@ -41,6 +41,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from muse.layout import GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, read_manifest, t5_from_bytes
+from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
 
@@ -320,21 +321,8 @@ def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
 
 
 def worker_init(_: int) -> None:
-    """DataLoader workers leave SIGTERM to the trainer, which checkpoints and then exits; they
-    die with it when it is killed (Linux: the parent-death signal), never outliving the job."""
+    """DataLoader workers leave SIGTERM and Ctrl-C to the trainer, which checkpoints and then
+    exits; they die with it when it is killed (the parent-death signal), never outliving the job."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _die_with_parent()
-
-
-def _die_with_parent() -> None:
-    import ctypes
-    import os
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return
-    PR_SET_PDEATHSIG = 1
-    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the parent died before prctl: nobody is left to read our batches
-        os._exit(1)
-
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent()

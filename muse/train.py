@@ -27,7 +27,6 @@ import json
 import math
 import os
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -40,6 +39,7 @@ from muse.checkpoint import CheckpointError, TrainState
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.data import DataError, StreamingDataset, verify_shards, worker_init
 from muse.layout import dataset_dir, empty_caption, read_manifest
+from muse.lifecycle import exit_with_parent, run_owned
 from muse.storage import Storage
 from muse.train_callbacks import StepCallback
 
@@ -52,7 +52,9 @@ class TrainError(RuntimeError):
 
 
 def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest") -> None:
-    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node)."""
+    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node), owning the job:
+    SIGTERM or Ctrl-C makes the ranks checkpoint and stop while this waits; if this process is
+    killed, torchrun and the ranks die too (see muse/lifecycle.py)."""
     n = cfg.train.nproc_per_node
     if n in ("auto", "gpu"):
         n = str(max(torch.cuda.device_count(), 1))
@@ -62,7 +64,10 @@ def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], r
     for o in overrides:
         cmd += ["--set", o]
     print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)
-    rc = subprocess.call(cmd)
+    rc, stopped_by = run_owned(cmd)
+    if stopped_by and rc == 0:
+        raise TrainError(f"stopped by {stopped_by} after the ranks wrote a checkpoint (see above): "
+                         "`muse train` resumes from it")
     if rc:
         raise TrainError(f"training failed: torchrun exited with code {rc} (see the log above)")
 
@@ -156,6 +161,31 @@ class Hooks:
             deadline = time.time() + 120
             while not stopped() and time.time() < deadline:
                 time.sleep(0.05)
+
+
+class StopRequest:
+    """SIGTERM (preemption, `muse train` stopping the job) or Ctrl-C: finish the step, write a
+    checkpoint, exit 0. A second Ctrl-C raises KeyboardInterrupt: stop now, no checkpoint."""
+
+    def __init__(self):
+        self.signal: str | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    def _on_signal(self, signum, _frame) -> None:
+        if self.signal and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal = self.signal or signal.Signals(signum).name
+
+    @contextlib.contextmanager
+    def installed(self):
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            yield self
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
 
 
 @dataclass
@@ -442,10 +472,8 @@ def save(job: Job, st: TrainState, pos: LoaderPosition, storage: Storage, record
 # ----------------------------------------------------------------------------- the loop
 
 def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: Storage, records: list,
-               tracker, hooks: Hooks) -> int:
+               tracker, hooks: Hooks, stop: StopRequest) -> int:
     t, d = job.cfg.train, job.d
-    stop = {"flag": False}
-    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     callback = StepCallback(job.cfg, storage, tracker, d.rank, d.ddp)
     t0, samples = time.time(), 0
     while st.step < job.total_steps:
@@ -470,10 +498,10 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
             tracker.scalars(st.step, rec)
             t0, samples = time.time(), 0
         records.append(rec)
-        hooks.after_step(d.rank, rec, keys, job.raw_model, lambda: stop["flag"])
+        hooks.after_step(d.rank, rec, keys, job.raw_model, lambda: bool(stop))
 
-        if d.any(stop["flag"]):  # a SIGTERM seen by any rank stops all of them at this step boundary
-            d.log(f"step {st.step}: SIGTERM received, writing a checkpoint and exiting")
+        if d.any(bool(stop)):  # a signal seen by any rank stops all of them at this step boundary
+            d.log(f"step {st.step}: {stop.signal or 'a stop signal'} received, writing a checkpoint and exiting")
             save(job, st, pos, storage, records, tracker)
             break
         if st.step % t.checkpoint_every == 0 or st.step == job.total_steps:
@@ -482,7 +510,8 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
     return 0
 
 
-def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which: str, hooks: Hooks) -> int:
+def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which: str, hooks: Hooks,
+          stop: StopRequest) -> int:
     """Build, resume, start the loader, run the loop; the loader is closed however it ends."""
     t, data_dir = cfg.train, dataset_dir(cfg)
     job = build(cfg, manifest, d)
@@ -503,7 +532,7 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
         if st.step >= job.total_steps:
             d.log(f"nothing to do: {rel} is at step {st.step} of {job.total_steps} "
                   "(raise train.max_steps or --resume none)")
-        return train_loop(job, st, batches, pos, storage, records, tracker, hooks)
+        return train_loop(job, st, batches, pos, storage, records, tracker, hooks, stop)
     finally:
         if batches is not None:
             close_loader(batches)
@@ -542,9 +571,12 @@ def main(argv=None) -> int:
         cfg, storage, manifest = load_job(args)
     except (ConfigError, DataError) as e:
         return fail(e)
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own: die with it
+        exit_with_parent("torchrun")
     d = setup_distributed(cfg.train.device)
     try:
-        return train(cfg, storage, manifest, d, args.resume, Hooks.from_env())
+        with StopRequest().installed() as stop:
+            return train(cfg, storage, manifest, d, args.resume, Hooks.from_env(), stop)
     except (ConfigError, DataError, CheckpointError) as e:
         return fail(e)
     finally:

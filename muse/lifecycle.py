@@ -1,0 +1,123 @@
+"""Who owns which process in a training job, so that none outlives the job (Linux).
+
+    muse train (the CLI)  ->  torchrun  ->  ranks (muse.train)  ->  DataLoader workers
+
+* `run_owned` (the CLI) starts torchrun in its own process group, so a terminal's Ctrl-C reaches
+  only the CLI, and through `python -m muse.lifecycle --parent PID -- CMD`, which sets the
+  parent-death signal and execs CMD, so torchrun dies with the CLI (no preexec_fn: the CLI
+  may have threads, e.g. in a Prefect task). The first SIGTERM or
+  SIGINT is passed to the ranks as SIGTERM (they checkpoint at the step boundary and exit) and
+  the CLI waits for them; a second one kills the job at once.
+* torchrun starts every rank in a session of its own (torch.distributed.elastic), where no
+  signal to the CLI's process group reaches it: `exit_with_parent` (a rank) exits as soon as
+  its parent, torchrun, is gone.
+* DataLoader workers get the kernel's parent-death signal (`die_with_parent`, see data.py).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """The kernel sends `sig` to this process when the thread that started it exits; call it in
+    the child (preexec_fn, worker_init). No-op off Linux."""
+    if not sys.platform.startswith("linux"):
+        return
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig))
+    if os.getppid() == 1:  # the parent died before prctl: nobody is left to read our output
+        os._exit(1)
+
+
+def exit_with_parent(what: str, interval: float = 0.5) -> None:
+    """Exit this process (and so its loader workers) once its parent is gone. A watchdog thread
+    polling getppid() rather than prctl: the kernel's parent-death signal follows the *thread*
+    that forked us, and torchrun does not promise which of its threads that is."""
+    parent = os.getppid()
+    if parent == 1:
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(interval)
+        print(f"muse train: {what} (pid {parent}) is gone: stopping this process", file=sys.stderr, flush=True)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def child_pids(pid: int) -> list[int]:
+    """The direct children of `pid`, from /proc (empty where there is no /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _kill(pids: list[int], sig: int) -> None:
+    for p in pids:
+        try:
+            os.kill(p, sig)
+        except ProcessLookupError:
+            pass
+
+
+def run_owned(cmd: list[str], label: str = "muse train") -> tuple[int, str | None]:
+    """Run `cmd` (torchrun) as a child that dies with us; SIGTERM/SIGINT stop it gracefully (see
+    the module docstring) -> (its exit code, the name of the signal that stopped it or None)."""
+    wrapped = [sys.executable, "-m", "muse.lifecycle", "--parent", str(os.getpid()), "--", *cmd]
+    proc = subprocess.Popen(wrapped, process_group=0)
+    got: list[str] = []
+
+    def on_signal(signum, _frame) -> None:
+        got.append(signal.Signals(signum).name)
+        if len(got) == 1:
+            print(f"{label}: {got[0]}: the ranks write a checkpoint at the end of this step and stop "
+                  "(send it again to kill them now)", file=sys.stderr, flush=True)
+            ranks = child_pids(proc.pid)
+            _kill(ranks or [proc.pid], signal.SIGTERM)  # no ranks yet: torchrun stops itself
+        else:
+            print(f"{label}: {got[-1]} again: killing the job", file=sys.stderr, flush=True)
+            _kill([*child_pids(proc.pid), proc.pid], signal.SIGKILL)
+
+    # signal handlers can only be set in the main thread (a Prefect task runs in a worker thread)
+    main = threading.current_thread() is threading.main_thread()
+    old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)} if main else {}
+    try:
+        rc = proc.wait()  # resumed after each handler (PEP 475)
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        if proc.poll() is None:  # an exception in this process: do not leave the job behind
+            proc.kill()
+            proc.wait()
+    return rc, (got[0] if got else None)
+
+
+def _exec_with_parent_death(argv: list[str]) -> None:
+    """`python -m muse.lifecycle --parent PID -- CMD...`: die with PID, then become CMD (the
+    parent-death signal survives exec)."""
+    if len(argv) < 4 or argv[0] != "--parent" or argv[2] != "--":
+        sys.exit("usage: python -m muse.lifecycle --parent PID -- CMD...")
+    die_with_parent()
+    if os.getppid() != int(argv[1]):  # the launcher died before prctl
+        os._exit(1)
+    os.execvp(argv[3], argv[3:])
+
+
+if __name__ == "__main__":
+    _exec_with_parent_death(sys.argv[1:])
