@@ -2,7 +2,7 @@
 
     checkpoints/<run>/step-00000100/model.safetensors, config.json   the model's own format
                                     trainer.pt    optimizer, scheduler, scaler, EMA, RNG, counters
-                                    loader.json   loader state of every rank
+                                    loader.json   loader state of every rank + what it is valid for
                                     pipeline.yaml resolved config
     checkpoints/<run>/LATEST        "step-00000100", written after every file above
     checkpoints/<run>/metrics.jsonl, loss.png
@@ -45,6 +45,8 @@ class TrainState:
     rng: list = field(default_factory=list)
     loader: list = field(default_factory=list)
     fp32_fallback: bool = False       # train.nonfinite_fallback switched the run to fp32
+    data_pass: int = 0                # new passes started on changed data (train.on_data_change)
+    fingerprint: dict | None = None   # what `loader` is valid for (data.loader_fingerprint); loader.json
 
 
 def run_dir(run_name: str) -> str:
@@ -71,11 +73,11 @@ def save(storage: Storage, run_name: str, model, state: TrainState, config_yaml:
         for name in sorted(p.name for p in Path(tmp).iterdir()):
             storage.upload_file(Path(tmp) / name, f"{rel}/{name}")
     trainer = dataclasses.asdict(state)
-    loader = trainer.pop("loader")
+    loader, fingerprint = trainer.pop("loader"), trainer.pop("fingerprint")
     buf = io.BytesIO()
     torch.save(trainer, buf)
     storage.write_bytes(f"{rel}/trainer.pt", buf.getvalue())
-    storage.write_json(f"{rel}/loader.json", {"ranks": loader})
+    storage.write_json(f"{rel}/loader.json", {"ranks": loader, "fingerprint": fingerprint})
     storage.write_text(f"{rel}/pipeline.yaml", config_yaml)
     storage.write_text(f"{run_dir(run_name)}/LATEST", rel.rsplit("/", 1)[1] + "\n")
     _prune(storage, run_name, keep)
@@ -133,11 +135,13 @@ def load_state(storage: Storage, rel: str) -> TrainState:
     try:
         trainer = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/trainer.pt")), map_location="cpu",
                              weights_only=True)
-        loader = storage.read_json(f"{rel}/loader.json")["ranks"]
+        loader_json = storage.read_json(f"{rel}/loader.json")
+        loader, fingerprint = loader_json["ranks"], loader_json.get("fingerprint")  # None: written before it
     except Exception as e:
         raise _unreadable(storage, rel, "trainer.pt/loader.json", e) from e
     known = {f.name for f in dataclasses.fields(TrainState)}
-    return TrainState(**{k: v for k, v in trainer.items() if k in known}, loader=loader)
+    known -= {"loader", "fingerprint"}
+    return TrainState(**{k: v for k, v in trainer.items() if k in known}, loader=loader, fingerprint=fingerprint)
 
 
 def _unreadable(storage: Storage, rel: str, files: str, e: Exception) -> CheckpointError:

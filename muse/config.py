@@ -155,6 +155,9 @@ class TrainConfig(_Section):
     device: str = "auto"
     verify: Literal["sha256", "size", "none"] = Field(
         "size", description="check shards against the manifest at start: size (cheap), sha256 (reads all)")
+    on_data_change: Literal["stop", "new_pass"] = Field(
+        "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
+        "new_pass: keep weights, optimizer and step and start a new pass over the data")
 
 
 class SampleConfig(_Section):

@@ -105,6 +105,32 @@ def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bo
                                 f"{shard['sha256'][:12]}...: the shard changed after encoding: {fix}")
 
 
+def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
+                       world_size: int, replaced_rows: str) -> dict:
+    """What a saved loader state is valid for: the manifest's shards (id -> sha256, else bytes and
+    rows) and the settings that fix the sample order. Saved with the loader state; see
+    `fingerprint_changes`."""
+    shards = {f"{int(s['id']):05d}": s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
+              for s in manifest["shards"]}
+    return {"shards": shards, "seed": seed, "loader_streams": streams, "batch_size": batch_size,
+            "shuffle_buffer": shuffle_buffer, "replaced_rows": replaced_rows, "world_size": world_size}
+
+
+def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
+    out = []
+    old, new = saved.get("shards", {}), now["shards"]
+    for what, ids in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
+                      ("changed", sorted(k for k in set(old) & set(new) if old[k] != new[k]))):
+        if ids:
+            out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
+    for key in now:
+        if key != "shards" and saved.get(key) != now[key]:
+            name = "world size" if key == "world_size" else f"train.{key}"
+            out.append(f"{name} {saved.get(key)} -> {now[key]}")
+    return out
+
+
 class _UnitData:
     """One decoded row group: T5 packed [sum L, D] fp16 + offsets, ids, keys, replaced."""
 

@@ -37,7 +37,8 @@ import torch.distributed as dist
 from muse import checkpoint, tracking
 from muse.checkpoint import CheckpointError, TrainState
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import DataError, StreamingDataset, verify_shards, worker_init
+from muse.data import (DataError, StreamingDataset, fingerprint_changes, loader_fingerprint, verify_shards,
+                       worker_init)
 from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.lifecycle import exit_with_parent, run_owned
 from muse.storage import Storage
@@ -341,6 +342,29 @@ def resume(job: Job, storage: Storage, which: str) -> tuple[TrainState, str | No
     return st, rel
 
 
+def check_data_change(cfg: PipelineConfig, manifest: dict, st: TrainState, where: str, d: Dist) -> str | None:
+    """The saved loader state is only valid for the data and loader settings it was written with
+    (on main a refreshed manifest crashed with IndexError, a changed train.loader_streams silently
+    reordered the samples). On a change: stop, or with train.on_data_change=new_pass drop the
+    loader state (weights, optimizer, step and RNG stay) -> what changed, or None."""
+    t = cfg.train
+    now = loader_fingerprint(manifest, seed=t.seed, streams=t.loader_streams, batch_size=t.batch_size,
+                             shuffle_buffer=t.shuffle_buffer, world_size=d.world, replaced_rows=t.replaced_rows)
+    saved, st.fingerprint = st.fingerprint, now
+    changes = fingerprint_changes(saved, now) if st.loader and saved else []  # older checkpoints: unchecked
+    if not changes:
+        return None
+    if t.on_data_change == "stop":
+        raise CheckpointError(f"{where}: the data or loader settings changed since this checkpoint "
+                              f"({'; '.join(changes)}): exact resume needs the same ones. "
+                              "--set train.on_data_change=new_pass keeps the weights, optimizer and step and "
+                              "starts a new pass over the data (or --resume none)")
+    st.loader, st.data_pass = [], st.data_pass + 1
+    d.log(f"step {st.step}: the data or loader settings changed ({'; '.join(changes)}): "
+          f"new pass {st.data_pass} over the data from its start (train.on_data_change=new_pass)")
+    return "; ".join(changes)
+
+
 class LoaderPosition:
     """What the loader state in a checkpoint records: each stream's state after its last
     consumed batch and the next batch number (see muse/data.py)."""
@@ -516,9 +540,12 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
     t, data_dir = cfg.train, dataset_dir(cfg)
     job = build(cfg, manifest, d)
     st, rel = resume(job, storage, which)
+    changed = check_data_change(cfg, manifest, st, storage.url(rel or ""), d)
     if t.verify != "none":
         verify_shards(storage, data_dir, manifest, sha256=t.verify == "sha256", rank=d.rank, world=d.world)
     records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= st.step] if rel else []
+    if changed:  # in metrics.jsonl with the next checkpoint
+        records.append({"step": st.step, "event": "new_pass", "data_pass": st.data_pass, "changes": changed})
     tracker = tracking.Tracker.start(cfg, storage, d.rank, st.step)  # TensorBoard (+ wandb) on rank 0
     batches = None
     try:

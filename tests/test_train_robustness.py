@@ -132,3 +132,29 @@ def test_fp32_fallback_is_persisted_and_precision_change_resumes(tmp_path):
     job.scaler, job.amp_dtype = torch.amp.GradScaler("cpu", enabled=True), torch.float16
     st, _ = train.resume(job, storage, "latest")
     assert st.fp32_fallback and job.amp_dtype is None and not job.scaler.is_enabled()
+
+
+def test_resume_checks_the_data_and_loader_settings_and_can_start_a_new_pass(tmp_path, capsys):
+    """On main a changed train.loader_streams was accepted silently (another sample order) and a
+    shard added to the manifest crashed with IndexError in data.py."""
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=2, checkpoint_every=2)
+    make_data(config, shards=2)
+    assert run_train(config).returncode == 0
+    assert train.main(["--config", str(config), "--set", "train.max_steps=4", "--set", "train.loader_streams=4"]) == 2
+    err = capsys.readouterr().err
+    assert "step-00000002: the data or loader settings changed" in err and "train.loader_streams 2 -> 4" in err
+    assert "train.on_data_change=new_pass" in err
+    make_data(config, shards=3)  # a refreshed dataset: shards 0 and 1 as before, shard 2 new
+    assert train.main(["--config", str(config), "--set", "train.max_steps=4"]) == 2
+    err = capsys.readouterr().err
+    assert "shards added: 00002" in err and "loader_streams" not in err
+    out = run_train(config, "--set", "train.max_steps=4", "--set", "train.on_data_change=new_pass")
+    assert out.returncode == 0 and "resumed from" in out.stdout and "new pass 1" in out.stdout, out.stdout + out.stderr
+    storage = _storage(config)
+    st = checkpoint.load_state(storage, checkpoint.latest(storage, "t"))
+    assert st.step == 4 and st.data_pass == 1 and sorted(st.fingerprint["shards"]) == ["00000", "00001", "00002"]
+    events = [m for m in checkpoint.read_metrics(storage, "t") if m.get("event")]
+    assert events == [{"step": 2, "event": "new_pass", "data_pass": 1, "changes": "shards added: 00002"}]
+    # the new pass resumes exactly from here on: same data, same settings
+    out = run_train(config, "--set", "train.max_steps=6")
+    assert out.returncode == 0 and "new pass" not in out.stdout, out.stdout + out.stderr
