@@ -13,7 +13,7 @@ import pytest
 from muse import checkpoint
 from muse.config import load_config
 from muse.storage import Storage
-from tests.train_helpers import REPO, make_data, process_tree, read_trace, tiny_config
+from tests.train_helpers import REPO, make_data, process_tree, read_trace, run_train, tiny_config
 
 pytestmark = pytest.mark.slow
 PAUSE = 2
@@ -102,3 +102,23 @@ def test_sigterm_or_ctrl_c_waits_for_the_checkpoint(tmp_path, sig, to_group):
     assert rel and rel.endswith(f"step-{PAUSE:08d}"), log
     assert "SIGTERM received, writing a checkpoint" in log and "Traceback" not in log, log
     assert proc.returncode == 1 and f"stopped by {sig.name}" in log and "resumes from it" in log, log
+
+
+def test_ctrl_c_to_a_rank_checkpoints_like_sigterm(tmp_path):
+    """`python -m muse.train` in a terminal (or torchrun forwarding Ctrl-C): on main SIGINT was a
+    KeyboardInterrupt traceback and no checkpoint."""
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=8, checkpoint_every=100, num_workers=2)
+    make_data(config, shards=2, rows=24, row_group_size=8)
+    proc = run_train(config, wait=False, env={"MUSE_TRACE": str(tmp_path / "tr"), "MUSE_PAUSE_AT_STEP": str(PAUSE)})
+    try:
+        deadline = time.monotonic() + 120
+        while PAUSE not in read_trace(tmp_path / "tr") and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        os.killpg(proc.pid, signal.SIGINT)  # the terminal's Ctrl-C: the rank and its loader workers
+        log = proc.communicate(timeout=120)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0 and "SIGINT received, writing a checkpoint" in log and "Traceback" not in log, log
+    rel = checkpoint.latest(Storage.from_config(load_config(config)), "t")
+    assert rel and rel.endswith(f"step-{PAUSE:08d}"), log
