@@ -134,6 +134,7 @@ def test_fp32_fallback_is_persisted_and_precision_change_resumes(tmp_path):
     assert st.fp32_fallback and job.amp_dtype is None and not job.scaler.is_enabled()
 
 
+@pytest.mark.slow  # training jobs
 def test_resume_checks_the_data_and_loader_settings_and_can_start_a_new_pass(tmp_path, capsys):
     """On main a changed train.loader_streams was accepted silently (another sample order) and a
     shard added to the manifest crashed with IndexError in data.py."""
