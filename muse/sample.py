@@ -38,7 +38,8 @@ def _gumbel(shape, generator, device) -> torch.Tensor:
 def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, guidance_scale, low_res_ids,
                    masked) -> torch.Tensor:
     """fp32 logits (M, V) at the M masked positions only: decided tokens are never resampled, so
-    their rows would be memory for nothing (the guided mix runs in place on the gathered rows)."""
+    their rows would be memory for nothing. The guided mix runs in place on the model's output,
+    which nothing else holds, so no second (B, N, V) tensor is made."""
     if uncond_hidden is None or guidance_scale == 1.0:
         return model(ids, hidden, attn_mask, low_res_ids)[masked].float()
     B = ids.shape[0]
@@ -46,9 +47,8 @@ def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, gu
     h = torch.cat([pad_to(hidden, L, 1), pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
     m = torch.cat([pad_to(attn_mask.bool(), L, 1), pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
     low = None if low_res_ids is None else torch.cat([low_res_ids, low_res_ids])
-    cond, uncond = model(torch.cat([ids, ids]), h, m, low).chunk(2)            # one batched forward
-    cond, uncond = cond[masked].float(), uncond[masked].float()
-    return cond.sub_(uncond).mul_(guidance_scale).add_(uncond)                 # uncond + s (cond - uncond)
+    cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)    # one batched forward
+    return cond.sub_(uncond).mul_(guidance_scale).add_(uncond)[masked]         # uncond + s (cond - uncond)
 
 
 def _sample_rows(logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
