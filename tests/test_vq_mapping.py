@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from muse.encode.image import (load_paella, load_vq, openmuse_paella_to_diffusers,
+from muse.encode.image import (VQTokenizer, load_paella, load_vq, openmuse_paella_to_diffusers,
                                openmuse_vqgan_to_diffusers)
 from muse.testing.tiny import build_tiny_paella, build_tiny_vq
 
@@ -58,6 +58,33 @@ def test_openmuse_vqgan_checkpoint_loads_through_the_mapping(tmp_path):
         assert torch.equal(v, back[k]), k
     x = np.random.default_rng(0).integers(0, 255, (1, 256, 256, 3), dtype=np.uint8)
     assert loaded.encode(x).shape == (1, 16, 16)
+
+
+def test_openmuse_vqgan_checkpoint_in_its_own_format_encodes_like_diffusers(tmp_path):
+    """A small VQGAN saved the open-muse way (taming config keys, taming names, pytorch_model.bin)
+    gives the same ids as the same weights in diffusers' VQModel built by hand."""
+    from diffusers import VQModel
+
+    torch.manual_seed(0)
+    ref = VQModel(block_out_channels=(32, 32, 64, 64, 64), layers_per_block=1, latent_channels=8,
+                  vq_embed_dim=8, num_vq_embeddings=64, mid_block_add_attention=False, lookup_from_codebook=True,
+                  down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5).eval()
+    out = tmp_path / "openmuse"
+    out.mkdir()
+    torch.save({to_openmuse_name(k, 5): v for k, v in ref.state_dict().items()}, str(out / "pytorch_model.bin"))
+    (out / "config.json").write_text(json.dumps({
+        "_class_name": "VQGANModel", "resolution": 256, "num_channels": 3, "hidden_channels": 32,
+        "channel_mult": [1, 1, 2, 2, 2], "num_res_blocks": 1, "attn_resolutions": [], "no_attn_mid_block": True,
+        "z_channels": 8, "num_embeddings": 64, "quantized_embed_dim": 8, "dropout": 0.0,
+        "resample_with_conv": True, "commitment_cost": 0.25}))
+    loaded = load_vq(str(out), fmt="open-muse")
+    x = np.random.default_rng(0).integers(0, 255, (2, 256, 256, 3), dtype=np.uint8)
+    expected = VQTokenizer(ref, torch.device("cpu"), 16).encode(x)
+    assert torch.equal(loaded.encode(x), expected) and len(expected.unique()) > 1
+    (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()),
+                                                 "attn_resolutions": [16]}))
+    with pytest.raises(ValueError, match="attn_resolutions"):
+        load_vq(str(out), fmt="open-muse")
 
 
 def test_openmuse_paella_checkpoint_in_its_own_format_encodes_like_diffusers(tmp_path):
