@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from muse.config import resolve_device
 from muse.masking import pad_embeddings, pad_to
