@@ -4,7 +4,8 @@ Times (1) a training step (forward + backward + AdamW) and (2) a 12-step guided 
 (cond + uncond batched), for our model and for `Reference`, a textbook pre-norm
 transformer written here with nn.Linear + F.scaled_dot_product_attention (self-attn,
 cross-attn to the text, GELU MLP). Both run in the same process, interleaved, best of
-several repeats. The last line is the step-time ratio (goal <= 1.05).
+several repeats. Also the peak memory of guided super-res sampling at batch 8 (tensors alive
+at once, any device). The last line is the step-time ratio (goal <= 1.05).
 
     python bench/model.py            # small preset on CPU
     python bench/model.py --tiny     # seconds (smoke test)
@@ -16,10 +17,12 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import weakref
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from muse.config import ModelConfig
 from muse.masking import mask_tokens, masked_loss
@@ -113,6 +116,47 @@ def latency(model, vq, hidden, mask, batch, steps, dtype, device):
     return run
 
 
+class LiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensors created while active (weights made before it are not counted).
+    Works on any device, CPU included; scratch memory inside one kernel is not seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.seen = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in (out if isinstance(out, (tuple, list)) else (out,)):
+            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in self.seen:
+                st = t.untyped_storage()
+                key, n = st.data_ptr(), st.nbytes()
+                self.seen.add(key)
+                self.live += n
+                self.peak = max(self.peak, self.live)
+                weakref.finalize(st, self._free, key, n)  # fires when the storage is released
+        return out
+
+    def _free(self, key, n):
+        self.seen.discard(key)
+        self.live -= n
+
+
+def superres_sampling_peak(device, batch: int, codebook: int) -> float:
+    """GiB of tensors alive at once while a narrow super-res model samples 64x64 tokens with
+    guidance (2 steps: the first, all masked, is the largest). The model's logits
+    (2B, 4096, codebook) fp32 are part of it; the sampler adds two (masked x codebook) tensors."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="superres", preset="tiny", codebook_size=codebook, text_dim=8))
+    model = model.to(device).eval()
+    hidden, mask = torch.randn(batch, 8, 8, device=device), torch.ones(batch, 8, dtype=torch.bool, device=device)
+    low = torch.randint(0, codebook, (batch, 256), device=device)
+    with LiveBytes() as mem:
+        generate(model, hidden, mask, hidden[:1, :1], mask[:1, :1], steps=2, guidance_scale=4.0,
+                 generator=torch.Generator(device).manual_seed(0), low_res_ids=low)
+    return mem.peak / 2 ** 30
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
@@ -195,6 +239,9 @@ def main(argv=None) -> None:
     if args.gpu:
         mfu = ours.num_flops_per_sample() * batch / t_ours / H100_BF16_PEAK
         print(f"MFU (vs {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16): {100 * mfu:.1f}%")
+    sr_batch, sr_codebook = (2, 64) if args.tiny else (8, 8192)
+    peak = superres_sampling_peak(device, sr_batch, sr_codebook)
+    print(f"super-res sampling peak memory, batch {sr_batch}, {sr_codebook} codes: {peak:.2f} GiB")
     print(f"ratio (train step, ours / reference; goal <= 1.05): {t_ours / t_ref:.3f}")
 
 

@@ -4,7 +4,10 @@
 keeps the most confident samples and re-masks the rest so that the masked fraction
 follows the cosine schedule (24 steps for the base model, 8 for super-resolution, as in
 the paper). Confidence = log p(sampled token) + Gumbel noise whose temperature anneals
-linearly to zero. Classifier-free guidance runs the conditional and unconditional
+linearly to zero; the least confident are re-masked by rank, ties broken at random (at
+temperature 0 a model equally sure everywhere still follows the schedule). Only masked
+positions are sampled and scored, so no (batch, tokens, vocab) tensor is made besides the
+model's logits. Classifier-free guidance runs the conditional and unconditional
 inputs in ONE batched forward. Every random draw comes from the given generator, so a
 seed reproduces an image exactly.
 
@@ -21,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from muse.config import resolve_device
 from muse.masking import pad_embeddings, pad_to
@@ -32,16 +34,42 @@ def _gumbel(shape, generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))  # -log(u) > 0 for u in (0, 1)
 
 
-def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, guidance_scale, low_res_ids):
+def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, guidance_scale, low_res_ids,
+                   masked) -> torch.Tensor:
+    """fp32 logits (M, V) at the M masked positions only: decided tokens are never resampled, so
+    their rows would be memory for nothing. The guided mix runs in place on the model's output,
+    which nothing else holds, so no second (B, N, V) tensor is made."""
     if uncond_hidden is None or guidance_scale == 1.0:
-        return model(ids, hidden, attn_mask, low_res_ids).float()
+        return model(ids, hidden, attn_mask, low_res_ids)[masked].float()
     B = ids.shape[0]
     L = max(hidden.shape[1], uncond_hidden.shape[1])
     h = torch.cat([pad_to(hidden, L, 1), pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
     m = torch.cat([pad_to(attn_mask.bool(), L, 1), pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
     low = None if low_res_ids is None else torch.cat([low_res_ids, low_res_ids])
-    cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)   # one batched forward
-    return uncond + guidance_scale * (cond - uncond)
+    cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)    # one batched forward
+    return cond.sub_(uncond).mul_(guidance_scale).add_(uncond)[masked]         # uncond + s (cond - uncond)
+
+
+def _sample_rows(logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One categorical sample per row of logits (M, V) -> (ids (M,), log p(id) (M,)), by inverse
+    CDF: one uniform draw per row, where Gumbel-max (and torch.multinomial, which uses it inside)
+    draws an (M, V) noise tensor. The CDF is the one extra (M, V) tensor."""
+    lse = logits.logsumexp(-1, keepdim=True)                                   # (M, 1)
+    cdf = (logits - lse).exp_().cumsum_(-1)                                    # (M, V)
+    u = torch.rand((logits.shape[0], 1), generator=generator, device=logits.device) * cdf[:, -1:]
+    # right=True: the first token whose CDF exceeds u, never one of zero probability
+    ids = torch.searchsorted(cdf, u, right=True).clamp_(max=logits.shape[1] - 1)   # (M, 1)
+    return ids.squeeze(1), (logits.gather(1, ids) - lse).squeeze(1)
+
+
+def _remask_by_rank(conf: torch.Tensor, n_mask: torch.Tensor, generator) -> torch.Tensor:
+    """True at the n_mask (B, 1) least confident positions of conf (B, N), ties broken at random:
+    a threshold (conf <= cutoff) would re-mask every token tied with the cutoff."""
+    B, N = conf.shape
+    shuffle = torch.rand((B, N), generator=generator, device=conf.device).argsort(1)
+    order = shuffle.gather(1, conf.gather(1, shuffle).argsort(dim=1, stable=True))  # positions, least sure first
+    rank = torch.empty_like(order).scatter_(1, order, torch.arange(N, device=conf.device).expand(B, N))
+    return rank < n_mask
 
 
 @torch.inference_mode()
@@ -57,25 +85,22 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
         uncond_hidden = uncond_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
         uncond_mask = uncond_mask.reshape(1, -1)
     for step in range(steps):
+        masked = ids == c.mask_token_id                                            # (B, N)
         logits = _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask,
-                                guidance_scale, low_res_ids)                      # (B, N, V)
-        logp = F.log_softmax(logits, dim=-1)
-        sampled = (logp + _gumbel(logp.shape, generator, device)).argmax(-1)      # a categorical sample
-        masked = ids == c.mask_token_id
-        sampled = torch.where(masked, sampled, ids)
+                                guidance_scale, low_res_ids, masked)              # (M, V)
+        sampled, logp = _sample_rows(logits, generator)                           # (M,), (M,)
+        del logits                                                                 # before the next forward
         ratio = (step + 1) / steps
         n_mask_next = math.floor(N * math.cos(math.pi / 2 * ratio))               # cosine schedule
+        ids = ids.masked_scatter(masked, sampled)
         if n_mask_next == 0:
-            ids = sampled
             break
-        conf = logp.gather(-1, sampled[..., None]).squeeze(-1)
-        conf = conf + temperature * (1.0 - ratio) * _gumbel(conf.shape, generator, device)
-        conf = torch.where(masked, conf, torch.full_like(conf, float("inf")))     # decided tokens stay
+        noise = temperature * (1.0 - ratio) * _gumbel(logp.shape, generator, device)
+        conf = torch.full((B, N), float("inf"), device=device)                    # decided tokens stay
+        conf[masked] = logp + noise
         # never re-mask more than were masked minus one: each step decides at least one token
         n_mask_next = torch.clamp(masked.sum(1, keepdim=True) - 1, max=n_mask_next).clamp(min=0)
-        cutoff = conf.sort(dim=1).values.gather(1, n_mask_next.clamp(min=1) - 1)
-        remask = (conf <= cutoff) & (n_mask_next > 0)
-        ids = torch.where(remask, torch.full_like(sampled, c.mask_token_id), sampled)
+        ids = ids.masked_fill(_remask_by_rank(conf, n_mask_next, generator), c.mask_token_id)
     return ids
 
 

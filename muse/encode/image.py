@@ -8,6 +8,7 @@ original open-muse checkpoint (`fmt="open-muse"`) through a key mapping. Inputs 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from pathlib import Path
@@ -97,27 +98,95 @@ def _load_unlocked(cls, name_or_path: str, subfolder: str | None, fmt: str, conv
         raise ValueError(f"unknown VQ format {fmt!r}: diffusers or open-muse")
     folder = _resolve(name_or_path, subfolder, hub)
     config = json.loads((Path(folder) / "config.json").read_text())
-    model = cls.from_config(_openmuse_config(cls, config))
+    model = cls.from_config(openmuse_config(cls, config, f"{folder}/config.json"))
     state = convert(_read_state(folder), model)
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # size mismatches: the config does not describe these weights
+        raise ValueError(f"{folder}: open-muse weights do not fit the model built from its config.json: {e}") from e
     if missing or unexpected:
         raise ValueError(f"{folder}: open-muse checkpoint does not match after key mapping: "
                          f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
     return model
 
 
-def _openmuse_config(cls, config: dict) -> dict:
-    """open-muse config.json -> diffusers config (same names where the repo already converted)."""
-    if cls.__name__ == "VQModel" and "resolution" in config:  # taming-style keys
-        mult = config.get("channel_mult", [1, 2, 2, 4, 6])
-        ch = config.get("hidden_channels", config.get("ch", 128))
-        n = len(mult)
-        return dict(block_out_channels=[ch * m for m in mult], layers_per_block=config.get("num_res_blocks", 2),
-                    down_block_types=["DownEncoderBlock2D"] * n, up_block_types=["UpDecoderBlock2D"] * n,
-                    latent_channels=config.get("z_channels", 64), num_vq_embeddings=config.get("num_embeddings", 8192),
-                    vq_embed_dim=config.get("quantized_embed_dim", config.get("z_channels", 64)),
-                    mid_block_add_attention=False, lookup_from_codebook=True, force_upcast=True)
-    return {k: v for k, v in config.items() if not k.startswith("_")}
+# ----------------------------------------------------------------------------- open-muse configs
+
+def _need(config: dict, key: str, where: str):
+    if key not in config:
+        raise ValueError(f"{where}: open-muse config lacks {key!r}, which fixes the architecture; add it "
+                         f"(the published values are in FACTS.md)")
+    return config[key]
+
+
+def _only(value, allowed, key: str, where: str, why: str) -> dict:
+    if value != allowed:
+        raise ValueError(f"{where}: {key}={value!r} is not supported ({why}); only {allowed!r} loads")
+    return {}
+
+
+def _vqgan_blocks(mult, c: dict, where: str) -> dict:
+    ch, n = _need(c, "hidden_channels", where), len(mult)
+    return dict(block_out_channels=[ch * m for m in mult], down_block_types=["DownEncoderBlock2D"] * n,
+                up_block_types=["UpDecoderBlock2D"] * n)
+
+
+# open-muse VQGANModel key -> (value, whole config, where) -> diffusers VQModel arguments.
+# dropout is inactive in eval mode and commitment_cost is a training-loss weight: neither
+# changes the encoder, so they are accepted and dropped.
+_VQGAN_KEYS = {
+    "resolution": lambda v, c, w: dict(sample_size=v),
+    "num_channels": lambda v, c, w: dict(in_channels=v, out_channels=v),
+    "hidden_channels": lambda v, c, w: (_need(c, "channel_mult", w), {})[1],
+    "channel_mult": _vqgan_blocks,
+    "num_res_blocks": lambda v, c, w: dict(layers_per_block=v),
+    "attn_resolutions": lambda v, c, w: _only(list(v), [], "attn_resolutions", w,
+                                              "diffusers' DownEncoderBlock2D has no attention"),
+    "no_attn_mid_block": lambda v, c, w: _only(v, True, "no_attn_mid_block", w,
+                                               "the key mapping has no mid-block attention names")
+                                         | dict(mid_block_add_attention=False),
+    "z_channels": lambda v, c, w: dict(latent_channels=v, vq_embed_dim=c.get("quantized_embed_dim", v)),
+    "quantized_embed_dim": lambda v, c, w: dict(vq_embed_dim=v),
+    "num_embeddings": lambda v, c, w: dict(num_vq_embeddings=v),
+    "resample_with_conv": lambda v, c, w: _only(v, True, "resample_with_conv", w,
+                                                "diffusers resamples with a convolution"),
+    "dropout": lambda v, c, w: {},
+    "commitment_cost": lambda v, c, w: {},
+}
+# open-muse PaellaVQModel key -> diffusers PaellaVQModel argument (same defaults on both sides).
+_PAELLA_KEYS = {
+    "c_hidden": lambda v, c, w: dict(embed_dim=v),
+    "c_latent": lambda v, c, w: dict(latent_channels=v),
+    "codebook_size": lambda v, c, w: dict(num_vq_embeddings=v),
+}
+_OPENMUSE = {"VQModel": ("VQGANModel", _VQGAN_KEYS), "PaellaVQModel": ("PaellaVQModel", _PAELLA_KEYS)}
+# What open-muse's VQGAN does without a config key: look ids up in its codebook, run in fp32.
+_OPENMUSE_FIXED = {"VQModel": dict(lookup_from_codebook=True, force_upcast=True), "PaellaVQModel": {}}
+
+
+def openmuse_config(cls, config: dict, where: str = "config.json") -> dict:
+    """open-muse config.json -> `cls.from_config` arguments. Keys the diffusers class takes pass
+    through (repositories already converted); any other key would be silently ignored by diffusers
+    (building its default architecture), so it is an error."""
+    om_name, table = _OPENMUSE[cls.__name__]
+    name = config.get("_class_name", om_name)
+    if name not in (om_name, cls.__name__):
+        raise ValueError(f"{where}: _class_name {name!r} is not an open-muse {om_name} ({cls.__name__}); "
+                         f"point this setting at the right checkpoint")
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    out = dict(_OPENMUSE_FIXED[cls.__name__]) if any(k in table for k in config) else {}
+    for key, value in config.items():
+        if key.startswith("_"):  # _class_name, _diffusers_version: metadata
+            continue
+        if key in table:
+            out.update(table[key](value, config, where))
+        elif key in accepted:
+            out[key] = value
+        else:
+            raise ValueError(f"{where}: unknown key {key!r}: neither an open-muse {om_name} key "
+                             f"({sorted(table)}) nor a {cls.__name__} argument; diffusers would ignore it "
+                             f"and build a different model. Fix the config, or use format 'diffusers'")
+    return out
 
 
 def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:

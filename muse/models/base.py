@@ -129,17 +129,34 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         return self.head(self.norm_out(x))                                     # (B, N, codebook)
 
     def num_flops_per_sample(self) -> float:
-        """Training FLOPs (fwd+bwd) per sample: 6 x matmul params x tokens + attention scores.
+        """Training FLOPs (forward + backward) per sample, counted as the matmuls are run.
 
-        Attention adds 12 x depth x hidden x N x (keys per query) for QK^T and AV (fwd+bwd);
-        the memory length is taken as `text_len_for_flops`.
+        Each Linear costs 2 x in x out per row it is applied to: the image tokens for most, the
+        memory for the cross-attention K/V, the text for `text_proj` (`_linear_rows`). Embedding
+        lookups and the learned positions are additions, not matmuls: they cost nothing here.
+        Backward is twice the forward (input and weight gradients), except that `text_proj`'s
+        input is data and gets no gradient. Attention adds, per layer, 4 x hidden x N x keys
+        forward (QK^T and AV), keys = `_keys_per_query()` for self-attention and the memory
+        length for cross-attention; the text length is taken as `text_len_for_flops`.
         """
         c = self.config
-        n_matmul = sum(p.numel() for n, p in self.named_parameters()
-                       if p.dim() == 2 and not n.startswith(("tok_emb", "pos_emb")))
-        N = c.num_tokens
-        attn = 12 * c.depth * c.hidden_size * N * (self._keys_per_query() + self._memory_len())
-        return 6 * n_matmul * N + attn
+        forward = input_grads = 0
+        for name, m in self.named_modules():
+            if isinstance(m, nn.Linear):
+                flops = 2 * m.in_features * m.out_features * self._linear_rows(name)
+                forward += flops
+                input_grads += 0 if name == "text_proj" else flops
+        keys = self._keys_per_query() + self._memory_len()
+        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys   # its backward: 2x, both inputs
+        return 3 * attention + forward + forward + input_grads
+
+    def _linear_rows(self, name: str) -> int:
+        """How many rows (per sample) the Linear called `name` is applied to."""
+        if name == "text_proj":
+            return self.config.text_len_for_flops
+        if name.endswith(".cross.kv"):
+            return self._memory_len()
+        return self.config.num_tokens
 
     def _keys_per_query(self) -> float:
         return self.config.num_tokens
