@@ -34,7 +34,8 @@ BATCH_ROWS = 1 << 16
 
 
 class FilterError(ValueError):
-    """Raised as the package's SourceError by sources.py; kept separate to avoid an import cycle."""
+    """A selection the file cannot serve; sources.py re-raises it as SourceError (which lives
+    there, and sources.py imports this module)."""
 
 
 @dataclass
@@ -51,12 +52,12 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
-def rules(src_cfg) -> list[tuple[str, float | None, float | None, str]]:
-    """(column, min, max, label) per rule; the aspect rule has column "aspect"."""
+def rules(src_cfg) -> list[tuple[str | None, float | None, float | None, str]]:
+    """(column, min, max, label) per rule; the aspect rule (width / height) has column None."""
     out = [(f.column, f.min, f.max, f.column) for f in src_cfg.filters]
     if src_cfg.min_aspect is not None or src_cfg.max_aspect is not None:
         w, h = src_cfg.aspect_columns
-        out.append(("aspect", src_cfg.min_aspect, src_cfg.max_aspect, f"{w}/{h}"))
+        out.append((None, src_cfg.min_aspect, src_cfg.max_aspect, f"{w}/{h}"))
     return out
 
 
@@ -157,7 +158,7 @@ def _numeric(uri: str, name: str, col: pa.ChunkedArray) -> pa.ChunkedArray:
 def _rule_masks(uri: str, batch: pa.Table, src_cfg):
     """(label of the failure, fail mask) per rule and per failure kind, in counting order."""
     for column, lo, hi, label in rules(src_cfg):
-        if column == "aspect":
+        if column is None:
             w, h = src_cfg.aspect_columns
             values = pc.divide(_numeric(uri, w, batch[w]), _numeric(uri, h, batch[h]))
         else:
