@@ -3,7 +3,7 @@
     selection_spec(src_cfg)              -> dict | None   what the registry records (None: no selection)
     select_rows(uri, src_cfg, gp, limit) -> Selection     kept row indices + filtered counts per reason
 
-Only the columns the selection needs are read (Parquet column projection; CSV/JSONL are
+Only the columns the selection needs are read (Parquet: column projection; CSV/JSONL:
 streamed in batches with the other columns skipped), and every condition is a vectorised
 pyarrow compare. Every row is accounted for: a row is kept, or counted under the FIRST rule
 it fails, in this order: `source.filters` as listed, then `min_aspect`/`max_aspect`, then
@@ -98,8 +98,9 @@ def iter_columns(uri: str, fmt: str, gcs_project: str | None, cols: list[str]) -
         if fmt == "parquet":
             pf = pq.ParquetFile(f)
             _missing(uri, pf.schema_arrow.names, cols)
-            for batch in pf.iter_batches(batch_size=BATCH_ROWS, columns=cols):
-                yield pa.Table.from_batches([batch])
+            # one read of just these columns (arrow decodes them in parallel); the download
+            # reads the whole file into memory anyway, so streaming Parquet would save nothing
+            yield pf.read(columns=cols)
         elif fmt == "csv":
             yield from _iter_csv(uri, f, cols)
         else:
@@ -185,10 +186,13 @@ def _select_batch(uri: str, batch: pa.Table, src_cfg, labels: list[str]) -> np.n
 def _first_of_each_url(urls: pa.ChunkedArray, candidates: np.ndarray) -> np.ndarray:
     """Of the candidate rows, those that are the first with their URL (null URLs all kept:
     they become bad_url rows, which say more than a dedup count)."""
-    t = pa.table({"url": urls.take(pa.array(candidates)), "i": pa.array(candidates, pa.int64())})
-    firsts = t.group_by("url", use_threads=False).aggregate([("i", "min")])["i_min"]
-    keep = pc.or_(pc.is_in(t["i"], firsts), pc.is_null(t["url"]))
-    return candidates[keep.to_numpy(zero_copy_only=False)]
+    codes = pc.dictionary_encode(urls.take(pa.array(candidates))).combine_chunks().indices
+    codes = pc.fill_null(codes, -1).to_numpy(zero_copy_only=False)
+    _, first = np.unique(codes, return_index=True)  # first position of each distinct URL
+    keep = np.zeros(len(candidates), dtype=bool)
+    keep[first] = True
+    keep[codes < 0] = True
+    return candidates[keep]
 
 
 def select_rows(uri: str, src_cfg, fmt: str, gcs_project: str | None = None,
