@@ -216,3 +216,12 @@ def test_flow_artifact_lists_filtered_rows(server, tmp_path):
     assert summary["rows_in"] == len(ROWS) and summary["succeeded"] == len(KEPT) - 1
     assert "filtered: pwatermark > 0.8" in data and f"{100 * 2 / len(ROWS):.1f}%" in data
     assert math.isclose(sum(summary["filtered_by_reason"].values()) + len(KEPT), summary["rows_in"])
+
+
+def test_muse_download_with_a_missing_column_exits_2_naming_it(tmp_path, capsys):
+    src = write_list(tmp_path / "urls.csv", laion_table().drop(["AESTHETIC_SCORE"]))
+    assert main(["download", "--config", str(config_file(tmp_path, src, **SELECTION))]) == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("muse download: ") and "AESTHETIC_SCORE" in lines[0]
+    assert "urls.csv" in lines[0]
+    assert done_shards(Storage(str(tmp_path / "root")), IMAGES) == []

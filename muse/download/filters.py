@@ -195,15 +195,20 @@ def _first_of_each_url(urls: pa.ChunkedArray, candidates: np.ndarray) -> np.ndar
     return candidates[keep]
 
 
-def select_rows(uri: str, src_cfg, fmt: str, gcs_project: str | None = None,
-                limit: int | None = None, num_rows: int | None = None) -> Selection:
-    """Which rows of the file to download. Without a selection nothing is read (`num_rows` given)."""
+def select_rows(uri: str, src_cfg, fmt: str, gcs_project: str | None = None, limit: int | None = None,
+                num_rows: int | None = None, table: pa.Table | None = None) -> Selection:
+    """Which rows of the file to download. Without a selection nothing is read (`num_rows` given);
+    `table`: the file already in memory (the download reads it whole), so it is not read again."""
     if selection_spec(src_cfg) is None:
         n = num_rows if limit is None else min(num_rows, limit)
         return Selection(np.arange(n, dtype=np.int64), n)
+    cols = needed_columns(src_cfg)
+    if table is not None:
+        _missing(uri, table.column_names, cols)
+    batches = [table.select(cols)] if table is not None else iter_columns(uri, fmt, gcs_project, cols)
     labels: list[str] = []
     why, urls = [], []
-    for batch in iter_columns(uri, fmt, gcs_project, needed_columns(src_cfg)):
+    for batch in batches:
         why.append(_select_batch(uri, batch, src_cfg, labels))
         if src_cfg.dedup_urls:
             urls += pc.cast(batch[src_cfg.url_column], pa.string()).chunks

@@ -127,7 +127,7 @@ def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | 
     for col, key in ((url_col, "source.url_column"), (cap_col, "source.caption_column")):
         if col not in table.column_names:
             raise SourceError(f"{uri}: no column {col!r} ({key}); columns are {table.column_names}")
-    rows = select(uri, src_cfg, gcs_project, limit, num_rows=table.num_rows).indices
+    rows = select(uri, src_cfg, gcs_project, limit, num_rows=table.num_rows, table=table).indices
     table = table.slice(0, len(rows)) if selection_spec(src_cfg) is None else table.take(pa.array(rows))
     carry = src_cfg.carry_columns
     if carry is None:
@@ -155,13 +155,13 @@ def count_rows(uri: str, src_cfg, gcs_project: str | None = None) -> int:
 
 
 def select(uri: str, src_cfg, gcs_project: str | None = None, limit: int | None = None,
-           num_rows: int | None = None) -> Selection:
+           num_rows: int | None = None, table: pa.Table | None = None) -> Selection:
     """The file's rows that pass `source.filters` (muse/download/filters.py), first `limit` of them."""
     fmt = detect_format(uri, src_cfg.format)
     if selection_spec(src_cfg) is None and num_rows is None:
         num_rows = count_rows(uri, src_cfg, gcs_project)
     try:
-        return select_rows(uri, src_cfg, fmt, gcs_project, limit, num_rows)
+        return select_rows(uri, src_cfg, fmt, gcs_project, limit, num_rows, table)
     except FilterError as e:
         raise SourceError(str(e)) from None
     except Exception as e:  # noqa: BLE001 - any parser error: say which file
