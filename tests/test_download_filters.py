@@ -103,10 +103,32 @@ def test_missing_or_text_column_is_an_error_naming_column_and_file(tmp_path, ext
     path = write_list(tmp_path / f"urls.{ext}", laion_table().drop(["punsafe"]))
     with pytest.raises(SourceError, match=rf"urls\.{ext}: .*'punsafe'"):
         select(str(path), source_cfg([path], **SELECTION))
-    with pytest.raises(SourceError, match=rf"urls\.{ext}: column 'TEXT' is string, not a number"):
+    with pytest.raises(SourceError, match=rf"urls\.{ext}: column.*'TEXT'.* not a number"):
         select(str(path), source_cfg([path], filters=[{"column": "TEXT", "min": 1}]))
     with pytest.raises(SourceError, match=rf"urls\.{ext}: .*'W'"):
         select(str(path), source_cfg([path], min_aspect=0.5, aspect_columns=["W", "HEIGHT"]))
+
+
+def test_csv_column_that_turns_fractional_after_the_first_block(tmp_path):
+    """Streamed CSV infers types from its first block; filtered columns are read as numbers throughout."""
+    n = 300_000  # > one 4 MiB block
+    lines = ["URL,TEXT,score"] + [f"http://x/{i},c,{i % 7}" for i in range(n)] + ["http://x/last,c,6.5"]
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(lines) + "\n")
+    sel = select(str(path), source_cfg([path], filters=[{"column": "score", "min": 6}]))
+    assert len(sel.indices) == n // 7 + 1 and sel.indices[-1] == n
+    assert sel.filtered == {"score < 6": n - n // 7}
+
+
+def test_csv_column_that_turns_fractional_after_the_first_block(tmp_path):
+    """Streamed CSV infers types from its first block; filtered columns are read as numbers throughout."""
+    n = 300_000  # > one 4 MiB block
+    lines = ["URL,TEXT,score"] + [f"http://x/{i},c,{i % 7}" for i in range(n)] + ["http://x/last,c,6.5"]
+    path = tmp_path / "urls.csv"
+    path.write_text("\n".join(lines) + "\n")
+    sel = select(str(path), source_cfg([path], filters=[{"column": "score", "min": 6}]))
+    assert len(sel.indices) == n // 7 + 1 and sel.indices[-1] == n
+    assert sel.filtered == {"score < 6": n - n // 7}
 
 
 def test_filter_config_is_checked_at_load():

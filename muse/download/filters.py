@@ -71,13 +71,15 @@ def selection_spec(src_cfg) -> dict | None:
     return spec
 
 
-def needed_columns(src_cfg) -> list[str]:
+def numeric_columns(src_cfg) -> list[str]:
     cols = [f.column for f in src_cfg.filters]
     if src_cfg.min_aspect is not None or src_cfg.max_aspect is not None:
         cols += list(src_cfg.aspect_columns)
-    if src_cfg.dedup_urls:
-        cols.append(src_cfg.url_column)
     return list(dict.fromkeys(cols))
+
+
+def needed_columns(src_cfg) -> list[str]:
+    return list(dict.fromkeys(numeric_columns(src_cfg) + ([src_cfg.url_column] if src_cfg.dedup_urls else [])))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -90,8 +92,10 @@ def _missing(uri: str, names: list[str], wanted: list[str]) -> None:
                           "or remove the filter")
 
 
-def iter_columns(uri: str, fmt: str, gcs_project: str | None, cols: list[str]) -> Iterator[pa.Table]:
-    """Batches of just `cols` from the file (errors name the file and the column)."""
+def iter_columns(uri: str, fmt: str, gcs_project: str | None, cols: list[str],
+                 numeric: list[str]) -> Iterator[pa.Table]:
+    """Batches of just `cols` from the file (errors name the file and the column); `numeric`:
+    those compared as numbers."""
     fs, path = source_fs(uri, gcs_project)
     compression = "gzip" if path.endswith(".gz") else None
     with fs.open(path, "rb", compression=compression) as f:
@@ -102,14 +106,15 @@ def iter_columns(uri: str, fmt: str, gcs_project: str | None, cols: list[str]) -
             # reads the whole file into memory anyway, so streaming Parquet would save nothing
             yield pf.read(columns=cols)
         elif fmt == "csv":
-            yield from _iter_csv(uri, f, cols)
+            yield from _iter_csv(uri, f, cols, numeric)
         else:
             yield from _iter_jsonl(uri, f, cols)
 
 
-def _iter_csv(uri, f, cols):
-    # Filtered columns are parsed as numbers by type inference, like every other CSV column.
-    convert = pcsv.ConvertOptions(include_columns=cols)
+def _iter_csv(uri, f, cols, numeric):
+    # Streaming infers types from the first block only: a column of integers that turns
+    # fractional later would fail, so the compared columns are read as float64 throughout.
+    convert = pcsv.ConvertOptions(include_columns=cols, column_types={c: pa.float64() for c in numeric})
     try:
         reader = pcsv.open_csv(f, parse_options=pcsv.ParseOptions(newlines_in_values=True),
                                convert_options=convert, read_options=pcsv.ReadOptions(block_size=1 << 22))
@@ -118,8 +123,9 @@ def _iter_csv(uri, f, cols):
     except KeyError as e:  # pyarrow: "Column 'X' in include_columns does not exist in CSV file"
         raise FilterError(f"{uri}: source.filters / source.aspect_columns: {e.args[0]}; fix the column "
                           "name (case-sensitive) or remove the filter") from None
-    except pa.ArrowInvalid as e:  # a later block with text in a column inferred as numeric
-        raise FilterError(f"{uri}: a filtered column is not numeric throughout: {e}") from None
+    except pa.ArrowInvalid as e:
+        raise FilterError(f"{uri}: column(s) {', '.join(map(repr, numeric))} hold a value that is not a number ({e}): "
+                          "source.filters and source.aspect_columns compare numbers") from None
 
 
 def _iter_jsonl(uri, f, cols):
@@ -205,7 +211,8 @@ def select_rows(uri: str, src_cfg, fmt: str, gcs_project: str | None = None, lim
     cols = needed_columns(src_cfg)
     if table is not None:
         _missing(uri, table.column_names, cols)
-    batches = [table.select(cols)] if table is not None else iter_columns(uri, fmt, gcs_project, cols)
+    batches = ([table.select(cols)] if table is not None
+               else iter_columns(uri, fmt, gcs_project, cols, numeric_columns(src_cfg)))
     labels: list[str] = []
     why, urls = [], []
     for batch in batches:
