@@ -236,3 +236,12 @@ def test_muse_download_with_a_missing_column_exits_2_naming_it(tmp_path, capsys)
     assert len(lines) == 1 and lines[0].startswith("muse download: ") and "AESTHETIC_SCORE" in lines[0]
     assert "urls.csv" in lines[0]
     assert done_shards(Storage(str(tmp_path / "root")), IMAGES) == []
+
+
+def test_dedup_keeps_the_first_of_each_url_and_never_merges_blank_ones(tmp_path):
+    urls = ["http://a", "", None, "http://a", " ", "http://b", "", None, "http://b"]
+    path = tmp_path / "urls.parquet"
+    pq.write_table(pa.table({"URL": urls, "TEXT": ["c"] * len(urls)}), path)
+    sel = select(str(path), source_cfg([path], dedup_urls=True))
+    assert sel.indices.tolist() == [0, 1, 2, 4, 5, 6, 7]  # blank/null URLs become bad_url rows instead
+    assert sel.filtered == {"duplicate url": 2}

@@ -190,9 +190,11 @@ def _select_batch(uri: str, batch: pa.Table, src_cfg, labels: list[str]) -> np.n
 
 
 def _first_of_each_url(urls: pa.ChunkedArray, candidates: np.ndarray) -> np.ndarray:
-    """Of the candidate rows, those that are the first with their URL (null URLs all kept:
-    they become bad_url rows, which say more than a dedup count)."""
-    codes = pc.dictionary_encode(urls.take(pa.array(candidates))).combine_chunks().indices
+    """Of the candidate rows, those that are the first with their URL (null and blank URLs
+    all kept: they become bad_url rows, which say more than a dedup count)."""
+    urls = urls.take(pa.array(candidates))
+    blank = pc.equal(pc.utf8_trim_whitespace(urls), "")  # CSV reads an empty field as ""
+    codes = pc.dictionary_encode(pc.if_else(blank, None, urls)).combine_chunks().indices
     codes = pc.fill_null(codes, -1).to_numpy(zero_copy_only=False)
     _, first = np.unique(codes, return_index=True)  # first position of each distinct URL
     keep = np.zeros(len(candidates), dtype=bool)
