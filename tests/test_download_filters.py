@@ -10,7 +10,6 @@ import io
 import json
 import math
 import os
-import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -25,9 +24,7 @@ from muse.download import REGISTRY, SourceError, plan_download, run_download, su
 from muse.download.sources import read_source, select
 from muse.layout import IMAGES, done_shards
 from muse.storage import Storage
-
-sys.path.insert(0, str(Path(__file__).parent))
-from imageserver import ImageServer  # noqa: E402
+from muse.testing.imageserver import ImageServer
 
 NAN, SIZE = float("nan"), 32
 FILTERS = [{"column": "pwatermark", "max": 0.8}, {"column": "punsafe", "max": 0.1},
@@ -205,6 +202,7 @@ def test_img2dataset_size_check_replaces_small_images(server, tmp_path):
     assert rec["replaced"] and "too small" in rec["error_message"]
 
 
+@pytest.mark.slow  # Prefect's test harness
 def test_flow_artifact_lists_filtered_rows(server, tmp_path):
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from prefect.client.orchestration import get_client
