@@ -41,7 +41,7 @@ def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
             failed.append(f"{parts[i].source}: {exc}")
         update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
     summary = finalize_task(config_path, overrides)
-    stats_table("download-stats", summary_rows(summary), "rows in, succeeded and replaced by reason")
+    stats_table("download-stats", summary_rows(summary), "rows in, filtered before download, succeeded and replaced, by reason")
     if failed:
         raise RuntimeError(f"{len(failed)} source file(s) failed (re-run to finish them): " + "; ".join(failed))
     return summary

@@ -33,6 +33,21 @@ class StorageConfig(_Section):
     )
 
 
+class SourceFilter(_Section):
+    """Keep rows whose numeric `column` is >= min and <= max (either bound may be left out)."""
+    column: str = Field(..., min_length=1)
+    min: Optional[float] = None
+    max: Optional[float] = None
+
+    @model_validator(mode="after")
+    def _bounds(self) -> "SourceFilter":
+        if self.min is None and self.max is None:
+            raise ValueError(f"filter on {self.column!r} needs min, max or both")
+        if self.min is not None and self.max is not None and self.min > self.max:
+            raise ValueError(f"filter on {self.column!r}: min {self.min} > max {self.max} keeps nothing")
+        return self
+
+
 class SourceConfig(_Section):
     paths: list[str] = Field(..., min_length=1, description="URL-list files or globs (local or remote)")
     format: Literal["auto", "parquet", "csv", "jsonl"] = "auto"
@@ -41,7 +56,20 @@ class SourceConfig(_Section):
     carry_columns: Optional[list[str]] = Field(
         None, description="extra columns kept in the output; null keeps all other columns"
     )
-    max_samples: Optional[int] = Field(None, ge=1, description="tiny subset: first N rows overall")
+    max_samples: Optional[int] = Field(None, ge=1, description="tiny subset: first N rows (that pass the filters) overall")
+    # Row selection before anything is fetched (docs/download.md "Filters"); a row with a null
+    # (or NaN) in a filtered column is dropped.
+    filters: list[SourceFilter] = Field(default_factory=list, description="[{column, min, max}], all must hold")
+    min_aspect: Optional[float] = Field(None, gt=0, description="keep width/height >= this (aspect_columns)")
+    max_aspect: Optional[float] = Field(None, gt=0, description="keep width/height <= this (aspect_columns)")
+    aspect_columns: tuple[str, str] = ("WIDTH", "HEIGHT")
+    dedup_urls: bool = Field(False, description="keep the first row of each URL within a file")
+
+    @model_validator(mode="after")
+    def _aspect(self) -> "SourceConfig":
+        if self.min_aspect and self.max_aspect and self.min_aspect > self.max_aspect:
+            raise ValueError(f"source.min_aspect {self.min_aspect} > source.max_aspect {self.max_aspect}")
+        return self
 
 
 class DownloadConfig(_Section):
@@ -56,6 +84,10 @@ class DownloadConfig(_Section):
     encode_quality: int = Field(95, ge=1, le=100)
     distributor: Literal["multiprocessing", "spark"] = "multiprocessing"
     user_agent_token: Optional[str] = None
+    # img2dataset's own checks on the downloaded pixels; a row that fails one is replaced
+    # (reason too_small / aspect_ratio), unlike source.filters, which skip rows before fetching.
+    min_image_size: int = Field(0, ge=0, description="min(width, height) of the downloaded image")
+    max_aspect_ratio: Optional[float] = Field(None, ge=1, description="max(w,h)/min(w,h); null: no limit")
 
 
 class EncodeConfig(_Section):

@@ -97,30 +97,44 @@ def _write_shard(cfg, storage, part, sid, table, out_dir, label) -> dict:
 
 
 def summarize(storage: Storage) -> dict:
+    """Totals over the current shards; rows_in counts every input row, filtered ones included."""
     reg = load_registry(storage)
+    done = set(done_shards(storage, IMAGES))
     live = {s for e in reg["sources"].values()
             for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
-    summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "shards": []}
-    for sid in done_shards(storage, IMAGES):
+    summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "filtered_by_reason": {},
+               "shards": []}
+    for sid in sorted(done):
         if live and sid not in live:
             continue
         st = storage.read_json(done_marker(IMAGES, sid))
         summary["shards"].append(sid)
         summary["rows_in"] += st["rows_in"]
         summary["succeeded"] += st["succeeded"]
-        for r, n in st["replaced_by_reason"].items():
-            summary["replaced_by_reason"][r] = summary["replaced_by_reason"].get(r, 0) + n
+        _add(summary["replaced_by_reason"], st["replaced_by_reason"])
+    for e in reg["sources"].values():  # a file's filtered rows count once all its shards are in
+        if done.issuperset(range(e["first_shard"], e["first_shard"] + e["num_shards"])):
+            _add(summary["filtered_by_reason"], e.get("filtered", {}))
+    summary["rows_in"] += sum(summary["filtered_by_reason"].values())
     return summary
+
+
+def _add(total: dict, counts: dict) -> None:
+    for r, n in counts.items():
+        total[r] = total.get(r, 0) + n
 
 
 def summary_rows(summary: dict) -> list[dict]:
     """The summary as table rows {what, count, share}: printed on stderr, a Prefect artifact in flows."""
     n = max(summary["rows_in"], 1)
     rows = [{"what": "shards", "count": len(summary["shards"]), "share": ""},
-            {"what": "rows in", "count": summary["rows_in"], "share": "100%"},
-            {"what": "succeeded", "count": summary["succeeded"], "share": f"{100 * summary['succeeded'] / n:.1f}%"}]
+            {"what": "rows in", "count": summary["rows_in"], "share": "100%"}]
+    share = lambda c: f"{100 * c / n:.1f}%"  # noqa: E731
+    for reason, c in sorted(summary.get("filtered_by_reason", {}).items(), key=lambda x: -x[1]):
+        rows.append({"what": f"filtered: {reason}", "count": c, "share": share(c)})
+    rows.append({"what": "succeeded", "count": summary["succeeded"], "share": share(summary["succeeded"])})
     for reason, c in sorted(summary["replaced_by_reason"].items(), key=lambda x: -x[1]):
-        rows.append({"what": f"replaced: {reason}", "count": c, "share": f"{100 * c / n:.1f}%"})
+        rows.append({"what": f"replaced: {reason}", "count": c, "share": share(c)})
     return rows
 
 

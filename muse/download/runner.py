@@ -40,6 +40,10 @@ def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> li
         "save_additional_columns": f"['{ROW}']", "enable_wandb": False,
         "compute_hash": None, "extract_exif": False,
     }
+    if dl.min_image_size:  # measured on the downloaded pixels; source.filters act before
+        args["min_image_size"] = dl.min_image_size
+    if dl.max_aspect_ratio is not None:
+        args["max_aspect_ratio"] = dl.max_aspect_ratio
     if dl.user_agent_token:
         args["user_agent_token"] = dl.user_agent_token
     return [f"--{k}={v}" for k, v in args.items()]

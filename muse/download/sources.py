@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
+from muse.download.filters import FilterError, Selection, select_rows, selection_spec
 from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, done_shards
 from muse.storage import Storage, shard_name, source_fs
 
@@ -113,7 +114,8 @@ def _read_raw(uri: str, fmt: str, gcs_project: str | None, text_cols: list[str])
 
 
 def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | None = None) -> pa.Table:
-    """Columns: url, caption (strings, may be null), carried columns, ROW (0..n-1)."""
+    """The selected rows (source.filters etc., then the first `limit`): url, caption (strings,
+    may be null), carried columns, ROW (the row's index in the file)."""
     fmt = detect_format(uri, src_cfg.format)
     url_col, cap_col = src_cfg.url_column, src_cfg.caption_column
     try:
@@ -125,8 +127,8 @@ def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | 
     for col, key in ((url_col, "source.url_column"), (cap_col, "source.caption_column")):
         if col not in table.column_names:
             raise SourceError(f"{uri}: no column {col!r} ({key}); columns are {table.column_names}")
-    if limit is not None:
-        table = table.slice(0, limit)
+    rows = select(uri, src_cfg, gcs_project, limit, num_rows=table.num_rows, table=table).indices
+    table = table.slice(0, len(rows)) if selection_spec(src_cfg) is None else table.take(pa.array(rows))
     carry = src_cfg.carry_columns
     if carry is None:
         carry = [c for c in table.column_names if c not in (url_col, cap_col)]
@@ -137,7 +139,7 @@ def read_source(uri: str, src_cfg, gcs_project: str | None = None, limit: int | 
     for c in carry:
         # A carried column may not shadow an output column: LAION has none, others might.
         cols[f"source_{c}" if c in IMAGE_COLUMNS else c] = table[c]
-    cols[ROW] = pa.array(range(table.num_rows), pa.int64())
+    cols[ROW] = pa.array(rows, pa.int64())
     return pa.table(cols)
 
 
@@ -150,6 +152,20 @@ def count_rows(uri: str, src_cfg, gcs_project: str | None = None) -> int:
         except Exception as e:  # noqa: BLE001
             raise SourceError(f"{uri}: cannot read as parquet: {type(e).__name__}: {e}") from None
     return read_source(uri, src_cfg, gcs_project).num_rows
+
+
+def select(uri: str, src_cfg, gcs_project: str | None = None, limit: int | None = None,
+           num_rows: int | None = None, table: pa.Table | None = None) -> Selection:
+    """The file's rows that pass `source.filters` (muse/download/filters.py), first `limit` of them."""
+    fmt = detect_format(uri, src_cfg.format)
+    if selection_spec(src_cfg) is None and num_rows is None:
+        num_rows = count_rows(uri, src_cfg, gcs_project)
+    try:
+        return select_rows(uri, src_cfg, fmt, gcs_project, limit, num_rows, table)
+    except FilterError as e:
+        raise SourceError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - any parser error: say which file
+        raise SourceError(f"{uri}: cannot read as {fmt}: {type(e).__name__}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- registry
@@ -174,17 +190,20 @@ def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
     remaining = src.max_samples
     parts: list[DownloadPart] = []
     done = set(done_shards(storage, IMAGES))
+    spec = selection_spec(src)
     for uri in expand_sources(src.paths, gp):
         if remaining == 0:
             break
         fp = fingerprint(uri, gp)
         entry = reg["sources"].get(uri)
-        unchanged = entry is not None and entry["fingerprint"] == fp
+        # a changed selection (source.filters, ...) is a changed file: new shard ids, no mixing
+        unchanged = entry is not None and entry["fingerprint"] == fp and entry.get("selection") == spec
         if unchanged and remaining is None and entry.get("max_samples") is None:
+            sel = None
             rows = entry["rows"]
         else:
-            rows = count_rows(uri, src, gp)
-            rows = rows if remaining is None else min(rows, remaining)
+            sel = select(uri, src, gp, remaining)
+            rows = len(sel.indices)
         if remaining is not None:
             remaining -= rows
         if not (unchanged and entry["rows"] == rows):
@@ -192,9 +211,11 @@ def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
                 retire(storage, entry)
             entry = {"fingerprint": fp, "rows": rows, "max_samples": src.max_samples,
                      "first_shard": reg["next_shard"], "num_shards": math.ceil(rows / size),
-                     "shard_size": size}
+                     "shard_size": size, "selection": spec}
             reg["next_shard"] += entry["num_shards"]
             reg["sources"][uri] = entry
+        if sel is not None:  # every input row accounted for: rows + sum(filtered) == rows_in
+            entry.update(rows_in=sel.rows_in, filtered=sel.filtered)
         part = DownloadPart(uri, fp, entry["first_shard"], entry["num_shards"], entry["rows"],
                             entry["shard_size"])
         if not done.issuperset(part.shard_ids()):

@@ -41,7 +41,8 @@ def reason_of(status: str | None, message: str | None) -> str:
     code = re.search(r"http error (\d{3})", m)
     if code:
         return "http_5xx" if code.group(1).startswith("5") else f"http_{code.group(1)}"
-    for needle, reason in (("refused", "connection_refused"), ("timed out", "timeout"),
+    for needle, reason in (("image too small", "too_small"), ("aspect ratio too large", "aspect_ratio"),
+                           ("refused", "connection_refused"), ("timed out", "timeout"),
                            ("timeout", "timeout"), ("image decoding error", "decode_error"),
                            ("unknown url type", "bad_url"), ("name or service", "dns"),
                            ("getaddrinfo", "dns"), ("ssl", "ssl"), ("certificate", "ssl"),
