@@ -10,7 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from muse.data import DataError, StreamingDataset, in_eval_slice, worker_init
+from muse import checkpoint
+from muse.data import (DataError, StreamingDataset, fingerprint_changes, in_eval_slice, loader_fingerprint,
+                       worker_init)
 from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
 
@@ -167,3 +169,38 @@ def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):
     write_test_dataset(Storage(root), DIR, shards=1, rows=8, row_group_size=4)
     with pytest.raises(DataError, match="lower train.loader_streams or train.batch_size"):
         StreamingDataset(root, DIR, batch_size=4, streams=4)
+
+
+@pytest.mark.slow  # a training job
+def test_trainer_epochs_are_exact_passes(tmp_path):
+    """train.epochs without max_steps: the step count comes from the plan, each epoch's steps see
+    every kept row once, the dropped remainder and a too-small shuffle buffer are reported."""
+    from tests.train_helpers import make_data, read_trace, run_train, tiny_config
+
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=None, epochs=2, shuffle_buffer=8,
+                         checkpoint_every=100)
+    make_data(config, shards=2, rows=25, row_group_size=8)  # 50 rows: 12 batches of 4 + 2 dropped
+    out = run_train(config, env={"MUSE_TRACE": str(tmp_path / "trace")})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "50 trainable rows = 1 ranks x 12 batches x 4 + 2 dropped" in out.stdout
+    assert "warning: train.shuffle_buffer 8 is less than two row groups (8 rows each)" in out.stdout
+    trace = read_trace(tmp_path / "trace")
+    assert sorted(trace) == list(range(1, 13))  # 2 epochs x 12 micro-batches / grad_accum 2
+    for steps in (range(1, 7), range(7, 13)):
+        keys = [k for s in steps for k in trace[s]["keys"]]
+        assert len(keys) == len(set(keys)) == 48
+    metrics = {m["step"]: m for m in checkpoint.read_metrics(Storage(str(tmp_path / "root")), "t")}
+    assert metrics[6]["epoch"] == 1.0 and metrics[12]["epoch"] == 2.0
+
+
+def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
+    """Loader version 1 states (unit positions of an endless stream) mean nothing to the epoch plan."""
+    root = str(tmp_path / "root")
+    manifest = write_test_dataset(Storage(root), DIR, shards=1, rows=16, row_group_size=4)
+    now = loader_fingerprint(manifest, seed=0, streams=2, batch_size=4, shuffle_buffer=8, world_size=1,
+                             replaced_rows="keep", grad_accum=2)
+    old = {k: v for k, v in now.items() if k not in ("loader_version", "grad_accum")}
+    assert fingerprint_changes(old, now) == ["loader version None -> 2", "train.grad_accum None -> 2"]
+    ds = StreamingDataset(root, DIR, batch_size=4, streams=2)
+    with pytest.raises(DataError, match="older loader.*on_data_change=new_pass"):
+        ds.load_state({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
