@@ -532,7 +532,7 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
             return 3
 
         rec = {"step": st.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
-               "skipped": st.skipped, "epoch": st.step * t.grad_accum / job.batches_per_epoch}  # exact: M per epoch
+               "skipped": st.skipped, "epoch": pos.next_batch / job.batches_per_epoch}  # of this data pass
         if st.step % t.log_every == 0 or st.step == job.total_steps:
             rec |= throughput(job, samples, time.time() - t0)
             d.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
