@@ -1,18 +1,23 @@
 """Streaming training data: encoded Parquet row groups -> padded batches, with exact resume.
 
-The order of samples is a pure function of (seed, manifest), independent of the number of
-DataLoader workers, so a run resumed with a different `train.num_workers` sees the same
-sequence as an uninterrupted one:
+The order of samples is a pure function of (seed, manifest, world size, batch size, streams,
+grad_accum), independent of the number of DataLoader workers, so a run resumed with a different
+`train.num_workers` sees the same sequence as an uninterrupted one. One epoch is one pass:
 
 * a *unit* is one Parquet row group of a shard listed in `_MANIFEST.json` (nothing else is read);
-* epoch e visits the units in the permutation `rng([seed, e])`; the epochs are concatenated
-  into one endless sequence of unit positions P (epoch = P // #units);
-* each rank r of W owns `train.loader_streams` (S) streams; stream s takes the positions
-  P = r + W*s (mod W*S); it mixes its rows through its own shuffle buffer (seeded RNG) and
-  cuts batches of `batch_size`;
-* global batch g of a rank comes from stream g % S. Worker w of k (k divides S) produces
-  batches g0+w, g0+w+k, ..., which are exactly the streams it owns, so no row group is read
-  twice and DataLoader's round-robin returns g0, g0+1, ... whatever k is.
+  its trainable rows (not in the eval slice, not dropped as replaced) are counted before any
+  batch is cut: from the manifest, or from the key/replaced columns when a filter applies;
+* epoch e visits the units in the permutation `rng([seed, e])`: a sequence of N trainable rows.
+  Each of the W ranks gets M micro-batches of B rows per epoch, M the largest multiple of
+  lcm(S, grad_accum) with W*M*B <= N; the N - W*M*B rows at the end of the sequence are
+  dropped this epoch (`dropped_rows`; a different unit order drops other rows next epoch);
+* rank r reads the contiguous slice [r*M*B, (r+1)*M*B) of the sequence; its stream s of S
+  (`train.loader_streams`) reads the sub-slice s of S through its own shuffle buffer (seeded by
+  seed, rank, stream, epoch), which drains at the end of the epoch, so every row of the epoch
+  is cut into a batch exactly once;
+* rank-local micro-batch g lies in epoch g // M and comes from stream g % S (S divides M).
+  Worker w of k (k divides S) produces batches g0+w, g0+w+k, ..., which are exactly the
+  streams it owns, and DataLoader's round-robin returns g0, g0+1, ... whatever k is.
 
 The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`eval_position`:
 blake2b-64 of the UTF-8 key as a fraction of 2**64) is never put in a shuffle buffer, so the
@@ -23,14 +28,15 @@ holds out a superset.
 A DataError in a DataLoader worker comes back as a batch `{"_error": message}` (raised in
 the main process it is raised as usual).
 
-Every batch carries the state of its stream after it was cut (unit position, the buffer as
-(position, row) indices, RNG state); the trainer keeps the state of the last consumed
+Every batch carries the state of its stream after it was cut (epoch, rows of its slice read,
+the buffer as (unit, row) indices, RNG state); the trainer keeps the state of the last consumed
 batch per stream and the next batch number: that is the loader state saved in checkpoints.
 """
 
 from __future__ import annotations
 
 import hashlib
+import math
 import signal
 from dataclasses import dataclass
 
@@ -105,15 +111,19 @@ def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bo
                                 f"{shard['sha256'][:12]}...: the shard changed after encoding: {fix}")
 
 
+LOADER_VERSION = 2  # 2: epochs are exact passes (the plan in the module docstring)
+
+
 def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
-                       world_size: int, replaced_rows: str) -> dict:
+                       world_size: int, replaced_rows: str, grad_accum: int = 1) -> dict:
     """What a saved loader state is valid for: the manifest's shards (id -> sha256, else bytes and
     rows) and the settings that fix the sample order. Saved with the loader state; see
     `fingerprint_changes`."""
     shards = {f"{int(s['id']):05d}": s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
               for s in manifest["shards"]}
-    return {"shards": shards, "seed": seed, "loader_streams": streams, "batch_size": batch_size,
-            "shuffle_buffer": shuffle_buffer, "replaced_rows": replaced_rows, "world_size": world_size}
+    return {"shards": shards, "loader_version": LOADER_VERSION, "seed": seed, "loader_streams": streams,
+            "batch_size": batch_size, "grad_accum": grad_accum, "shuffle_buffer": shuffle_buffer,
+            "replaced_rows": replaced_rows, "world_size": world_size}
 
 
 def fingerprint_changes(saved: dict, now: dict) -> list[str]:
@@ -126,7 +136,7 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
             out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
     for key in now:
         if key != "shards" and saved.get(key) != now[key]:
-            name = "world size" if key == "world_size" else f"train.{key}"
+            name = {"world_size": "world size", "loader_version": "loader version"}.get(key, f"train.{key}")
             out.append(f"{name} {saved.get(key)} -> {now[key]}")
     return out
 
@@ -182,12 +192,14 @@ class StreamingDataset(IterableDataset):
 
     Use with `DataLoader(ds, batch_size=None, num_workers=k)`, k dividing `streams` (0 = all
     streams in the main process). Storage is created inside each worker (gcsfs is not fork-safe).
+    `batches_per_epoch` (M) and `dropped_rows` are known once it is built.
     """
 
     def __init__(self, root_uri: str, dataset_dir: str, *, rank: int = 0, world_size: int = 1,
                  seed: int = 0, shuffle_buffer: int = 2048, batch_size: int = 16,
                  streams: int = 8, superres: bool = False, replaced_rows: str = "keep",
-                 replaced_weight: float = 0.1, gcs_project: str | None = None, eval_holdout: float = 0.0):
+                 replaced_weight: float = 0.1, gcs_project: str | None = None, eval_holdout: float = 0.0,
+                 grad_accum: int = 1):
         storage = Storage(root_uri, gcs_project)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
@@ -198,7 +210,68 @@ class StreamingDataset(IterableDataset):
         self.text_dim = int(self.manifest["text_dim"])
         self.eval_holdout = eval_holdout
         self.state = {"batch": 0, "streams": {}}
-        self._perms: dict[int, np.ndarray] = {}
+        self.counts = self._trainable_counts(storage)
+        self.train_rows = int(self.counts.sum())
+        self.batches_per_epoch = self._plan(grad_accum)
+        self.dropped_rows = self.train_rows - world_size * self.batches_per_epoch * batch_size
+        self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    # -- the epoch plan
+    def trainable(self, keys: list[str], replaced) -> np.ndarray:
+        """Indices of a unit's rows the trainer may see (the same filter at planning and loading)."""
+        keep = np.ones(len(keys), dtype=bool)
+        if self.eval_holdout:
+            keep &= ~np.array([in_eval_slice(k, self.eval_holdout) for k in keys], dtype=bool)
+        if self.replaced_rows == "drop":
+            keep &= ~np.asarray(replaced, dtype=bool)
+        return np.flatnonzero(keep)
+
+    def _trainable_counts(self, storage: Storage) -> np.ndarray:
+        """Trainable rows per unit: the manifest's counts, or (with a filter) the key/replaced
+        columns read once (small next to the T5 column), so the plan is exact."""
+        if not self.eval_holdout and self.replaced_rows != "drop":
+            return np.array([u.rows for u in self.units], dtype=np.int64)
+        return np.array([len(self.trainable(t.column("key").to_pylist(), t.column("replaced").to_numpy(zero_copy_only=False)))
+                         for t in (read_unit(storage, u, ["key", "replaced"]) for u in self.units)], dtype=np.int64)
+
+    def _plan(self, grad_accum: int) -> int:
+        """M: micro-batches per rank per epoch, a multiple of lcm(streams, grad_accum)."""
+        if not self.train_rows:
+            raise DataError("no row of the dataset can be trained on: every row is a replaced "
+                            "placeholder (set train.replaced_rows to keep or downweight) or in the "
+                            "eval slice (lower train.eval_holdout)")
+        step = math.lcm(self.streams, grad_accum)
+        m = self.train_rows // (self.world_size * self.batch_size) // step * step
+        if not m:
+            raise DataError(f"{self.train_rows} trainable rows make fewer than {step} batches of "
+                            f"{self.batch_size} per rank for {self.world_size} rank(s): an epoch needs at least "
+                            f"lcm(train.loader_streams, train.grad_accum) = {step} per rank; lower "
+                            "train.loader_streams or train.batch_size, or encode more data")
+        return m
+
+    def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """(unit permutation, cumulative trainable rows before each position [U + 1]) of an epoch."""
+        if epoch not in self._orders:
+            perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
+            self._orders[epoch] = (perm, np.concatenate([[0], np.cumsum(self.counts[perm])]))
+            for old in [e for e in self._orders if e < epoch - 1]:  # streams differ by one epoch at most
+                del self._orders[old]
+        return self._orders[epoch]
+
+    def stream_slice(self, stream: int) -> tuple[int, int]:
+        """(first row, rows) of a stream's part of every epoch's row sequence."""
+        rows = self.batches_per_epoch // self.streams * self.batch_size
+        return self.rank * self.batches_per_epoch * self.batch_size + stream * rows, rows
+
+    def mixing_warning(self) -> str | None:
+        """Why the shuffle buffers may mix too little: a stream's buffer holds rows of fewer than
+        two row groups at a time, so a batch comes mostly from one or two of them."""
+        per_unit = int(np.median(self.counts))
+        if self.buffer_size < 2 * per_unit:
+            return (f"train.shuffle_buffer {self.buffer_size} is less than two row groups ({per_unit} rows each): "
+                    "batches mix rows of only one or two row groups at a time; raise it to at least "
+                    f"{2 * per_unit} (memory: rows x T5 size per stream)")
+        return None
 
     # -- resume state
     def load_state(self, state: dict) -> None:
@@ -207,24 +280,15 @@ class StreamingDataset(IterableDataset):
         if saved != self.eval_holdout:  # the saved buffers hold row indices chosen with the old slice
             raise DataError(f"the checkpoint was trained with train.eval_holdout={saved}, this run has "
                             f"{self.eval_holdout}; keep it (exact resume) or start over with --resume none")
+        if any("epoch" not in v for v in state["streams"].values()):
+            raise DataError(f"the checkpoint's loader state was written by an older loader (version < "
+                            f"{LOADER_VERSION}): --set train.on_data_change=new_pass or --resume none")
         self.state = {"batch": int(state["batch"]), "streams": {int(k): v for k, v in state["streams"].items()}}
 
     @staticmethod
     def state_json(stream_state: dict) -> dict:
-        return {"pos": int(stream_state["pos"]), "rng": stream_state["rng"],
+        return {"epoch": int(stream_state["epoch"]), "pos": int(stream_state["pos"]), "rng": stream_state["rng"],
                 "buffer": np.asarray(stream_state["buffer"]).tolist()}
-
-    # -- order
-    def unit_at(self, pos: int) -> Unit:
-        epoch, i = divmod(pos, len(self.units))
-        if epoch not in self._perms:
-            self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(len(self.units))
-        return self.units[int(self._perms[epoch][i])]
-
-    def _position(self, stream: int, j: int) -> int:
-        """j-th unit position of a stream of this rank."""
-        stride = self.world_size * self.streams
-        return self.rank + self.world_size * stream + j * stride
 
     # -- iteration
     def __iter__(self):
@@ -238,7 +302,7 @@ class StreamingDataset(IterableDataset):
         g = self.state["batch"] + wid
         streams: dict[int, _Stream] = {}
         while True:
-            s = g % self.streams
+            s = g % self.streams  # == (g % M) % S: S divides M
             try:
                 if s not in streams:
                     streams[s] = _Stream(self, storage, s, self.state["streams"].get(s))
@@ -255,70 +319,83 @@ class StreamingDataset(IterableDataset):
             g += nw
 
 
+def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None) -> pa.Table:
+    """One row group (optionally some columns), every read error as a DataError naming it."""
+    where = f"{storage.url(unit.path)} row group {unit.row_group}"
+    try:
+        with storage.open(unit.path) as f:
+            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+    except FileNotFoundError:
+        raise DataError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
+    except (OSError, pa.ArrowException) as e:  # truncated, corrupt, unreachable
+        raise DataError(f"{where}: unreadable ({type(e).__name__}: {e}): re-run `muse encode` "
+                        "for this shard, or check the storage") from None
+    if table.num_rows != unit.rows:
+        raise DataError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
+                        "the shard changed after encoding, re-run `muse encode`")
+    return table
+
+
 class _Stream:
-    """One stream: sequential units through a shuffle buffer of (position, row) indices."""
+    """One stream: its slice of each epoch's row sequence through a shuffle buffer of (unit, row)."""
 
     def __init__(self, ds: StreamingDataset, storage: Storage, stream: int, state: dict | None):
         self.ds, self.storage, self.stream = ds, storage, stream
-        self.rng = np.random.default_rng([ds.seed, ds.rank, stream, 7])
-        self.j, self.buffer = 0, []
+        self.cache: dict[int, tuple[_UnitData, np.ndarray]] = {}
+        self.first, self.rows = ds.stream_slice(stream)
+        self._start_epoch(int(state["epoch"]) if state else 0)
         if state:
             self.j = int(state["pos"])
             self.rng.bit_generator.state = state["rng"]
             self.buffer = [tuple(x) for x in state["buffer"]]
-        self.cache: dict[int, _UnitData] = {}
+
+    def _start_epoch(self, epoch: int) -> None:
+        self.epoch, self.j, self.buffer = epoch, 0, []  # j: rows of this epoch's slice read
+        self.rng = np.random.default_rng([self.ds.seed, self.ds.rank, self.stream, epoch, 7])
 
     def state(self) -> dict:
-        return {"pos": self.j, "rng": self.rng.bit_generator.state,
+        return {"epoch": self.epoch, "pos": self.j, "rng": self.rng.bit_generator.state,
                 "buffer": np.asarray(self.buffer, dtype=np.int64).reshape(-1, 2)}
 
-    def _load(self, pos: int) -> _UnitData:
-        if pos not in self.cache:
-            unit = self.ds.unit_at(pos)
+    def _load(self, u: int) -> tuple[_UnitData, np.ndarray]:
+        """A unit's data and its trainable row indices."""
+        if u not in self.cache:
+            unit = self.ds.units[u]
             where = f"{self.storage.url(unit.path)} row group {unit.row_group}"
-            try:
-                with self.storage.open(unit.path) as f:
-                    table = pq.ParquetFile(f).read_row_group(unit.row_group)
-            except FileNotFoundError:
-                raise DataError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
-            except (OSError, pa.ArrowException) as e:  # truncated, corrupt, unreachable
-                raise DataError(f"{where}: unreadable ({type(e).__name__}: {e}): re-run `muse encode` "
-                                "for this shard, or check the storage") from None
-            if table.num_rows != unit.rows:
-                raise DataError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
-                                "the shard changed after encoding, re-run `muse encode`")
-            self.cache[pos] = _UnitData(table, self.ds.text_dim, self.ds.superres, where)
-        return self.cache[pos]
+            data = _UnitData(read_unit(self.storage, unit), self.ds.text_dim, self.ds.superres, where)
+            rows = self.ds.trainable(data.keys, data.replaced)
+            if len(rows) != self.ds.counts[u]:
+                raise DataError(f"{where}: {len(rows)} trainable rows, {self.ds.counts[u]} when the run "
+                                "started: the shard changed during the run, re-run `muse encode`")
+            self.cache[u] = (data, rows)
+        return self.cache[u]
 
     def _fill(self) -> None:
-        empty_loads = 0
-        while len(self.buffer) < self.ds.buffer_size:
-            pos = self.ds._position(self.stream, self.j)
-            self.j += 1
-            data = self._load(pos)
-            rows = range(len(data.keys))
-            if self.ds.eval_holdout:
-                rows = [i for i in rows if not in_eval_slice(data.keys[i], self.ds.eval_holdout)]
-            if self.ds.replaced_rows == "drop":
-                rows = [i for i in rows if not data.replaced[i]]
-            self.buffer += [(pos, i) for i in rows]
-            empty_loads = empty_loads + 1 if not rows else 0
-            if empty_loads > len(self.ds.units):
-                raise DataError("no row of the dataset can be trained on: every row is a replaced "
-                                "placeholder (set train.replaced_rows to keep or downweight) or in the "
-                                "eval slice (lower train.eval_holdout)")
+        """Read on through the slice until the buffer is full (or the slice is read)."""
+        perm, cum = self.ds.epoch_order(self.epoch)
+        while len(self.buffer) < self.ds.buffer_size and self.j < self.rows:
+            at = self.first + self.j
+            p = int(np.searchsorted(cum, at, side="right")) - 1  # cum[p] <= at < cum[p + 1]
+            u = int(perm[p])
+            _, rows = self._load(u)
+            k = at - int(cum[p])
+            take = min(len(rows) - k, self.rows - self.j)
+            self.buffer += [(u, int(i)) for i in rows[k:k + take]]
+            self.j += take
 
     def next_batch(self) -> dict:
+        if self.j == self.rows and not self.buffer:  # the slice has B * M / S rows: batches end with it
+            self._start_epoch(self.epoch + 1)
         picked = []
         for _ in range(self.ds.batch_size):
             self._fill()
             k = int(self.rng.integers(len(self.buffer)))
             self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
             picked.append(self.buffer.pop())
-        rows = [(self._load(p), i) for p, i in picked]
-        live = {p for p, _ in self.buffer}
-        for p in [p for p in self.cache if p not in live]:
-            del self.cache[p]  # no row of it left in the buffer
+        rows = [(self._load(u)[0], i) for u, i in picked]
+        live = {u for u, _ in self.buffer}
+        for u in [u for u in self.cache if u not in live]:
+            del self.cache[u]  # no row of it left in the buffer
         weight = self.ds.replaced_weight if self.ds.replaced_rows == "downweight" else None
         return collate(rows, weight)
 

@@ -280,12 +280,13 @@ class Job:
     empty: torch.Tensor                # T5 of "" for condition dropout [L, D]
     total_steps: int
     global_batch: int
-    train_rows: float
+    batches_per_epoch: int             # micro-batches per rank per epoch (the loader's plan)
     nonfinite_run: int = 0
 
 
-def build(cfg: PipelineConfig, manifest: dict, d: Dist) -> Job:
-    """Model (checked against the data), DDP, precision, optimizer, schedule, EMA."""
+def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int = 0) -> Job:
+    """Model (checked against the data), DDP, precision, optimizer, schedule, EMA; without
+    train.max_steps, train.epochs exact passes of `batches_per_epoch` (StreamingDataset's plan)."""
     from muse.models import build_model
 
     t = cfg.train
@@ -300,14 +301,16 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist) -> Job:
     if t.mixed_precision and d.cuda:
         amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     global_batch = t.batch_size * t.grad_accum * d.world
-    train_rows = manifest["rows"] * (1 - t.eval_holdout)  # expected size: the eval slice is a key hash
-    total_steps = t.max_steps or max(1, math.ceil(t.epochs * train_rows / global_batch))
+    if not (t.max_steps or batches_per_epoch):
+        raise ValueError("build: train.epochs needs the loader's batches_per_epoch")
+    # M is a multiple of grad_accum: the last step ends the last epoch exactly
+    total_steps = t.max_steps or t.epochs * batches_per_epoch // t.grad_accum
     optimizer, scheduler = build_optimizer(cfg, raw_model, total_steps, fused=d.cuda)
     return Job(cfg, d, raw_model, model, optimizer, scheduler,
                torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype,
                [p.detach().clone() for p in raw_model.parameters()] if t.ema else None,
                torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank),
-               empty_caption(manifest).to(d.device), total_steps, global_batch, train_rows)
+               empty_caption(manifest).to(d.device), total_steps, global_batch, batches_per_epoch)
 
 
 def to_fp32(job: Job) -> None:
@@ -349,7 +352,8 @@ def check_data_change(cfg: PipelineConfig, manifest: dict, st: TrainState, where
     loader state (weights, optimizer, step and RNG stay) -> what changed, or None."""
     t = cfg.train
     now = loader_fingerprint(manifest, seed=t.seed, streams=t.loader_streams, batch_size=t.batch_size,
-                             shuffle_buffer=t.shuffle_buffer, world_size=d.world, replaced_rows=t.replaced_rows)
+                             shuffle_buffer=t.shuffle_buffer, world_size=d.world, replaced_rows=t.replaced_rows,
+                             grad_accum=t.grad_accum)
     saved, st.fingerprint = st.fingerprint, now
     changes = fingerprint_changes(saved, now) if st.loader and saved else []  # older checkpoints: unchecked
     if not changes:
@@ -384,14 +388,27 @@ class LoaderPosition:
                 "streams": {str(s): StreamingDataset.state_json(v) for s, v in self.streams.items()}}
 
 
-def start_loader(cfg: PipelineConfig, data_dir: str, d: Dist, st: TrainState):
-    """This rank's DataLoader at the saved position -> (its iterator, a LoaderPosition)."""
+def dataset(cfg: PipelineConfig, data_dir: str, d: Dist) -> StreamingDataset:
+    """This rank's stream with its epoch plan; the plan (rows dropped per epoch, buffers too small to
+    mix) is reported once, by rank 0."""
     t = cfg.train
     ds = StreamingDataset(cfg.storage.root, data_dir, rank=d.rank, world_size=d.world, seed=t.seed,
                           shuffle_buffer=t.shuffle_buffer, batch_size=t.batch_size,
                           streams=t.loader_streams, superres=cfg.model.kind == "superres",
                           replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight,
-                          gcs_project=cfg.storage.gcs_project, eval_holdout=t.eval_holdout)
+                          gcs_project=cfg.storage.gcs_project, eval_holdout=t.eval_holdout,
+                          grad_accum=t.grad_accum)
+    d.log(f"epoch: {ds.train_rows} trainable rows = {d.world} ranks x {ds.batches_per_epoch} batches x "
+          f"{t.batch_size} + {ds.dropped_rows} dropped (the remainder of the last global batch; other rows "
+          "each epoch)")
+    if warning := ds.mixing_warning():
+        d.log(f"warning: {warning}")
+    return ds
+
+
+def start_loader(cfg: PipelineConfig, ds: StreamingDataset, d: Dist, st: TrainState):
+    """This rank's DataLoader at the saved position -> (its iterator, a LoaderPosition)."""
+    t = cfg.train
     if st.loader:
         ds.load_state(st.loader[d.rank])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=d.cuda,
@@ -515,7 +532,7 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
             return 3
 
         rec = {"step": st.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
-               "skipped": st.skipped, "epoch": st.step * job.global_batch / job.train_rows}
+               "skipped": st.skipped, "epoch": pos.next_batch / job.batches_per_epoch}  # of this data pass
         if st.step % t.log_every == 0 or st.step == job.total_steps:
             rec |= throughput(job, samples, time.time() - t0)
             d.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
@@ -538,18 +555,19 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
           stop: StopRequest) -> int:
     """Build, resume, start the loader, run the loop; the loader is closed however it ends."""
     t, data_dir = cfg.train, dataset_dir(cfg)
-    job = build(cfg, manifest, d)
-    st, rel = resume(job, storage, which)
-    changed = check_data_change(cfg, manifest, st, storage.url(rel or ""), d)
     if t.verify != "none":
         verify_shards(storage, data_dir, manifest, sha256=t.verify == "sha256", rank=d.rank, world=d.world)
+    ds = dataset(cfg, data_dir, d)  # before build: train.epochs counts its batches
+    job = build(cfg, manifest, d, ds.batches_per_epoch)
+    st, rel = resume(job, storage, which)
+    changed = check_data_change(cfg, manifest, st, storage.url(rel or ""), d)
     records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= st.step] if rel else []
     if changed:  # in metrics.jsonl with the next checkpoint
         records.append({"step": st.step, "event": "new_pass", "data_pass": st.data_pass, "changes": changed})
     tracker = tracking.Tracker.start(cfg, storage, d.rank, st.step)  # TensorBoard (+ wandb) on rank 0
     batches = None
     try:
-        batches, pos = start_loader(cfg, data_dir, d, st)
+        batches, pos = start_loader(cfg, ds, d, st)
         if st.rng:  # after the loader started: its iterator draws a base seed from the global RNG
             set_rng_state(st.rng[d.rank], job.gen)
         d.log(f"model {cfg.model.kind} {sum(p.numel() for p in job.raw_model.parameters()) / 1e6:.2f}M params | "

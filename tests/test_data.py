@@ -1,12 +1,18 @@
 """The streaming loader: manifest-only reads, padding, worker-count-independent order, resume."""
 
+import collections
+import hashlib
+import io
 import itertools
 
+import pyarrow.parquet as pq
 import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from muse.data import DataError, StreamingDataset, worker_init
+from muse import checkpoint
+from muse.data import (DataError, StreamingDataset, fingerprint_changes, in_eval_slice, loader_fingerprint,
+                       worker_init)
 from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
 
@@ -69,9 +75,9 @@ def test_ranks_see_disjoint_units(tmp_path):
 def test_replaced_rows_drop_and_downweight(tmp_path):
     root = str(tmp_path / "root")
     write_test_dataset(Storage(root), DIR, shards=1, rows=12, row_group_size=4, replaced_every=3)
-    dropped, _ = _take(root, 4, replaced_rows="drop")
+    dropped, _ = _take(root, 4, replaced_rows="drop", streams=1)  # 8 rows left: 2 batches an epoch
     assert not any(b["replaced"].any() for b in dropped)
-    weighted, _ = _take(root, 3, replaced_rows="downweight", replaced_weight=0.25)
+    weighted, _ = _take(root, 3, replaced_rows="downweight", replaced_weight=0.25, streams=1)
     w = torch.cat([b["weights"] for b in weighted])
     r = torch.cat([b["replaced"] for b in weighted])
     assert r.any() and torch.all(w[r] == 0.25) and torch.all(w[~r] == 1.0)
@@ -84,7 +90,7 @@ def test_missing_manifest_and_missing_shard_are_clear(tmp_path):
     write_test_dataset(Storage(root), DIR, shards=1, rows=8, row_group_size=4)
     Storage(root).delete(f"{DIR}/00000.parquet")
     with pytest.raises(DataError, match="00000.parquet.*missing"):
-        _take(root, 1)
+        _take(root, 1, streams=2)
 
 
 def test_corrupt_shard_error_names_shard_and_row_group(tmp_path):
@@ -100,3 +106,101 @@ def test_corrupt_shard_error_names_shard_and_row_group(tmp_path):
     ds = StreamingDataset(root, DIR, seed=3, shuffle_buffer=4, batch_size=2, streams=2)
     batch = next(iter(DataLoader(ds, batch_size=None, num_workers=2, worker_init_fn=worker_init)))
     assert "00000.parquet row group" in batch["_error"] and "\n" not in batch["_error"]
+
+
+def _uneven(storage, sizes, row_group_size=4, **kw):
+    """Shards of the given row counts: written equal, then cut (manifest rows/bytes/sha256 kept true)."""
+    manifest = write_test_dataset(storage, DIR, shards=len(sizes), rows=max(sizes), row_group_size=row_group_size, **kw)
+    for entry, n in zip(manifest["shards"], sizes):
+        rel = f"{DIR}/{entry['path']}"
+        table = pq.read_table(io.BytesIO(storage.read_bytes(rel))).slice(0, n)
+        buf = io.BytesIO()
+        pq.write_table(table, buf, row_group_size=row_group_size)
+        storage.write_bytes(rel, buf.getvalue())
+        entry.update(rows=n, bytes=len(buf.getvalue()), sha256=hashlib.sha256(buf.getvalue()).hexdigest())
+    manifest["rows"] = sum(sizes)
+    storage.write_json(f"{DIR}/_MANIFEST.json", manifest)
+    return {f"{s:05d}{i:04d}" for s, n in enumerate(sizes) for i in range(n)}
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_each_epoch_sees_every_row_once_across_ranks(tmp_path, world, workers):
+    """On main `epochs: 1` saw 64-76% of the rows (some several times): the order was an endless
+    unit stream per rank. Now epoch e of every rank together is one pass; only the remainder of
+    the last global batch (reported as dropped_rows) is left out, other rows each epoch."""
+    root, epochs = str(tmp_path / "root"), 3
+    keys = _uneven(Storage(root), [13, 7, 20])  # 40 rows, row groups of 4 with tails of 1 and 3
+    per_epoch = [collections.Counter() for _ in range(epochs)]
+    for rank in range(world):
+        ds = StreamingDataset(root, DIR, rank=rank, world_size=world, seed=5, shuffle_buffer=6, batch_size=2,
+                              streams=2)
+        m = ds.batches_per_epoch
+        assert m % 2 == 0 and ds.dropped_rows == 40 - world * m * 2 and 0 <= ds.dropped_rows < world * 2 * 2
+        dl = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None)
+        for b in itertools.islice(dl, epochs * m):
+            per_epoch[b["_batch"] // m].update(b["keys"])
+    for seen in per_epoch:
+        assert set(seen) <= keys and max(seen.values()) == 1 and sum(seen.values()) == 40 - ds.dropped_rows
+    total = sum(per_epoch, collections.Counter())
+    if ds.dropped_rows == 0:  # 1 and 2 ranks: every row exactly `epochs` times
+        assert total == {k: epochs for k in keys}
+    else:  # 4 ranks: 8 rows left out per epoch, other ones in other epochs
+        assert len(set(total)) > 40 - ds.dropped_rows
+
+
+def test_plan_counts_filtered_rows_and_whole_optimizer_steps(tmp_path):
+    """With replaced_rows=drop and an eval slice the plan counts the rows that are left, so the
+    epoch is still exactly one pass over them; M is a multiple of lcm(streams, grad_accum)."""
+    root = str(tmp_path / "root")
+    keys = _uneven(Storage(root), [10, 17], replaced_every=3)
+    replaced = {f"{s:05d}{i:04d}" for s, n in enumerate([10, 17]) for i in range(0, n, 3)}
+    ds = StreamingDataset(root, DIR, seed=1, shuffle_buffer=5, batch_size=1, streams=2, grad_accum=3,
+                          replaced_rows="drop", eval_holdout=0.2)
+    held = {k for k in keys if in_eval_slice(k, 0.2)}
+    left = keys - replaced - held
+    assert held and ds.train_rows == len(left) and ds.batches_per_epoch == len(left) // 6 * 6
+    seen = collections.Counter(k for b in itertools.islice(ds, ds.batches_per_epoch) for k in b["keys"])
+    assert set(seen) <= left and max(seen.values()) == 1 and len(seen) == ds.batches_per_epoch
+
+
+def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):
+    root = str(tmp_path / "root")
+    write_test_dataset(Storage(root), DIR, shards=1, rows=8, row_group_size=4)
+    with pytest.raises(DataError, match="lower train.loader_streams or train.batch_size"):
+        StreamingDataset(root, DIR, batch_size=4, streams=4)
+
+
+@pytest.mark.slow  # a training job
+def test_trainer_epochs_are_exact_passes(tmp_path):
+    """train.epochs without max_steps: the step count comes from the plan, each epoch's steps see
+    every kept row once, the dropped remainder and a too-small shuffle buffer are reported."""
+    from tests.train_helpers import make_data, read_trace, run_train, tiny_config
+
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=None, epochs=2, shuffle_buffer=8,
+                         checkpoint_every=100)
+    make_data(config, shards=2, rows=25, row_group_size=8)  # 50 rows: 12 batches of 4 + 2 dropped
+    out = run_train(config, env={"MUSE_TRACE": str(tmp_path / "trace")})
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "50 trainable rows = 1 ranks x 12 batches x 4 + 2 dropped" in out.stdout
+    assert "warning: train.shuffle_buffer 8 is less than two row groups (8 rows each)" in out.stdout
+    trace = read_trace(tmp_path / "trace")
+    assert sorted(trace) == list(range(1, 13))  # 2 epochs x 12 micro-batches / grad_accum 2
+    for steps in (range(1, 7), range(7, 13)):
+        keys = [k for s in steps for k in trace[s]["keys"]]
+        assert len(keys) == len(set(keys)) == 48
+    metrics = {m["step"]: m for m in checkpoint.read_metrics(Storage(str(tmp_path / "root")), "t")}
+    assert metrics[6]["epoch"] == 1.0 and metrics[12]["epoch"] == 2.0
+
+
+def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
+    """Loader version 1 states (unit positions of an endless stream) mean nothing to the epoch plan."""
+    root = str(tmp_path / "root")
+    manifest = write_test_dataset(Storage(root), DIR, shards=1, rows=16, row_group_size=4)
+    now = loader_fingerprint(manifest, seed=0, streams=2, batch_size=4, shuffle_buffer=8, world_size=1,
+                             replaced_rows="keep", grad_accum=2)
+    old = {k: v for k, v in now.items() if k not in ("loader_version", "grad_accum")}
+    assert fingerprint_changes(old, now) == ["loader version None -> 2", "train.grad_accum None -> 2"]
+    ds = StreamingDataset(root, DIR, batch_size=4, streams=2)
+    with pytest.raises(DataError, match="older loader.*on_data_change=new_pass"):
+        ds.load_state({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
