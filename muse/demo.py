@@ -26,6 +26,9 @@ from muse.testing import shapes
 ROWS = 1200
 PORT = 8765   # the demo's image server; any free port when it is taken
 QUICK_VQ = dict(images=128, steps=200, decoder_steps=20, batch_size=16)
+# T5 tokens kept per caption: the tiny T5's tokenizer splits the world's words into pieces and
+# its longest caption is 21 tokens; at 16, "a picture of a yellow ..." lost its shape word
+TEXT_MAX_LENGTH = 32
 
 
 def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -62,7 +65,7 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             f"download.shard_size={25 if quick else 250}",
             "download.timeout_s=3", "download.retries=0", "download.deadline_s=300",
             f"encode.text_model={encoders['text_model']}", f"encode.vq_model={encoders['vq_model']}",
-            "encode.vq_subfolder=null", "encode.vq_format=diffusers", "encode.text_max_length=16",
+            "encode.vq_subfolder=null", "encode.vq_format=diffusers", f"encode.text_max_length={TEXT_MAX_LENGTH}",
             "encode.batch_size=64", "encode.row_group_size=64", "encode.device=cpu",
             "model.preset=demo",
             f"model.codebook_size={encoders['codebook_size']}", f"model.text_dim={encoders['text_dim']}",

@@ -24,6 +24,19 @@ def test_scorer_reads_the_world_and_rejects_a_blank_picture():
     assert all(p not in shapes.training_pairs() for p in shapes.HELD_OUT)
 
 
+def test_every_caption_of_the_world_fits_the_demos_text_length(tmp_path):
+    """A truncated caption loses its last word, the shape: the demo's T5 must see every caption whole."""
+    from transformers import AutoTokenizer
+
+    from muse.testing.tiny import build_tiny_t5
+
+    tokenizer = AutoTokenizer.from_pretrained(build_tiny_t5(tmp_path))
+    captions = {shapes.caption(c, s, p) for c in shapes.COLOURS for s in shapes.SHAPES
+                for p in range(len(shapes.PHRASINGS))}
+    lengths = {c: len(tokenizer(c)["input_ids"]) for c in captions}
+    assert max(lengths.values()) <= demo.TEXT_MAX_LENGTH, max(lengths, key=lengths.get)
+
+
 @pytest.mark.slow
 def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     from muse.encode.image import load_vq
