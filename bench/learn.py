@@ -36,7 +36,7 @@ def run(out: Path, overrides: list[str]) -> dict:
         demo.write_urls(out, srv.url())
         for phase in ("download", "encode", "train", "sample"):
             t = time.time()
-            rc = muse([phase, "--config", str(config)] + sum((["--set", o] for o in overrides), []))
+            rc = muse([phase, "--config", str(config)] + [a for o in overrides for a in ("--set", o)])
             if rc:
                 raise SystemExit(f"muse {phase} failed with exit code {rc}")
             times[phase] = time.time() - t
@@ -61,7 +61,8 @@ def main() -> None:
         print(f"| {k} | {v:.0f} |")
     vq = r["vq"]
     print(f"\nVQ tokenizer: PSNR {vq['psnr']} dB, {vq['codes_used']}/{vq['codebook_size']} codes used, "
-          f"trained {vq['seconds']} s (cached per machine)")
+          f"trained {vq['seconds']} s (cached per machine); the scorer on its reconstructions: colour "
+          f"{vq.get('recon_colour', float('nan')):.0%}, shape {vq.get('recon_shape', float('nan')):.0%} (the ceiling)")
     print(f"training: {r['max_steps']} steps in {r['times']['train'] / 60:.1f} min (incl. torchrun start)\n")
     print(demo.adherence_table(r["results"]))
     one, guided = r["results"][1.0]["train_pairs"]["both"], r["results"][r["guidance_scale"]]["train_pairs"]["both"]
