@@ -52,10 +52,14 @@ def _num(x: float) -> str:
     return f"{x:g}"
 
 
+def _aspect_on(src_cfg) -> bool:
+    return src_cfg.min_aspect is not None or src_cfg.max_aspect is not None
+
+
 def rules(src_cfg) -> list[tuple[str | None, float | None, float | None, str]]:
     """(column, min, max, label) per rule; the aspect rule (width / height) has column None."""
     out = [(f.column, f.min, f.max, f.column) for f in src_cfg.filters]
-    if src_cfg.min_aspect is not None or src_cfg.max_aspect is not None:
+    if _aspect_on(src_cfg):
         w, h = src_cfg.aspect_columns
         out.append((None, src_cfg.min_aspect, src_cfg.max_aspect, f"{w}/{h}"))
     return out
@@ -64,7 +68,7 @@ def rules(src_cfg) -> list[tuple[str | None, float | None, float | None, str]]:
 def selection_spec(src_cfg) -> dict | None:
     """The selection as the registry records it: a changed one re-selects (new shard ids)."""
     spec = {"filters": [[c, lo, hi] for c, lo, hi, _ in rules(src_cfg)],
-            "aspect_columns": list(src_cfg.aspect_columns) if src_cfg.min_aspect or src_cfg.max_aspect else None,
+            "aspect_columns": list(src_cfg.aspect_columns) if _aspect_on(src_cfg) else None,
             "dedup_urls": src_cfg.dedup_urls}
     if not spec["filters"] and not spec["dedup_urls"]:
         return None  # no selection: registries written before filters existed stay valid
@@ -72,9 +76,7 @@ def selection_spec(src_cfg) -> dict | None:
 
 
 def numeric_columns(src_cfg) -> list[str]:
-    cols = [f.column for f in src_cfg.filters]
-    if src_cfg.min_aspect is not None or src_cfg.max_aspect is not None:
-        cols += list(src_cfg.aspect_columns)
+    cols = [f.column for f in src_cfg.filters] + (list(src_cfg.aspect_columns) if _aspect_on(src_cfg) else [])
     return list(dict.fromkeys(cols))
 
 
