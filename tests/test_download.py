@@ -25,6 +25,7 @@ from muse.storage import Storage
 from muse.testing.imageserver import ImageServer, refused_url, source_image
 
 SIZE = 32
+TIMEOUT_S = 4  # the socket timeout; /slow answers after SLOW_SECONDS, well past it
 LONG_CAPTION = "a very long caption " * 500
 
 
@@ -36,7 +37,7 @@ def server():
 
 def cases(srv) -> list[tuple]:
     """(url, caption, expected reason or None for success, source image index)."""
-    return [
+    rows = [
         (srv.url("/img/1.jpg"), "a red fox", None, 1),
         (srv.url("/png/2.png"), "ünïcödé 字幕 🦊", None, 2),
         (srv.url("/gray/3.png"), "", None, 3),
@@ -55,6 +56,8 @@ def cases(srv) -> list[tuple]:
         ("file:///etc/hostname", "file url", "bad_url", None),
         ("data:image/png;base64,AAAA", "data url", "bad_url", None),
     ]
+    srv.render(r[0] for r in rows)
+    return rows
 
 
 def write_source(path: Path, rows: list[tuple], start_id: int = 0) -> Path:
@@ -67,7 +70,7 @@ def write_source(path: Path, rows: list[tuple], start_id: int = 0) -> Path:
 
 
 def make_cfg(root, paths, tmp_path, **download):
-    dl = {"image_size": SIZE, "processes": 1, "threads": 4, "shard_size": 8, "timeout_s": 2,
+    dl = {"image_size": SIZE, "processes": 1, "threads": 4, "shard_size": 8, "timeout_s": TIMEOUT_S,
           "retries": 0, **download}
     return load_config(None, data={"storage": {"root": str(root), "work_dir": str(tmp_path / "work")},
                                    "source": {"paths": [str(p) for p in paths]}, "download": dl})
@@ -179,7 +182,7 @@ def test_killed_download_reruns_to_the_same_output(reference, tmp_path):
     cfg_args = json.dumps({"storage": {"root": str(root), "work_dir": str(tmp_path / "work")},
                            "source": {"paths": [str(src)]},
                            "download": {"image_size": SIZE, "processes": 1, "threads": 4,
-                                        "shard_size": 8, "timeout_s": 2, "retries": 0}})
+                                        "shard_size": 8, "timeout_s": TIMEOUT_S, "retries": 0}})
     code = ("import json,sys; from muse.config import load_config; from muse.download import run_download;"
             f"run_download(load_config(None, data=json.loads({cfg_args!r})))")
     proc = subprocess.Popen([sys.executable, "-c", code], start_new_session=True,

@@ -136,7 +136,7 @@ def config_file(tmp_path, src, **source) -> Path:
     data = {"storage": {"root": str(tmp_path / "root"), "work_dir": str(tmp_path / "work")},
             "source": {"paths": [str(src)], **source},
             "download": {"image_size": SIZE, "processes": 1, "threads": 4, "shard_size": 8,
-                         "timeout_s": 2, "retries": 0}}
+                         "timeout_s": 5, "retries": 0}}
     path = tmp_path / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))
     return path

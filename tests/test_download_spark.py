@@ -19,7 +19,7 @@ def test_spark_distributor_local_mode(tmp_path):
             "storage": {"root": str(tmp_path / "root"), "work_dir": str(tmp_path / "work")},
             "source": {"paths": [str(tmp_path / "s.parquet")]},
             "download": {"image_size": 32, "processes": 1, "threads": 2, "shard_size": 2,
-                         "timeout_s": 2, "retries": 0, "distributor": "spark"}})
+                         "timeout_s": 5, "retries": 0, "distributor": "spark"}})
         summary = run_download(cfg)
     assert summary["rows_in"] == 4 and summary["succeeded"] == 2
     assert summary["replaced_by_reason"] == {"http_404": 1, "bad_url": 1}
