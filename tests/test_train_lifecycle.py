@@ -69,10 +69,10 @@ def test_kill9_of_the_cli_process_group_leaves_nothing_running(tmp_path):
         # CLI, torchrun, 2 ranks, 2 loader workers each
         assert len(job) >= 1 + 1 + 2 + 4, job
         os.killpg(proc.pid, signal.SIGKILL)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 30  # they go within a second; 30 s for a loaded CI machine
         while _alive(job) and time.monotonic() < deadline:
             time.sleep(0.2)
-        assert not _alive(job), f"still running 10 s after kill -9: {_alive(job)}"
+        assert not _alive(job), f"still running 30 s after kill -9: {_alive(job)}"
     finally:
         for p in _alive(job):  # what this test started and did not end
             os.kill(p, signal.SIGKILL)
