@@ -191,6 +191,14 @@ class TrainConfig(_Section):
         "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
         "new_pass: keep weights, optimizer and step and start a new pass over the data")
 
+    @model_validator(mode="after")
+    def _streams(self) -> "TrainConfig":
+        # each loader worker owns whole streams, so the data order does not depend on num_workers
+        if self.loader_streams % max(self.num_workers, 1):
+            raise ValueError(f"num_workers ({self.num_workers}) must divide loader_streams "
+                             f"({self.loader_streams}): change one of them")
+        return self
+
 
 class SampleConfig(_Section):
     prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])

@@ -198,11 +198,7 @@ def train_settings(cfg) -> None:
     """What the trainer would refuse at start, checked before torchrun launches (or a download begins)."""
     from muse import tracking
 
-    tracking.require(cfg)
-    t = cfg.train
-    if t.loader_streams % max(t.num_workers, 1):
-        raise UsageError(f"train.num_workers ({t.num_workers}) must divide train.loader_streams "
-                         f"({t.loader_streams}): change one of them")
+    tracking.require(cfg)  # the config itself was validated at load (num_workers vs loader_streams)
 
 
 def _sample(cfg, args) -> None:

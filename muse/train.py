@@ -597,11 +597,7 @@ def load_job(args) -> tuple[PipelineConfig, Storage, dict]:
     cfg = load_config(args.config, args.overrides)
     storage = Storage.from_config(cfg)
     manifest = read_manifest(storage, dataset_dir(cfg))
-    tracking.require(cfg)
-    t = cfg.train
-    if t.loader_streams % max(t.num_workers, 1):
-        raise ConfigError(f"train.num_workers ({t.num_workers}) must divide train.loader_streams "
-                          f"({t.loader_streams})")
+    tracking.require(cfg)  # num_workers vs loader_streams: validated by the config at load
     return cfg, storage, manifest
 
 
