@@ -28,7 +28,7 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     checkpoint = train_flow(config_path, overrides, resume=resume, target=train_on)
     samples = sample_task(config_path, overrides)
     report_task(config_path, overrides, samples)
-    out = {"rows": downloaded["rows_in"], "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],
+    out = {**row_counts(downloaded), "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],
            "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
     print(f"pipeline done: {out}")
     return out
@@ -40,4 +40,11 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
     overrides = list(overrides or [])
     downloaded = download_flow(config_path, overrides)
     encoded = encode_flow(config_path, overrides)
-    return {"rows": downloaded["rows_in"], "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+
+
+def row_counts(downloaded: dict) -> dict:
+    """rows_in counts every row of the URL lists; rows only those the source filters selected
+    (each one downloaded or replaced, so rows == encoded_rows once encode is done)."""
+    filtered = sum(downloaded.get("filtered_by_reason", {}).values())
+    return {"rows_in": downloaded["rows_in"], "filtered": filtered, "rows": downloaded["rows_in"] - filtered}

@@ -210,6 +210,7 @@ def test_flow_artifact_lists_filtered_rows(server, tmp_path):
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.download import download_flow
+    from flows.pipeline import row_counts
 
     src = write_list(tmp_path / "urls.jsonl", laion_table(server.url("")))
     config = config_file(tmp_path, src, **SELECTION)
@@ -225,6 +226,8 @@ def test_flow_artifact_lists_filtered_rows(server, tmp_path):
     assert summary["rows_in"] == len(ROWS) and summary["succeeded"] == len(KEPT) - 1
     assert "filtered: pwatermark > 0.8" in data and f"{100 * 2 / len(ROWS):.1f}%" in data
     assert math.isclose(sum(summary["filtered_by_reason"].values()) + len(KEPT), summary["rows_in"])
+    # what the pipeline and data-refresh flows report: selected rows, not the URL lists' length
+    assert row_counts(summary) == {"rows_in": len(ROWS), "filtered": len(ROWS) - len(KEPT), "rows": len(KEPT)}
 
 
 def test_muse_download_with_a_missing_column_exits_2_naming_it(tmp_path, capsys):
