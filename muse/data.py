@@ -90,15 +90,16 @@ def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> list[Unit]
 
 def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bool = False,
                   rank: int = 0, world: int = 1) -> None:
-    """Each shard's byte size (one metadata call; cheap on GCS) and, with sha256, its hash (a full
-    read) against the manifest; rank r checks shards r, r + world, ... -> DataError naming it."""
+    """Each shard's byte size (from one listing of the folder, whatever the shard count) and, with
+    sha256, its hash (a full read) against the manifest; rank r checks shards r, r + world, ...
+    -> DataError naming it."""
+    sizes = storage.sizes(dataset_dir)
     for shard in sorted(manifest["shards"], key=lambda s: s["id"])[rank::world]:
         rel = f"{dataset_dir}/{shard['path']}"
         fix = "re-run `muse encode` (or set train.verify: none to train on it anyway)"
-        try:
-            size = storage.size(rel)
-        except FileNotFoundError:
-            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}") from None
+        size = sizes.get(rel)
+        if size is None:
+            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}")
         if "bytes" in shard and size != shard["bytes"]:
             raise DataError(f"{storage.url(rel)}: {size} bytes, the manifest says {shard['bytes']}: "
                             f"the shard changed or was cut short after encoding: {fix}")

@@ -128,3 +128,13 @@ def test_relative_maps_only_paths_under_the_root(tmp_path):
     assert s.relative(root) == ""
     assert s.relative(root + "2/checkpoints/a") is None      # a sibling folder sharing the prefix
     assert s.relative("/elsewhere/x") is None and s.relative("gs://b/x") is None
+
+
+def test_read_many_and_sizes(any_root):
+    st = Storage(any_root)
+    files = {f"d/{i:03d}.json": f'{{"i": {i}}}'.encode() for i in range(20)}
+    st.write_many(files)
+    assert st.read_many(list(files)) == files and st.read_many([]) == {}
+    assert st.sizes("d") == {rel: len(data) for rel, data in files.items()} and st.sizes("nowhere") == {}
+    with pytest.raises(FileNotFoundError):
+        st.read_many(["d/000.json", "d/missing.json"])
