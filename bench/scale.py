@@ -5,7 +5,10 @@ encoded shard + record; the Parquet files are 4-byte stand-ins, see muse/testing
 spread past 99,999, then we time the user's calls: `plan_download` (one registered source of N
 shards, all done), `plan_encode` (all done), `finalize_manifest`, and the loader's start-up
 (`StreamingDataset`: manifest + units). The reference in the same run is main's finalize: one
-record read after another (`read_json` per shard), timed at the sizes up to 10k.
+record read after another (`read_json` per shard), timed at the sizes up to 10k, and one listing
+of images/ (what the emulator's listing costs: its filesystem backend, used here because the
+memory backend's writes slow down with every object stored, lists in time that grows faster
+than the object count; GCS lists 1,000 objects per request).
 
 The last lines are the growth exponents log(t2/t1)/log(N2/N1) between sizes (goal: <= 1.1).
 
@@ -74,6 +77,7 @@ def measure(gcs: GCSEmulator, tmp: Path, n: int, reference: bool) -> dict:
     out["loader start-up"], loader = timed(lambda: StreamingDataset(storage.uri, ds, batch_size=16, streams=8))
     assert parts == [] and todo == [] and len(manifest["shards"]) == n, "the synthetic shards are all done"
     assert loader.train_rows == n * ROWS
+    out["reference: one listing of images/"], _ = timed(lambda: Storage.from_config(cfg).list("images"))
     if reference:
         s = Storage.from_config(cfg)
         out["reference: records read in turn"], _ = timed(lambda: [s.read_json(done_marker(ds, i)) for i in ids])
@@ -87,7 +91,7 @@ def main() -> None:
     a = p.parse_args()
     sizes = [10, 50] if a.tiny else [1_000, 10_000] + ([100_000] if a.full else [])
     results: dict[int, dict] = {}
-    with tempfile.TemporaryDirectory() as tmp, GCSEmulator() as gcs:
+    with tempfile.TemporaryDirectory() as tmp, GCSEmulator(filesystem_root=f"{tmp}/gcs") as gcs:
         for n in sizes:
             results[n] = measure(gcs, Path(tmp), n, reference=n <= 10_000)
             print(f"{n} shards: " + ", ".join(f"{k} {v:.2f}s" for k, v in results[n].items()), flush=True)
