@@ -46,7 +46,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.layout import GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, read_manifest, t5_from_bytes
+from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id, parse_shard_id,
+                         read_manifest, t5_from_bytes)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
@@ -89,15 +90,16 @@ def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> list[Unit]
 
 def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bool = False,
                   rank: int = 0, world: int = 1) -> None:
-    """Each shard's byte size (one metadata call; cheap on GCS) and, with sha256, its hash (a full
-    read) against the manifest; rank r checks shards r, r + world, ... -> DataError naming it."""
+    """Each shard's byte size (from one listing of the folder, whatever the shard count) and, with
+    sha256, its hash (a full read) against the manifest; rank r checks shards r, r + world, ...
+    -> DataError naming it."""
+    sizes = storage.sizes(dataset_dir)
     for shard in sorted(manifest["shards"], key=lambda s: s["id"])[rank::world]:
         rel = f"{dataset_dir}/{shard['path']}"
         fix = "re-run `muse encode` (or set train.verify: none to train on it anyway)"
-        try:
-            size = storage.size(rel)
-        except FileNotFoundError:
-            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}") from None
+        size = sizes.get(rel)
+        if size is None:
+            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}")
         if "bytes" in shard and size != shard["bytes"]:
             raise DataError(f"{storage.url(rel)}: {size} bytes, the manifest says {shard['bytes']}: "
                             f"the shard changed or was cut short after encoding: {fix}")
@@ -119,7 +121,7 @@ def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: i
     """What a saved loader state is valid for: the manifest's shards (id -> sha256, else bytes and
     rows) and the settings that fix the sample order. Saved with the loader state; see
     `fingerprint_changes`."""
-    shards = {f"{int(s['id']):05d}": s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
+    shards = {format_shard_id(int(s["id"])): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
               for s in manifest["shards"]}
     return {"shards": shards, "loader_version": LOADER_VERSION, "seed": seed, "loader_streams": streams,
             "batch_size": batch_size, "grad_accum": grad_accum, "shuffle_buffer": shuffle_buffer,
@@ -130,8 +132,9 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
     out = []
     old, new = saved.get("shards", {}), now["shards"]
-    for what, ids in (("added", sorted(set(new) - set(old))), ("removed", sorted(set(old) - set(new))),
-                      ("changed", sorted(k for k in set(old) & set(new) if old[k] != new[k]))):
+    by_id = {"key": lambda name: parse_shard_id(name) or 0}  # shard order, not string order
+    for what, ids in (("added", sorted(set(new) - set(old), **by_id)), ("removed", sorted(set(old) - set(new), **by_id)),
+                      ("changed", sorted((k for k in set(old) & set(new) if old[k] != new[k]), **by_id))):
         if ids:
             out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
     for key in now:

@@ -36,10 +36,10 @@ import torch
 from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
-from muse.layout import dataset_dir, empty_caption, read_manifest
+from muse.layout import dataset_dir, empty_caption, read_manifest, shard_name
 from muse.masking import pad_embeddings
 from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, png_bytes
-from muse.storage import Storage, shard_name
+from muse.storage import Storage
 
 IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few dozen rows, seconds on a GPU
 GRID_IMAGES = 16

@@ -6,7 +6,21 @@
     encoded/<version>/NNNNN.parquet  phase 2 shard (`encoded_schema`)
     encoded/<version>/NNNNN.json     its record and done marker, written after the Parquet file
     encoded/<version>/_ENCODERS.json what the manifest needs from the models (ENCODERS)
+    encoded/<version>/_SHARDS.parquet the manifest's shard table, one row per shard (SHARD_TABLE)
     encoded/<version>/_MANIFEST.json the dataset a trainer reads, written last (MANIFEST)
+
+Shard ids: NNNNN is `format_shard_id(id)`, the id in decimal zero-padded to 5 digits (00042),
+with more digits past 99,999 (123456); `parse_shard_id` is its exact inverse and rejects any
+other spelling (042, 0123456), so a stray file never passes for a shard. Listings sort as
+strings, so code orders shards by their parsed ids, never by name.
+
+Row keys (`make_key`): shard id as above + the row in the shard, zero-padded to
+`key_row_width(shard_size)` (>= 5) digits: shard 42, row 7 -> "0004200007". A key is the decimal
+numeral of shard_id * 10**width + row, so keys are unique within a dataset (one shard_size, one
+width) and sort in (shard, row) order *as numbers* (`key_order`), for any shard id. As strings
+they sort that way only while shard ids have 5 digits ("1000000..." < "99999..."); keys of
+ids < 100,000 are the ones written before ids could grow, so existing data (and its eval slice,
+a hash of the key) stays valid.
 
 A shard is done when its Parquet file and its marker both exist (`done_shards`): a killed
 writer leaves no marker, so nothing half-written is ever trusted.
@@ -30,13 +44,16 @@ holds `muse.schema_version` and `muse.info` (JSON: model ids, dims, grid sizes).
 from __future__ import annotations
 
 import base64
+import hashlib
+import io
 import json
 import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from muse.storage import Storage, shard_id_of, shard_name
+from muse.storage import Storage
 
 SCHEMA_VERSION = "1"
 GRID_BASE = 16      # 256px / f16
@@ -46,6 +63,8 @@ IMAGES = "images"
 REGISTRY = f"{IMAGES}/_SOURCES.json"
 MANIFEST = "_MANIFEST.json"
 ENCODERS = "_ENCODERS.json"  # what the manifest needs from the models, so finalizing never loads them
+SHARD_TABLE = "_SHARDS.parquet"
+SHARD_ID_DIGITS = 5  # the minimum: names and keys of ids below 10**5 are the ones data was written with
 
 IMAGE_SCHEMA = pa.schema([
     pa.field("key", pa.string()), pa.field("caption", pa.string()), pa.field("caption_was_null", pa.bool_()),
@@ -62,6 +81,49 @@ class DataError(RuntimeError):
 
 # ----------------------------------------------------------------------------- names and done rule
 
+def format_shard_id(shard_id: int) -> str:
+    """The one spelling of a shard id in names and keys: 42 -> "00042", 123456 -> "123456"."""
+    if shard_id < 0:
+        raise ValueError(f"a shard id is >= 0, got {shard_id}")
+    return f"{shard_id:0{SHARD_ID_DIGITS}d}"
+
+
+def parse_shard_id(text: str) -> int | None:
+    """Inverse of `format_shard_id`: "00042" -> 42, "123456" -> 123456; None for anything that
+    is not exactly how an id is spelled ("042", "0123456", "4a", "")."""
+    if not text.isdigit() or not text.isascii():
+        return None
+    sid = int(text)
+    return sid if format_shard_id(sid) == text else None
+
+
+def shard_name(phase: str, shard_id: int, suffix: str = ".parquet") -> str:
+    """Deterministic shard path: ("images", 42) -> "images/00042.parquet"."""
+    return f"{phase}/{format_shard_id(shard_id)}{suffix}"
+
+
+def shard_id_of(path: str) -> int | None:
+    """The id in a shard file's name, ".../00042.parquet" or ".../00042_stats.json" -> 42;
+    None when the name does not start with a well-spelled id."""
+    name = path.rsplit("/", 1)[-1]
+    return parse_shard_id(name.split(".", 1)[0].split("_", 1)[0])
+
+
+def key_row_width(shard_size: int) -> int:
+    """Digits of the row part of a key: enough for shard_size - 1, at least 5."""
+    return max(5, len(str(shard_size - 1)))
+
+
+def make_key(shard_id: int, row: int, shard_size: int) -> str:
+    """A row's key, stable and unique in the dataset: format_shard_id + the row, zero-padded."""
+    return f"{format_shard_id(shard_id)}{row:0{key_row_width(shard_size)}d}"
+
+
+def key_order(key: str) -> int:
+    """Sort keys with this, not as strings: (shard, row) order for shard ids of any size."""
+    return int(key)
+
+
 def dataset_dir(cfg) -> str:
     """Where the encoded dataset of `cfg.encode` lives: a changed encoder gets a new folder."""
     return f"encoded/{cfg.encode.version()}"
@@ -76,8 +138,9 @@ def done_marker(phase: str, shard_id: int) -> str:
 def done_shards(storage: Storage, phase: str) -> list[int]:
     """Ids of the finished shards of `phase` (IMAGES or a dataset_dir): Parquet and marker both exist."""
     names = {p.rsplit("/", 1)[-1] for p in storage.list(phase)}
-    ids = [shard_id_of(n) for n in names if n.endswith(".parquet") and not n.startswith("_")]
-    return sorted(i for i in ids if done_marker(phase, i).rsplit("/", 1)[-1] in names)
+    ids = [shard_id_of(n) for n in names if n.endswith(".parquet")]
+    return sorted(i for i in ids if i is not None and f"{format_shard_id(i)}.parquet" in names
+                  and done_marker(phase, i).rsplit("/", 1)[-1] in names)
 
 
 # ----------------------------------------------------------------------------- phase 2 rows
@@ -122,26 +185,64 @@ def empty_caption(manifest: dict):
     return torch.from_numpy(t5_from_bytes(raw, manifest["text_dim"]).astype(np.float32))
 
 
+SHARD_TABLE_SCHEMA = pa.schema([
+    pa.field("id", pa.int64()), pa.field("path", pa.string()), pa.field("rows", pa.int64()),
+    pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
+    pa.field("replaced", pa.int64()),
+])
+
+
 def write_manifest(storage: Storage, ds: str, *, shards: list[dict], text_dim: int, codebook_size: int,
                    empty_caption: dict, superres: bool, encode: dict, models: dict | None = None,
                    pending: list[int] | None = None) -> dict:
-    """Write `<ds>/_MANIFEST.json` from the shard records; call it last (readers trust it)."""
+    """Write `<ds>/_SHARDS.parquet` (the shard records, one row each, by id), then `<ds>/_MANIFEST.json`
+    (a small header naming the table and its sha256); call it last (readers trust it). Returns the
+    manifest as `read_manifest` does, shards included."""
+    shards = sorted(shards, key=lambda r: r["id"])
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SHARD_TABLE_SCHEMA.names} for r in shards],
+                                 schema=SHARD_TABLE_SCHEMA)
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    storage.write_bytes(f"{ds}/{SHARD_TABLE}", buf.getvalue())
     manifest = {
         "schema_version": SCHEMA_VERSION, "version": ds.rsplit("/", 1)[-1],
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "models": models or {},
         "encode": encode, "text_dim": text_dim, "grid": GRID_BASE,
         "superres_grid": GRID_SUPERRES if superres else None, "codebook_size": codebook_size,
         "empty_caption": empty_caption,
-        "rows": sum(s["rows"] for s in shards), "replaced": sum(s.get("replaced", 0) for s in shards),
-        "shards": shards, "pending": list(pending or []),
+        "rows": sum(s["rows"] for s in shards), "replaced": sum(s.get("replaced") or 0 for s in shards),
+        "shard_table": {"path": SHARD_TABLE, "shards": len(shards),
+                        "sha256": hashlib.sha256(buf.getvalue()).hexdigest()},
+        "pending": list(pending or []),
     }
     storage.write_json(f"{ds}/{MANIFEST}", manifest)
-    return manifest
+    return {**manifest, "shards": _shard_records(table)}
+
+
+def _shard_records(table: pa.Table) -> list[dict]:
+    """The table's rows as the records encode wrote (columns a record lacked are left out)."""
+    return [{k: v for k, v in r.items() if v is not None} for r in table.to_pylist()]
 
 
 def read_manifest(storage: Storage, ds: str) -> dict:
+    """The manifest with its shard records under "shards": two reads whatever the shard count.
+    A manifest that lists its shards inline (the JSON-only format written before the shard
+    table, or one edited by hand) is used as it is."""
     rel = f"{ds}/{MANIFEST}"
     if not storage.exists(rel):
         raise DataError(f"no encoded dataset: {storage.url(rel)} does not exist; run `muse encode` "
                         "with the same encode settings first (the dataset version is a hash of them)")
-    return storage.read_json(rel)
+    manifest = storage.read_json(rel)
+    if "shards" in manifest or "shard_table" not in manifest:
+        return manifest
+    ref = manifest["shard_table"]
+    table_rel = f"{ds}/{ref['path']}"
+    try:
+        data = storage.read_bytes(table_rel)
+    except FileNotFoundError:
+        raise DataError(f"{storage.url(table_rel)}: named by {storage.url(rel)} but missing; "
+                        "re-run `muse encode` to finalize the dataset again") from None
+    if hashlib.sha256(data).hexdigest() != ref["sha256"]:
+        raise DataError(f"{storage.url(table_rel)} does not match {storage.url(rel)} (sha256): the dataset "
+                        "was finalized again while it was read; retry, or re-run `muse encode`")
+    return {**manifest, "shards": _shard_records(pq.read_table(io.BytesIO(data)))}

@@ -3,7 +3,7 @@
 A root is a local folder (default) or `gs://bucket/prefix` (gcsfs). Everything the
 pipeline writes goes through `Storage`, with paths relative to the root:
 
-    images/00042.parquet            phase 1 shards (+ images/00042_stats.json)
+    images/00042.parquet            phase 1 shards (+ images/00042_stats.json; names: muse/layout.py)
     encoded/<version>/00042.parquet phase 2 shards (+ encoded/<version>/_MANIFEST.json)
     checkpoints/<run>/step-000100/  training checkpoints
 
@@ -28,17 +28,6 @@ os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
 import fsspec  # noqa: E402
 
 import yaml  # noqa: E402
-
-
-def shard_name(phase: str, shard_id: int, suffix: str = ".parquet") -> str:
-    """Deterministic shard path: ("images", 42) -> "images/00042.parquet"."""
-    return f"{phase}/{shard_id:05d}{suffix}"
-
-
-def shard_id_of(path: str) -> int:
-    """Inverse of `shard_name` for the file part: ".../00042.parquet" -> 42."""
-    stem = path.rsplit("/", 1)[-1].split(".", 1)[0].split("_", 1)[0]
-    return int(stem)
 
 
 def _make_fs(protocol: str, gcs_project: str | None):
@@ -122,6 +111,17 @@ class Storage:
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
 
+    def read_many(self, rels: list[str], batch_size: int = 256) -> dict[str, bytes]:
+        """{rel: bytes} of many files in one call: gcsfs fetches them concurrently (`batch_size`
+        requests in flight), where a loop of `read_bytes` would wait for each round trip in turn.
+        A missing file raises FileNotFoundError."""
+        if not rels:
+            return {}
+        paths = {self.fs._strip_protocol(self.path(r)): r for r in rels}  # the keys `cat` answers with
+        kwargs = {} if self.is_local else {"batch_size": batch_size}
+        got = self.fs.cat(list(paths), on_error="raise", **kwargs)
+        return {paths[self.fs._strip_protocol(p)]: data for p, data in got.items()}
+
     def open(self, rel: str, mode: str = "rb"):
         if "w" in mode or "a" in mode:
             raise ValueError("use write_bytes/write_json: writes must be atomic")
@@ -142,6 +142,15 @@ class Storage:
             if name.endswith(suffix) and not name.startswith("."):
                 out.append(f"{prefix.rstrip('/')}/{name}")
         return sorted(out)
+
+    def sizes(self, prefix: str) -> dict[str, int]:
+        """{relative path: bytes} of the files directly under `prefix`, from one listing."""
+        self.invalidate()
+        base = self.path(prefix)
+        if not self.fs.exists(base):
+            return {}
+        return {f"{prefix.rstrip('/')}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": int(e.get("size") or 0)
+                for e in self.fs.ls(base, detail=True) if e.get("type") == "file"}
 
     def invalidate(self) -> None:
         """Forget cached listings (another process may have written since)."""
@@ -166,6 +175,15 @@ class Storage:
                 raise
         else:
             self.fs.pipe_file(target, data)
+        self.invalidate()
+
+    def write_many(self, files: dict[str, bytes], batch_size: int = 256) -> None:
+        """Write many small files; on GCS in one concurrent batch (each object still appears whole)."""
+        if self.is_local:
+            for rel, data in files.items():
+                self.write_bytes(rel, data)
+            return
+        self.fs.pipe({self.path(rel): data for rel, data in files.items()}, batch_size=batch_size)
         self.invalidate()
 
     def write_json(self, rel: str, obj: Any) -> None:

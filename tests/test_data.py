@@ -12,7 +12,8 @@ from torch.utils.data import DataLoader
 
 from muse import checkpoint
 from muse.data import (DataError, StreamingDataset, fingerprint_changes, in_eval_slice, loader_fingerprint,
-                       worker_init)
+                       verify_shards, worker_init)
+from muse.layout import MANIFEST, SHARD_TABLE, read_manifest
 from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
 
@@ -91,6 +92,42 @@ def test_missing_manifest_and_missing_shard_are_clear(tmp_path):
     Storage(root).delete(f"{DIR}/00000.parquet")
     with pytest.raises(DataError, match="00000.parquet.*missing"):
         _take(root, 1, streams=2)
+
+
+def test_manifest_shard_table_and_the_json_only_format(tmp_path):
+    """The shard table is read with the header (two reads for any shard count); a manifest
+    written before it (shards inline in the JSON) still reads; a table that does not match its
+    header (finalized again while read) is named."""
+    st = Storage(str(tmp_path / "root"))
+    written = write_test_dataset(st, DIR, shards=3, rows=8, row_group_size=4)
+    header = st.read_json(f"{DIR}/{MANIFEST}")
+    assert "shards" not in header and header["shard_table"]["shards"] == 3
+    assert read_manifest(st, DIR) == written
+    old = {k: v for k, v in written.items() if k != "shard_table"}
+    st.write_json(f"{DIR}/{MANIFEST}", old)
+    st.delete(f"{DIR}/{SHARD_TABLE}")
+    assert read_manifest(st, DIR) == old
+    assert [u.path for u in StreamingDataset(st.uri, DIR, batch_size=2, streams=1).units][::2] == [
+        f"{DIR}/{i:05d}.parquet" for i in range(3)]
+    st.write_json(f"{DIR}/{MANIFEST}", header)
+    with pytest.raises(DataError, match="_SHARDS.parquet.*missing"):
+        read_manifest(st, DIR)
+    st.write_bytes(f"{DIR}/{SHARD_TABLE}", b"PAR1 other")
+    with pytest.raises(DataError, match="finalized again"):
+        read_manifest(st, DIR)
+
+
+def test_verify_shards_from_one_listing(tmp_path):
+    st = Storage(str(tmp_path / "root"))
+    manifest = write_test_dataset(st, DIR, shards=3, rows=8, row_group_size=4)
+    verify_shards(st, DIR, manifest, sha256=True)
+    st.write_bytes(f"{DIR}/00002.parquet", st.read_bytes(f"{DIR}/00002.parquet") + b"x")
+    verify_shards(st, DIR, manifest, rank=1, world=2)  # rank 1 of 2 checks shard 1 only
+    with pytest.raises(DataError, match="00002.parquet: .* bytes, the manifest says"):
+        verify_shards(st, DIR, manifest)
+    st.delete(f"{DIR}/00001.parquet")
+    with pytest.raises(DataError, match="00001.parquet: listed in the manifest but missing"):
+        verify_shards(st, DIR, manifest, rank=1, world=2)
 
 
 def test_corrupt_shard_error_names_shard_and_row_group(tmp_path):

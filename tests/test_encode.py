@@ -22,9 +22,11 @@ from muse.encode import EncodeError, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
 from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
-from muse.layout import dataset_dir, t5_from_bytes
+from muse.data import StreamingDataset
+from muse.layout import dataset_dir, make_key, read_manifest, shard_name, t5_from_bytes
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_shard
+from muse.testing.scale import write_synthetic_shards
 from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +57,7 @@ def test_encode_end_to_end(tmp_path, any_root, tiny_encoders):
     summary = run_encode(cfg)
     assert summary["rows"] == 8 and summary["shards"] == 2 and summary["replaced"] == 1
     ds = dataset_dir(cfg)
-    manifest = storage.read_json(f"{ds}/_MANIFEST.json")
+    manifest = read_manifest(storage, ds)
     assert [s["id"] for s in manifest["shards"]] == [0, 1] and manifest["rows"] == 8
     text = TextEncoder.from_pretrained(tiny_encoders["text_model"])
     vq = load_vq(tiny_encoders["vq_model"])
@@ -103,7 +105,7 @@ def test_finalize_does_not_load_the_models(tmp_path, tiny_encoders):
     storage = Storage.from_config(cfg)
     write_image_shard(storage, 0, ["a", "b"])
     run_encode(cfg)
-    first = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    first = read_manifest(storage, dataset_dir(cfg))
     Encoders._cache.clear()
     again = finalize_manifest(cfg, storage)
     assert Encoders._cache == {}
@@ -119,8 +121,69 @@ def test_corrupt_shard_is_named_and_others_complete(tmp_path, tiny_encoders):
     storage.write_bytes("images/00001.parquet", b"PAR1 this is not parquet")
     with pytest.raises(EncodeError, match="00001"):
         run_encode(cfg)
-    manifest = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
+    manifest = read_manifest(storage, dataset_dir(cfg))
     assert [s["id"] for s in manifest["shards"]] == [0, 2] and manifest["pending"] == [1]
+
+
+SPARSE = [7, 99999, 100000, 123456]
+
+
+def test_sparse_shard_ids_past_five_digits(tmp_path, tiny_encoders):
+    """Ids past 99,999 go through plan, encode, manifest and the loader like small ones; a stray
+    file named 42.parquet (beside a real 00042_stats.json) is not taken for shard 42."""
+    cfg, _, _ = make_cfg(tmp_path, str(tmp_path / "root"), tiny_encoders)
+    storage = Storage.from_config(cfg)
+    for sid in SPARSE:
+        write_image_shard(storage, sid, [f"shard {sid} row {i}" for i in range(3)], size=64)
+    storage.write_bytes("images/42.parquet", storage.read_bytes(shard_name("images", 7)))
+    storage.write_json("images/00042_stats.json", {"rows_in": 3})
+    assert plan_encode(cfg, storage) == SPARSE
+    run_encode(cfg)
+    ds = dataset_dir(cfg)
+    manifest = read_manifest(storage, ds)
+    assert [s["id"] for s in manifest["shards"]] == SPARSE and manifest["pending"] == []
+    assert [s["path"] for s in manifest["shards"]][-2:] == ["100000.parquet", "123456.parquet"]
+    keys = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(ds, 123456)))).column("key").to_pylist()
+    assert keys == [make_key(123456, i, 3) for i in range(3)] == ["12345600000", "12345600001", "12345600002"]
+    assert plan_encode(cfg, storage) == []
+    loader = StreamingDataset(storage.uri, ds, batch_size=2, streams=1, shuffle_buffer=4)
+    assert sum(u.rows for u in loader.units) == 12
+    assert set(next(iter(loader))["keys"]) <= {make_key(s, i, 3) for s in SPARSE for i in range(3)}
+
+
+def test_finalize_cost_does_not_grow_with_shards(tmp_path, gcs_root, monkeypatch):
+    """finalize_manifest on the GCS emulator: the same number of listings and requests made one
+    after another for 3 shards as for 30 (the records come in one concurrent batch), and the
+    manifest lists them all."""
+    counts = {}
+    for n in (3, 30):
+        root = f"{gcs_root}/n{n}"
+        cfg = load_config(_plain_config(tmp_path, root))
+        storage = Storage.from_config(cfg)
+        ids = list(range(0, 100 * n, 100))
+        write_synthetic_shards(storage, dataset_dir(cfg), ids, rows=10)
+        calls: dict[str, int] = {}
+        for name in ("ls", "exists", "info", "cat_file", "cat", "open", "pipe_file"):
+            method = getattr(storage.fs, name)
+            monkeypatch.setattr(storage.fs, name, _counted(calls, name, method))
+        manifest = finalize_manifest(cfg, storage)
+        monkeypatch.undo()
+        assert [s["id"] for s in manifest["shards"]] == ids and manifest["rows"] == 10 * n
+        counts[n] = calls
+    assert counts[3] == counts[30] and counts[30]["ls"] <= 2 and counts[30]["cat"] == 1
+
+
+def _counted(calls: dict, name: str, method):
+    def wrapper(*args, **kwargs):
+        calls[name] = calls.get(name, 0) + 1
+        return method(*args, **kwargs)
+    return wrapper
+
+
+def _plain_config(tmp_path, root: str) -> Path:
+    path = tmp_path / "plain.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": root}, "source": {"paths": ["unused.parquet"]}}))
+    return path
 
 
 def test_superres_tokens(tmp_path, tiny_encoders):

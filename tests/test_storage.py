@@ -2,14 +2,48 @@
 
 import pytest
 
-from muse.layout import IMAGES, done_marker, done_shards
-from muse.storage import Storage, shard_id_of, shard_name, source_fs
+from muse.layout import (IMAGES, done_marker, done_shards, format_shard_id, key_order, make_key, parse_shard_id,
+                          shard_id_of, shard_name)
+from muse.storage import Storage, source_fs
+
+SPARSE = [7, 99999, 100000, 123456, 10 ** 7]  # past 5 digits, without 100,000 shards
 
 
 def test_shard_names_round_trip():
-    assert shard_name("images", 42) == "images/00042.parquet"
+    assert shard_name("images", 42) == "images/00042.parquet"  # today's names stay valid
     assert shard_name("images", 42, "_stats.json") == "images/00042_stats.json"
     assert shard_id_of("gs://b/p/images/00042_stats.json") == 42
+    for sid in SPARSE + [0]:
+        assert parse_shard_id(format_shard_id(sid)) == sid
+        assert shard_id_of(done_marker("encoded/v1", sid)) == sid and shard_id_of(shard_name(IMAGES, sid)) == sid
+    assert shard_name(IMAGES, 123456) == "images/123456.parquet" and shard_id_of("123456.json") == 123456
+    for bad in ("042", "0123456", "4a", "", "-1", "１２３４５"):  # not how an id is spelled
+        assert parse_shard_id(bad) is None
+    with pytest.raises(ValueError):
+        format_shard_id(-1)
+
+
+def test_row_keys_unique_and_ordered_past_five_digits():
+    assert make_key(42, 7, 10_000) == "0004200007"  # the keys existing data was written with
+    keys = [make_key(sid, row, size) for size in (1000,) for sid in SPARSE for row in (0, 1, size - 1)]
+    assert len(set(keys)) == len(keys)
+    assert sorted(keys, key=key_order) == keys  # (shard, row) order, for ids of any size
+    wide = [make_key(sid, row, 250_000) for sid in (99999, 100000) for row in (0, 249_999)]
+    assert sorted(wide, key=key_order) == wide and len({len(k) for k in wide}) == 2
+
+
+def test_done_shards_with_sparse_large_ids_and_stray_names(tmp_path):
+    """Ids past 99,999 are found by one listing; a file whose name is another spelling of an id
+    (42.parquet next to 00042_stats.json) is not a shard."""
+    st = Storage(str(tmp_path))
+    for sid in SPARSE:
+        st.write_bytes(shard_name(IMAGES, sid), b"x")
+        st.write_json(done_marker(IMAGES, sid), {})
+    st.write_bytes("images/42.parquet", b"x")
+    st.write_json("images/00042_stats.json", {})
+    st.write_bytes("images/0123457.parquet", b"x")
+    st.write_json("images/123457_stats.json", {})
+    assert done_shards(st, IMAGES) == SPARSE
 
 
 def test_write_read_list(any_root):
@@ -94,3 +128,13 @@ def test_relative_maps_only_paths_under_the_root(tmp_path):
     assert s.relative(root) == ""
     assert s.relative(root + "2/checkpoints/a") is None      # a sibling folder sharing the prefix
     assert s.relative("/elsewhere/x") is None and s.relative("gs://b/x") is None
+
+
+def test_read_many_and_sizes(any_root):
+    st = Storage(any_root)
+    files = {f"d/{i:03d}.json": f'{{"i": {i}}}'.encode() for i in range(20)}
+    st.write_many(files)
+    assert st.read_many(list(files)) == files and st.read_many([]) == {}
+    assert st.sizes("d") == {rel: len(data) for rel, data in files.items()} and st.sizes("nowhere") == {}
+    with pytest.raises(FileNotFoundError):
+        st.read_many(["d/000.json", "d/missing.json"])

@@ -26,8 +26,8 @@ from muse.download.runner import DownloadError, run_img2dataset, verify_shard
 from muse.download.sources import (REGISTRY, ROW, DownloadPart, SourceError, load_registry,
                                    plan_parts, read_source)
 from muse.download.writer import build_shard, is_http
-from muse.layout import IMAGES, done_marker, done_shards
-from muse.storage import Storage, shard_name
+from muse.layout import IMAGES, done_marker, done_shards, shard_name
+from muse.storage import Storage
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "download_part", "finalize_download",
            "summary_rows", "DownloadPart", "DownloadError", "SourceError"]

@@ -21,8 +21,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from muse.download.filters import FilterError, Selection, select_rows, selection_spec
-from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, done_shards
-from muse.storage import Storage, shard_name, source_fs
+from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, done_shards, shard_name
+from muse.storage import Storage, source_fs
 
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
 

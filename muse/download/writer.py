@@ -19,16 +19,10 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.download.sources import ROW
-from muse.layout import IMAGE_COLUMNS, IMAGE_SCHEMA
+from muse.layout import IMAGE_COLUMNS, IMAGE_SCHEMA, make_key
 from muse.placeholders import solid_color
 
 BAD_URL_MESSAGE = "not an http(s) URL: not fetched"
-
-
-def make_key(shard_id: int, row: int, shard_size: int) -> str:
-    """Stable, unique in the dataset: 5-digit shard id + row in shard (>= 5 digits)."""
-    width = max(5, len(str(shard_size - 1)))
-    return f"{shard_id:05d}{row:0{width}d}"
 
 
 def is_http(url) -> bool:

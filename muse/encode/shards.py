@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import queue
 import sys
 import threading
@@ -31,8 +32,9 @@ from PIL import Image
 from muse.config import resolve_device
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
-                         done_shards, empty_caption_record, encoded_schema, t5_to_bytes, write_manifest)
-from muse.storage import Storage, shard_name
+                         done_shards, empty_caption_record, encoded_schema, format_shard_id, shard_name,
+                         t5_to_bytes, write_manifest)
+from muse.storage import Storage
 
 
 class EncodeError(RuntimeError):
@@ -204,9 +206,10 @@ def _encoder_facts(enc: Encoders, e) -> dict:
 
 
 def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
-    """Write `_MANIFEST.json` (last) from the records of the current image shards.
+    """Write the manifest (last) from the records of the current image shards.
 
-    The model facts come from `_ENCODERS.json`, written by the shard encoders, so a CPU-only
+    Cost: one listing of each folder and the records fetched concurrently (`read_many`), not a
+    round trip per shard in turn. The model facts come from `_ENCODERS.json`, written by the shard encoders, so a CPU-only
     finalize task does not load T5 and the VQ; only a dataset with no shard yet loads them."""
     storage = storage or Storage.from_config(cfg)
     e, ds = cfg.encode, dataset_dir(cfg)
@@ -215,7 +218,8 @@ def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
     info = facts["info"]
     done = set(done_shards(storage, ds))
     current = done_shards(storage, IMAGES)
-    shards = [storage.read_json(done_marker(ds, sid)) for sid in current if sid in done]
+    records = storage.read_many([done_marker(ds, sid) for sid in current if sid in done])
+    shards = [json.loads(data) for data in records.values()]
     storage.write_config(ds, cfg)
     return write_manifest(storage, ds, shards=shards, text_dim=info["text_dim"],
                           codebook_size=info["codebook_size"], empty_caption=facts["empty_caption"],
@@ -245,7 +249,7 @@ def run_encode(cfg) -> dict:
                 pending.append((sid, writer.submit(_encode_then_write(cfg, sid, storage, table))))
             except Exception as err:  # noqa: BLE001 - one bad shard must not stop the others
                 failed[sid] = str(err)
-                print(f"encode: shard {sid:05d} FAILED: {err}", file=sys.stderr)
+                print(f"encode: shard {format_shard_id(sid)} FAILED: {err}", file=sys.stderr)
             done = [(s, f) for s, f in pending if f.done()]
             for s, f in done:
                 rows += _collect(s, f, failed)
@@ -257,11 +261,11 @@ def run_encode(cfg) -> dict:
     manifest = finalize_manifest(cfg, storage)
     summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
                "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
-               "failed": {f"{k:05d}": v for k, v in failed.items()}}
+               "failed": {format_shard_id(k): v for k, v in failed.items()}}
     print(f"encode: {summary['shards']} shards, {summary['rows']} rows ({summary['replaced']} replaced) "
           f"in {summary['dataset']}", file=sys.stderr)
     if failed:
-        names = ", ".join(f"{k:05d}" for k in failed)
+        names = ", ".join(format_shard_id(k) for k in failed)
         raise EncodeError(f"{len(failed)} shard(s) failed: {names}; the others are in the manifest. "
                           f"First error: {next(iter(failed.values()))}")
     return summary
@@ -271,6 +275,6 @@ def _collect(sid: int, fut: Future, failed: dict) -> int:
     try:
         return fut.result()["rows"]
     except Exception as err:  # noqa: BLE001
-        failed[sid] = f"writing shard {sid:05d}: {err}"
+        failed[sid] = f"writing shard {format_shard_id(sid)}: {err}"
         return 0
 

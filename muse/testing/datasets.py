@@ -14,8 +14,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.layout import (GRID_BASE, GRID_SUPERRES, IMAGE_SCHEMA, IMAGES, empty_caption_record, encoded_schema,
-                         t5_to_bytes, write_manifest)
-from muse.storage import Storage, shard_name
+                         format_shard_id, shard_name, t5_to_bytes, write_manifest)
+from muse.storage import Storage
 
 
 def _write_test_images(storage: Storage, sid: int, cols: dict, rng, size: int) -> None:
@@ -49,7 +49,7 @@ def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows
     for sid in range(shards):
         lens = rng.integers(1, max_len + 1, rows)
         cols = {
-            "key": [f"{sid:05d}{i:04d}" for i in range(rows)],
+            "key": [f"{format_shard_id(sid)}{i:04d}" for i in range(rows)],
             "caption": [f"caption {sid}-{i}" for i in range(rows)],
             "replaced": [bool(replaced_every and i % replaced_every == 0) for i in range(rows)],
             "t5": [t5_to_bytes(rng.standard_normal((n, text_dim))) for n in lens],

@@ -32,8 +32,12 @@ def _free_port() -> int:
 class GCSEmulator:
     """`with GCSEmulator() as gcs: root = gcs.new_root()` -> "gs://<new bucket>/data"."""
 
-    def __init__(self, port: int | None = None):
+    def __init__(self, port: int | None = None, filesystem_root: str | None = None):
         self.port = port or _free_port()
+        # The memory backend scans every object of a bucket on each write and read, so its cost
+        # grows with the object count; bench/scale.py keeps its 10^4-10^5 objects on disk instead.
+        self.backend = ["-backend", "filesystem", "-filesystem-root", filesystem_root] if filesystem_root \
+            else ["-backend", "memory"]
         self.url = f"http://127.0.0.1:{self.port}"
         self._proc: subprocess.Popen | None = None
         self._log = None
@@ -43,7 +47,7 @@ class GCSEmulator:
         self._log = tempfile.NamedTemporaryFile(prefix="fake-gcs-", suffix=".log", delete=False)
         self._proc = subprocess.Popen(
             [str(_binary()), "-scheme", "http", "-host", "127.0.0.1", "-port", str(self.port),
-             "-backend", "memory", "-external-url", self.url, "-log-level", "error"],
+             *self.backend, "-external-url", self.url, "-log-level", "error"],
             stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
         )
         deadline = time.monotonic() + 20

@@ -9,8 +9,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from muse.layout import IMAGE_SCHEMA, IMAGES, done_marker
-from muse.storage import Storage, shard_name
+from muse.layout import IMAGE_SCHEMA, IMAGES, done_marker, make_key, shard_name
+from muse.storage import Storage
 
 
 def picture(seed: int, size: int) -> Image.Image:
@@ -31,7 +31,7 @@ def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int
     replaced = replaced or [False] * n
     images = [jpeg(picture(shard_id * 1000 + i, size)) for i in range(n)]
     table = pa.table({
-        "key": [f"{shard_id:05d}{i:05d}" for i in range(n)], "caption": captions,
+        "key": [make_key(shard_id, i, n) for i in range(n)], "caption": captions,
         "caption_was_null": [False] * n, "url": [f"http://x/{i}.jpg" for i in range(n)], "image": images,
         "width": [size] * n, "height": [size] * n, "replaced": replaced,
         "status": ["success"] * n, "error_message": [""] * n, "reason": [""] * n,
