@@ -83,7 +83,7 @@ class DownloadConfig(_Section):
     deadline_s: float = Field(6 * 3600.0, gt=0, description="limit for one download task (one chunk of shards)")
     # One download task = one img2dataset run over this many shards of a source file: its local
     # disk is bounded by the chunk, and a lost machine loses at most the shards in flight.
-    shards_per_task: int = Field(16, ge=1, description="shards per download task (one img2dataset run)")
+    shards_per_task: int = Field(64, ge=1, description="shards per download task (one img2dataset run)")
     encode_quality: int = Field(95, ge=1, le=100)
     distributor: Literal["multiprocessing", "spark"] = "multiprocessing"
     user_agent_token: Optional[str] = None
