@@ -25,7 +25,7 @@ from muse.storage import Storage, shard_name  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Prefect server and ~300 task runs
 
-SHARDS, PER_TASK = 10_000, 64
+SHARDS, PER_TASK = 10_000, 200
 
 
 async def _task_run_names(flow_run_id) -> list[str]:
@@ -74,7 +74,7 @@ def test_a_10000_shard_plan_runs_in_tasks_of_many_shards(tmp_path, monkeypatch):
         "empty_caption": {}})
     monkeypatch.setattr(flows.download, "download_chunk", fake_download_chunk)
     monkeypatch.setattr(flows.encode, "encode_shard", fake_encode_shard)
-    tasks = -(-SHARDS // PER_TASK)  # 157
+    tasks = -(-SHARDS // PER_TASK)  # 50
     with prefect_test_harness(server_startup_timeout=120):
         state = flows.download.download_flow(str(config), overrides, return_state=True)
         assert state.is_completed(), state.message
