@@ -1,4 +1,5 @@
-"""Prefect flow for phase 1: one task per source file, then the summary as a table artifact."""
+"""Prefect flow for phase 1: one task per chunk of `download.shards_per_task` shards of a source
+file (one img2dataset run that writes each shard as it finishes), then the summary as a table."""
 
 from __future__ import annotations
 
@@ -6,19 +7,19 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
-from muse.download import download_part, finalize_download, plan_download, summary_rows
+from muse.download import download_chunk, finalize_download, plan_chunks, summary_rows
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
-      task_run_name="download-{part.source}")
-def download_part_task(config_path: str, overrides: list[str], part) -> list[dict]:
-    """img2dataset over one source file's unfinished shards (idempotent: finished shards are skipped)."""
-    return download_part(cfg_from(config_path, overrides), part)
+      task_run_name="download-{chunk.label}")
+def download_chunk_task(config_path: str, overrides: list[str], chunk) -> list[dict]:
+    """img2dataset over one chunk's unfinished shards (idempotent: finished shards are skipped)."""
+    return download_chunk(cfg_from(config_path, overrides), chunk)
 
 
 @task
 def plan_task(config_path: str, overrides: list[str]) -> list:
-    return plan_download(cfg_from(config_path, overrides))
+    return plan_chunks(cfg_from(config_path, overrides))
 
 
 @task
@@ -30,18 +31,18 @@ def finalize_task(config_path: str, overrides: list[str]) -> dict:
 def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
     """URL lists -> image shards; every row kept, failures replaced. Returns the summary."""
     overrides = list(overrides or [])
-    parts = plan_task(config_path, overrides)
-    progress = create_progress_artifact(0.0, key="download-progress", description="source files downloaded")
-    futures = [download_part_task.submit(config_path, overrides, p) for p in parts]
+    chunks = plan_task(config_path, overrides)
+    progress = create_progress_artifact(0.0, key="download-progress", description="download tasks done")
+    futures = [download_chunk_task.submit(config_path, overrides, c) for c in chunks]
     failed = []
     for i, fut in enumerate(futures):
         try:
             fut.result()
         except Exception as exc:  # noqa: BLE001 - the others go on; reported below
-            failed.append(f"{parts[i].source}: {exc}")
+            failed.append(f"{chunks[i].label}: {exc}")
         update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
     summary = finalize_task(config_path, overrides)
     stats_table("download-stats", summary_rows(summary), "rows in, filtered before download, succeeded and replaced, by reason")
     if failed:
-        raise RuntimeError(f"{len(failed)} source file(s) failed (re-run to finish them): " + "; ".join(failed))
+        raise RuntimeError(f"{len(failed)} download task(s) failed (re-run to finish them): " + "; ".join(failed))
     return summary

@@ -1,19 +1,48 @@
-"""Prefect flow for phase 2: one task per image shard, then the manifest (written last)."""
+"""Prefect flow for phase 2: one task per chunk of `encode.shards_per_task` image shards, then
+the manifest (written last). Chunks keep a LAION-size run at a few thousand task runs."""
 
 from __future__ import annotations
 
 from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.runtime import task_run
 
-from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
-from muse.encode import encode_shard, finalize_manifest, plan_encode
+from flows.common import PERMANENT, RETRY_DELAYS, cfg_from, stats_table, transient
+from muse.encode import EncodeError, encode_shard, finalize_manifest, plan_encode
+from muse.layout import dataset_dir, done_marker
+from muse.storage import Storage
+
+
+def chunked(ids: list[int], size: int) -> list[list[int]]:
+    return [ids[i:i + size] for i in range(0, len(ids), size)]
+
+
+def chunk_name() -> str:
+    ids = task_run.parameters["shard_ids"]
+    return f"encode-shards-{ids[0]:05d}-{ids[-1]:05d}"
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
-      task_run_name="encode-shard-{shard_id:05d}")
-def encode_shard_task(config_path: str, overrides: list[str], shard_id: int) -> dict:
-    """Encode one shard; returns its record (rows, bytes, sha256). Safe to run on N workers at once."""
-    return encode_shard(cfg_from(config_path, overrides), shard_id)
+      task_run_name=chunk_name)
+def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[int]) -> dict:
+    """Encode a chunk of shards in turn; returns {shard id: record}. A failing shard does not stop
+    the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
+    cfg = cfg_from(config_path, overrides)
+    storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
+    records, failed = {}, {}
+    for sid in shard_ids:
+        if storage.exists(done_marker(ds, sid)):  # done by an earlier try of this task
+            continue
+        try:
+            records[sid] = encode_shard(cfg, sid)
+        except Exception as exc:  # noqa: BLE001 - the others go on; raised below
+            failed[sid] = exc
+    if failed:
+        msg = "; ".join(f"{sid:05d}: {exc}" for sid, exc in failed.items())
+        # a permanent error only when every failure is permanent: otherwise retrying can help
+        permanent = all(type(exc).__name__ in PERMANENT for exc in failed.values())
+        raise (EncodeError if permanent else RuntimeError)(f"{len(failed)} shard(s) failed: {msg}")
+    return records
 
 
 @task
@@ -32,21 +61,22 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
     """Image shards -> T5 + VQ token shards + _MANIFEST.json. Failing shards fail their task only."""
     overrides = list(overrides or [])
     shards = plan_task(config_path, overrides)
+    chunks = chunked(shards, cfg_from(config_path, overrides).encode.shards_per_task)
     progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
-    futures = {sid: encode_shard_task.submit(config_path, overrides, sid) for sid in shards}
-    failed, rows = {}, []
-    for i, (sid, fut) in enumerate(futures.items()):
+    futures = [encode_chunk_task.submit(config_path, overrides, ids) for ids in chunks]
+    failed, rows = [], []
+    for i, fut in enumerate(futures):
         try:
-            rec = fut.result()
-            rows.append({"shard": f"{sid:05d}", "rows": rec["rows"], "replaced": rec.get("replaced", 0),
-                         "bytes": rec["bytes"]})
+            for sid, rec in fut.result().items():
+                rows.append({"shard": f"{sid:05d}", "rows": rec["rows"], "replaced": rec.get("replaced", 0),
+                             "bytes": rec["bytes"]})
         except Exception as exc:  # noqa: BLE001 - the others complete; reported below
-            failed[sid] = str(exc)
+            failed.append(str(exc))
         update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
     summary = manifest_task(config_path, overrides)
     stats_table("encode-stats", rows + [{"shard": "total", "rows": summary["rows"], "replaced": summary["replaced"],
                                          "bytes": ""}], f"dataset version {summary['version']}")
     if failed:
-        raise RuntimeError(f"{len(failed)} shard(s) failed, the rest are in the manifest (re-run to retry): "
-                           + "; ".join(f"{k:05d}: {v}" for k, v in failed.items()))
+        raise RuntimeError(f"{len(failed)} encode task(s) failed, the rest are in the manifest (re-run to "
+                           "retry): " + "; ".join(failed))
     return summary

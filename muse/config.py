@@ -80,7 +80,10 @@ class DownloadConfig(_Section):
     shard_size: int = Field(10000, ge=1)
     retries: int = Field(2, ge=0)
     timeout_s: float = Field(10.0, gt=0, description="per socket read (img2dataset's timeout)")
-    deadline_s: float = Field(6 * 3600.0, gt=0, description="overall limit for one img2dataset run")
+    deadline_s: float = Field(6 * 3600.0, gt=0, description="limit for one download task (one chunk of shards)")
+    # One download task = one img2dataset run over this many shards of a source file: its local
+    # disk is bounded by the chunk, and a lost machine loses at most the shards in flight.
+    shards_per_task: int = Field(64, ge=1, description="shards per download task (one img2dataset run)")
     encode_quality: int = Field(95, ge=1, le=100)
     distributor: Literal["multiprocessing", "spark"] = "multiprocessing"
     user_agent_token: Optional[str] = None
@@ -105,6 +108,9 @@ class EncodeConfig(_Section):
     row_group_size: int = Field(256, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     prefetch_batches: int = Field(2, ge=0)
+    # One Prefect task encodes this many shards in turn (models load once per task): keeps a
+    # LAION-size run (~230,000 shards) at a few thousand task runs.
+    shards_per_task: int = Field(64, ge=1, description="shards per encode task")
 
     def version(self) -> str:
         """Dataset version: a short hash of everything that changes the encoded values."""

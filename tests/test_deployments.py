@@ -198,10 +198,10 @@ def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_
     run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", params))
     assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
     names = _with_api(deployed, lambda: _task_run_names_since(t0))
-    downloads = [n for n in names if n.startswith("download-") and n.endswith(".jsonl")]
-    encodes = [n for n in names if n.startswith("encode-shard-")]
-    assert len(downloads) == 1 and downloads[0].endswith("b.jsonl"), names   # a.jsonl was not fetched again
-    assert encodes == ["encode-shard-00001"], names                         # only the new shard encoded
+    downloads = [n for n in names if n.startswith("download-") and ".jsonl" in n]
+    encodes = [n for n in names if n.startswith("encode-shards-")]
+    assert len(downloads) == 1 and "b.jsonl (shards 1..1)" in downloads[0], names  # a.jsonl not fetched again
+    assert encodes == ["encode-shards-00001-00001"], names                      # only the new shard encoded
     cfg = load_config(config, overrides)
     manifest = Storage.from_config(cfg).read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
     assert manifest["rows"] == 35

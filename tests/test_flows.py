@@ -12,7 +12,7 @@ from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, Fl
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from muse.config import load_config  # noqa: E402
-from muse.layout import dataset_dir  # noqa: E402
+from muse.layout import dataset_dir, done_marker  # noqa: E402
 from muse.storage import Storage  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Prefect's test harness and the demo subset, end to end
@@ -73,13 +73,14 @@ def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_su
     state = encode_flow(str(config), overrides, return_state=True)
     assert state.is_failed() and "00001" in state.message
     runs = {r.name: r for r in asyncio.run(_task_runs(_flow_run_id(state)))}
-    assert runs["encode-shard-00001"].state.is_failed()
-    assert "00001" in runs["encode-shard-00001"].state.message
-    assert runs["encode-shard-00000"].state.is_completed()
-    assert runs["encode-shard-00001"].run_count == 1       # bad data is not retried
+    chunk = runs["encode-shards-00000-00001"]  # both shards in one task (encode.shards_per_task)
+    assert chunk.state.is_failed() and "00001" in chunk.state.message and "00000" not in chunk.state.message
+    assert chunk.run_count == 1                            # bad data is not retried
+    cfg = load_config(config, overrides)
+    assert storage.exists(done_marker(dataset_dir(cfg), 0))  # the good shard of the chunk was encoded
     storage.write_bytes("images/00001.parquet", good)      # the data is fixed: a re-run finishes the rest
     state = encode_flow(str(config), overrides, return_state=True)
     assert state.is_completed()
-    assert [r.name for r in asyncio.run(_task_runs(_flow_run_id(state))) if r.name.startswith("encode-shard")] == [
-        "encode-shard-00001"]
+    assert [r.name for r in asyncio.run(_task_runs(_flow_run_id(state))) if r.name.startswith("encode-shards")] == [
+        "encode-shards-00001-00001"]
     assert state.result()["rows"] == 50

@@ -1,13 +1,16 @@
 """Phase 1: URL lists -> `images/NNNNN.parquet` shards in which every input row is present.
 
-    plan_download(cfg)         -> [DownloadPart]  new/changed/unfinished source files
-    download_part(cfg, part)   -> [shard stats]   img2dataset in a subprocess, then our writer
-    finalize_download(cfg)     -> summary         images/_config.yaml + a table on stderr
-    run_download(cfg)          -> summary         the three above in order
+    plan_download(cfg)         -> [DownloadPart]   new/changed/unfinished source files
+    plan_chunks(cfg)           -> [DownloadChunk]  those cut into tasks of download.shards_per_task shards
+    download_chunk(cfg, chunk) -> [shard stats]    img2dataset in a subprocess, our writer as it goes
+    finalize_download(cfg)     -> summary          images/_config.yaml + a table on stderr
+    run_download(cfg)          -> summary          plan, every chunk in turn, finalize
 
-img2dataset writes to a local work dir (`storage.work_dir`, default a temp dir), keyed by
-root + source + fingerprint, so a killed run re-uses what it fetched. Finished shards are
-uploaded through `Storage` (atomic): parquet first, then `_stats.json`, the done marker.
+img2dataset writes one chunk to a local work dir (`storage.work_dir`, default a temp dir),
+keyed by root + source + fingerprint + first shard, so local disk is bounded by the chunk and
+a killed run re-uses what it fetched. Each shard img2dataset finishes is uploaded through
+`Storage` (atomic) at once: parquet first, then `_stats.json`, the done marker; then its
+local parquet is deleted. A killed task loses at most the shards in flight.
 """
 
 from __future__ import annotations
@@ -23,14 +26,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.download.runner import DownloadError, run_img2dataset, verify_shard
-from muse.download.sources import (REGISTRY, ROW, DownloadPart, SourceError, load_registry,
-                                   plan_parts, read_source)
+from muse.download.sources import (REGISTRY, ROW, DownloadChunk, DownloadPart, SourceError,
+                                   load_registry, plan_parts, read_source)
 from muse.download.writer import build_shard, is_http
 from muse.layout import IMAGES, done_marker, done_shards, shard_name
 from muse.storage import Storage
 
-__all__ = ["REGISTRY", "run_download", "plan_download", "download_part", "finalize_download",
-           "summary_rows", "DownloadPart", "DownloadError", "SourceError"]
+__all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "download_part", "download_chunk",
+           "finalize_download", "summary_rows", "DownloadPart", "DownloadChunk", "DownloadError", "SourceError"]
 
 
 def plan_download(cfg) -> list[DownloadPart]:
@@ -38,9 +41,18 @@ def plan_download(cfg) -> list[DownloadPart]:
     return plan_parts(Storage.from_config(cfg), cfg)
 
 
-def work_dir_for(cfg, storage: Storage, part: DownloadPart) -> Path:
+def plan_chunks(cfg) -> list[DownloadChunk]:
+    """The download tasks: chunks of `download.shards_per_task` shards with unfinished shards."""
+    storage = Storage.from_config(cfg)
+    parts = plan_parts(storage, cfg)
+    done = set(done_shards(storage, IMAGES))
+    return [c for p in parts for c in p.chunks(cfg.download.shards_per_task)
+            if not done.issuperset(c.shard_ids())]
+
+
+def work_dir_for(cfg, storage: Storage, chunk: DownloadChunk) -> Path:
     base = Path(cfg.storage.work_dir or Path(tempfile.gettempdir()) / "muse-download")
-    tag = hashlib.sha256(f"{storage.uri}|{part.source}|{part.fingerprint}|{part.first_shard}"
+    tag = hashlib.sha256(f"{storage.uri}|{chunk.part.source}|{chunk.part.fingerprint}|{chunk.first_shard}"
                          .encode()).hexdigest()[:16]
     return base.expanduser() / tag
 
@@ -53,38 +65,55 @@ def _fetch_list(rows: pa.Table) -> pa.Table:
 
 
 def download_part(cfg, part: DownloadPart) -> list[dict]:
-    """Fetch one source file's unfinished shards and write them; returns their stats."""
+    """Fetch one source file's unfinished shards, chunk by chunk; returns their stats."""
+    return [st for chunk in part.chunks(cfg.download.shards_per_task) for st in download_chunk(cfg, chunk)]
+
+
+def download_chunk(cfg, chunk: DownloadChunk) -> list[dict]:
+    """One img2dataset run over a chunk's unfinished shards; each shard is written to the
+    storage root (and its local copy deleted) as soon as img2dataset finishes it."""
     storage = Storage.from_config(cfg)
+    part, label = chunk.part, chunk.label
     done = set(done_shards(storage, IMAGES))
-    todo = [s for s in part.shard_ids() if s not in done]
-    label = f"{part.source} (shards {part.first_shard}..{part.first_shard + part.num_shards - 1})"
+    todo = [s for s in chunk.shard_ids() if s not in done]
     if not todo:
         return []
     table = read_source(part.source, cfg.source, cfg.storage.gcs_project, limit=part.rows)
     if table.num_rows != part.rows:
         raise SourceError(f"{part.source}: has {table.num_rows} rows, registered {part.rows}; "
                           "it changed during the download: re-run")
-    work = work_dir_for(cfg, storage, part)
+    work = work_dir_for(cfg, storage, chunk)
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
-    pq.write_table(_fetch_list(table), work / "input.parquet")
-    for sid in set(part.shard_ids()) - set(todo):  # tell img2dataset to skip finished shards
-        marker = out_dir / f"{sid - part.first_shard:05d}_stats.json"
+    first_row, end_row = chunk.row_range()
+    pq.write_table(_fetch_list(table.slice(first_row, end_row - first_row)), work / "input.parquet")
+    for sid in set(chunk.shard_ids()) - set(todo):  # tell img2dataset to skip finished shards
+        marker = out_dir / f"{sid - chunk.first_shard:05d}_stats.json"
         if not marker.exists():
             marker.write_text("{}")
-    print(f"[download] {label}: fetching {len(todo)} shard(s), {part.rows} rows in the file",
+    print(f"[download] {label}: fetching {len(todo)} shard(s), rows {first_row}..{end_row - 1} of the file",
           file=sys.stderr, flush=True)
-    run_img2dataset(work / "input.parquet", out_dir, cfg.download, part.shard_size, label, part.num_shards)
-    stats = [_write_shard(cfg, storage, part, sid, table, out_dir, label) for sid in todo]
-    # keep img2dataset.log (small, useful after the fact); drop the bulky intermediate data
+    stats: dict[int, dict] = {}
+
+    def write(k: int) -> None:  # img2dataset finished its shard k: upload it now, free the disk
+        sid = chunk.first_shard + k
+        if sid in todo and sid not in stats:
+            stats[sid] = _write_shard(cfg, storage, part, sid, table, out_dir, label, k)
+            (out_dir / f"{k:05d}.parquet").unlink(missing_ok=True)  # its _stats.json stays: tiny,
+            # and img2dataset's incremental mode reads it as "done" if the chunk is re-run
+
+    run_img2dataset(work / "input.parquet", out_dir, cfg.download, part.shard_size, label,
+                    chunk.num_shards, on_shard=write)
+    for sid in todo:  # raises DownloadError for a shard img2dataset did not finish
+        write(sid - chunk.first_shard)
+    # keep img2dataset.log (small, useful after the fact); drop the rest
     shutil.rmtree(out_dir, ignore_errors=True)
     (work / "input.parquet").unlink(missing_ok=True)
-    return stats
+    return [stats[sid] for sid in todo]
 
 
-def _write_shard(cfg, storage, part, sid, table, out_dir, label) -> dict:
+def _write_shard(cfg, storage, part, sid, table, out_dir, label, k) -> dict:
     start, end = part.row_range(sid)
-    k = sid - part.first_shard
     fetched = pq.read_table(verify_shard(out_dir, k, end - start, label))
     data, stats = build_shard(table.slice(start, end - start), fetched, sid, part.shard_size,
                               cfg.download.image_size, cfg.download.encode_quality)
@@ -153,8 +182,8 @@ def finalize_download(cfg) -> dict:
 
 
 def run_download(cfg) -> dict:
-    """Plan, fetch every unfinished part in turn, finalize. Returns the summary."""
-    for part in plan_download(cfg):
-        download_part(cfg, part)
+    """Plan, fetch every unfinished chunk in turn, finalize. Returns the summary."""
+    for chunk in plan_chunks(cfg):
+        download_chunk(cfg, chunk)
     return finalize_download(cfg)
 

@@ -2,7 +2,8 @@
 
 img2dataset cannot run off the main thread (Prefect tasks run in threads) and reports
 neither failed shards nor a non-zero exit, so we run its CLI in its own process group
-(so a deadline can kill it and its workers), log to a file, and afterwards require
+(so a deadline can kill it and its workers), log to a file, hand each shard to the caller
+as soon as its stats file appears (so it is uploaded while the run goes on), and require
 `<k>_stats.json` plus a readable `<k>.parquet` with the right row count for every shard.
 """
 
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import pyarrow.parquet as pq
 
@@ -86,9 +88,18 @@ def _kill_leftover(pgid_file: Path) -> None:
         time.sleep(0.5)
 
 
+def finished_shards(out_dir: Path) -> set[int]:
+    """img2dataset's shards with a `<k>_stats.json`: it writes that after closing `<k>.parquet`."""
+    return {int(p.name.split("_")[0]) for p in out_dir.glob("*_stats.json")}
+
+
 def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label: str,
-                    expected: int) -> None:
-    """Run to completion or raise DownloadError; progress lines go to stderr."""
+                    expected: int, on_shard: Callable[[int], None] | None = None) -> None:
+    """Run to completion or raise DownloadError; progress lines go to stderr.
+
+    `on_shard(k)` is called (in this thread) for each shard k as img2dataset finishes it,
+    while the run goes on: the caller uploads it and frees the local disk.
+    """
     log = out_dir.parent / "img2dataset.log"
     out_dir.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-c", _launcher(dl.distributor), *img2dataset_args(input_path, out_dir, dl, shard_size)]
@@ -107,16 +118,20 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
                                 env=env, start_new_session=True)
         pgid_file.write_text(str(proc.pid))
         try:
-            last = start
+            last, seen = start, set()
             while proc.poll() is None:
                 time.sleep(0.2)
+                if on_shard is not None:
+                    for k in sorted(finished_shards(out_dir) - seen):
+                        on_shard(k)
+                        seen.add(k)
                 now = time.monotonic()
                 if now - start > dl.deadline_s:
                     raise DownloadError(f"{label}: img2dataset ran past download.deadline_s="
                                         f"{dl.deadline_s:g}s and was killed; re-run to fetch the "
                                         f"rest (finished shards are kept). Log: {log}")
                 if now - last >= PROGRESS_EVERY_S:
-                    done = len(list(out_dir.glob("*_stats.json")))
+                    done = len(finished_shards(out_dir))
                     print(f"[download] {label}: {done}/{expected} img2dataset shards done, "
                           f"{now - start:.0f}s", file=sys.stderr, flush=True)
                     last = now

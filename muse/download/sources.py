@@ -56,6 +56,30 @@ class DownloadPart:
         start = (shard_id - self.first_shard) * self.shard_size
         return start, min(start + self.shard_size, self.rows)
 
+    def chunks(self, shards_per_task: int) -> list["DownloadChunk"]:
+        """The part cut into download tasks of `shards_per_task` shards (the last may be short)."""
+        return [DownloadChunk(self, first, min(shards_per_task, self.first_shard + self.num_shards - first))
+                for first in range(self.first_shard, self.first_shard + self.num_shards, shards_per_task)]
+
+
+@dataclass
+class DownloadChunk:
+    """One download task: shards first_shard.. of a part, rows row_range() of its file's selection."""
+
+    part: DownloadPart
+    first_shard: int
+    num_shards: int
+
+    def shard_ids(self) -> list[int]:
+        return list(range(self.first_shard, self.first_shard + self.num_shards))
+
+    def row_range(self) -> tuple[int, int]:
+        return self.part.row_range(self.first_shard)[0], self.part.row_range(self.shard_ids()[-1])[1]
+
+    @property
+    def label(self) -> str:
+        return f"{self.part.source} (shards {self.first_shard}..{self.first_shard + self.num_shards - 1})"
+
 
 # ----------------------------------------------------------------------------- files
 
