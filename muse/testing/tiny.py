@@ -32,7 +32,7 @@ _CORPUS = [
 
 def build_tokenizer(out_dir: Path, vocab_size: int = 200, words: tuple[str, ...] = ()):
     """A Unigram tokenizer trained on `_CORPUS`; each of `words` becomes one whole token (the demo
-    passes its world's colour and shape names: from 200 pieces "yellow" came out as 5)."""
+    passes its world's colour and shape names: with 200 pieces " yellow" was 5 tokens)."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
