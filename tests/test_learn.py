@@ -29,13 +29,13 @@ def test_every_caption_of_the_world_fits_the_demos_text_length(tmp_path):
     """A truncated caption loses its last word, the shape: the demo's T5 must see every caption whole."""
     from transformers import AutoTokenizer
 
-    from muse.testing.tiny import build_tiny_t5
-
-    tokenizer = AutoTokenizer.from_pretrained(build_tiny_t5(tmp_path))
+    tokenizer = AutoTokenizer.from_pretrained(demo.text_encoder(tmp_path))
     captions = {shapes.caption(c, s, p) for c in shapes.COLOURS for s in shapes.SHAPES
                 for p in range(len(shapes.PHRASINGS))}
     lengths = {c: len(tokenizer(c)["input_ids"]) for c in captions}
     assert max(lengths.values()) <= demo.TEXT_MAX_LENGTH, max(lengths, key=lengths.get)
+    pieces = tokenizer.convert_ids_to_tokens(tokenizer("a picture of a yellow triangle")["input_ids"])
+    assert "yellow" in pieces and "triangle" in pieces, pieces    # whole words, one token each
 
 
 @pytest.mark.slow

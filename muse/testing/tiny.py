@@ -30,8 +30,10 @@ _CORPUS = [
 ]
 
 
-def build_tokenizer(out_dir: Path, vocab_size: int = 200):
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+def build_tokenizer(out_dir: Path, vocab_size: int = 200, words: tuple[str, ...] = ()):
+    """A Unigram tokenizer trained on `_CORPUS`; each of `words` becomes one whole token (the demo
+    passes its world's colour and shape names: with 200 pieces " yellow" was 5 tokens)."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     tok = Tokenizer(models.Unigram())
@@ -45,15 +47,16 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 200):
                                                        special_tokens=[("</s>", tok.token_to_id("</s>"))])
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
                                    model_max_length=512)
+    fast.add_tokens([AddedToken(w, single_word=True) for w in words])
     fast.save_pretrained(str(out_dir))
     return fast
 
 
-def build_tiny_t5(out_dir: str | Path, seed: int = 0) -> str:
+def build_tiny_t5(out_dir: str | Path, seed: int = 0, words: tuple[str, ...] = ()) -> str:
     from transformers import T5Config, T5EncoderModel
 
     out = Path(out_dir)
-    tokenizer = build_tokenizer(out)
+    tokenizer = build_tokenizer(out, words=words)
     torch.manual_seed(seed)
     cfg = T5Config(vocab_size=len(tokenizer), d_model=TEXT_DIM, d_kv=8, d_ff=64, num_layers=2, num_heads=4,
                    relative_attention_num_buckets=8, feed_forward_proj="gated-gelu", dropout_rate=0.0,
