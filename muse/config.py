@@ -204,6 +204,8 @@ class SampleConfig(_Section):
     seed: int = 0
     out: str = "samples/sample.png"
     device: str = "auto"
+    use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
+                          "when they have them; false: the raw weights")
 
 
 class EvalConfig(_Section):
@@ -219,6 +221,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     device: str = "auto"
+    use_ema: bool = Field(True, description="the checkpoint's EMA weights when it has them; false: raw")
 
 
 class ScheduleConfig(_Section):

@@ -106,18 +106,24 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
 
 # ----------------------------------------------------------------------------- muse sample
 
-def load_checkpoint_model(storage, ref: str | None, run_name: str):
-    """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint."""
+def load_checkpoint_model(storage, ref: str | None, run_name: str, use_ema: bool = False):
+    """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint;
+    with `use_ema`, its EMA weights (model_ema.safetensors) when it has them."""
+    from safetensors.torch import load_file
+
     from muse import checkpoint
     from muse.models import load_pretrained
 
     if ref and Path(ref).is_dir() and (Path(ref) / "config.json").exists():
-        return load_pretrained(ref)
+        model = load_pretrained(ref)
+        if use_ema and (Path(ref) / checkpoint.EMA_FILE).exists():
+            model.load_state_dict(load_file(str(Path(ref) / checkpoint.EMA_FILE)))
+        return model
     rel = storage.relative(ref) if ref else checkpoint.latest(storage, run_name)
     if rel is None:
         raise FileNotFoundError(f"no checkpoint: {ref or 'latest of run ' + repr(run_name)} "
                                 f"(train first, or pass --checkpoint DIR)")
-    return checkpoint.load_model(storage, rel)
+    return checkpoint.load_model(storage, rel, ema=use_ema and checkpoint.has_ema(storage, rel))
 
 
 def png_bytes(img: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -222,7 +228,7 @@ def _parameters(cfg, storage) -> dict:
         latest = checkpoint.latest(storage, cfg.train.run_name)
         ref = storage.url(latest) if latest else None
     out = {"checkpoint": ref, "steps": s.steps, "guidance_scale": s.guidance_scale,
-           "temperature": s.temperature, "seed": s.seed}
+           "temperature": s.temperature, "seed": s.seed, "use_ema": s.use_ema}
     if s.superres_checkpoint:
         out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
     return out
@@ -258,10 +264,10 @@ def load_models(cfg, storage) -> SamplingModels:
     s, e = cfg.sample, cfg.encode
     device = resolve_device(s.device)
     # the checkpoints first: a missing one is named before T5 spends time (or the hub) loading
-    base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
+    base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     sr = None
     if s.superres_checkpoint:
-        sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
+        sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
     return SamplingModels(text, base, sr, load_decoder(e, device, superres=sr is not None))
