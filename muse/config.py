@@ -139,6 +139,8 @@ class ModelConfig(_Section):
     dropout: Optional[float] = Field(None, ge=0, lt=1)
     codebook_size: int = Field(8192, ge=2)
     text_dim: int = Field(768, ge=1, description="T5 hidden size of the encoded data")
+    low_res_depth: int = Field(2, ge=0, description="superres: self-attention layers over the embedded 16x16 "
+                               "low-res tokens before they join the cross-attention memory (0: embedding only)")
 
 
 class WandbConfig(_Section):

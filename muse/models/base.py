@@ -137,7 +137,8 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         Backward is twice the forward (input and weight gradients), except that `text_proj`'s
         input is data and gets no gradient. Attention adds, per layer, 4 x hidden x N x keys
         forward (QK^T and AV), keys = `_keys_per_query()` for self-attention and the memory
-        length for cross-attention; the text length is taken as `text_len_for_flops`.
+        length for cross-attention, plus `_memory_attention_flops()` (the super-res model's
+        low-res encoder); the text length is taken as `text_len_for_flops`.
         """
         c = self.config
         forward = input_grads = 0
@@ -147,7 +148,8 @@ class MuseTransformer(PretrainedMixin, nn.Module):
                 forward += flops
                 input_grads += 0 if name == "text_proj" else flops
         keys = self._keys_per_query() + self._memory_len()
-        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys   # its backward: 2x, both inputs
+        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys + self._memory_attention_flops()
+        # attention's backward: 2x its forward, both inputs
         return 3 * attention + forward + forward + input_grads
 
     def _linear_rows(self, name: str) -> int:
@@ -163,6 +165,10 @@ class MuseTransformer(PretrainedMixin, nn.Module):
 
     def _memory_len(self) -> int:
         return self.config.text_len_for_flops
+
+    def _memory_attention_flops(self) -> float:
+        """Forward attention FLOPs (QK^T, AV) of layers that build the memory (none here)."""
+        return 0
 
 
 def _init_weights(m: nn.Module) -> None:

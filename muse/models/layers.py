@@ -84,21 +84,25 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory); x += MLP(LN x)."""
+    """Pre-norm block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory); x += MLP(LN x).
+    With `cross_attention=False` (the super-res model's low-res encoder) there is no memory."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp: str, dropout: float,
-                 self_attn: nn.Module | None = None):
+                 self_attn: nn.Module | None = None, cross_attention: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = self_attn if self_attn is not None else SelfAttention(dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, num_heads, dropout)
+        if cross_attention:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, num_heads, dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, mlp, dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.attn(self.norm1(x))
-        x = x + self.cross(self.norm2(x), memory, memory_mask)
+        if memory is not None:
+            x = x + self.cross(self.norm2(x), memory, memory_mask)
         x = x + self.mlp(self.norm3(x))
         return x
 
