@@ -4,7 +4,8 @@ Times (1) a training step (forward + backward + AdamW) and (2) a 12-step guided 
 (cond + uncond batched), for our model and for `Reference`, a textbook pre-norm
 transformer written here with nn.Linear + F.scaled_dot_product_attention (self-attn,
 cross-attn to the text, GELU MLP). Both run in the same process, interleaved, best of
-several repeats. Also the peak memory of guided super-res sampling at batch 8 (tensors alive
+several repeats; our generation also without its memory K/V cache (recomputed every step),
+same run. Also the peak memory of guided super-res sampling at batch 8 (tensors alive
 at once, any device). The last line is the step-time ratio (goal <= 1.05).
 
     python bench/model.py            # small preset on CPU
@@ -157,6 +158,20 @@ def superres_sampling_peak(device, batch: int, codebook: int) -> float:
     return mem.peak / 2 ** 30
 
 
+def generation_flops(cached, per_step) -> float:
+    """FLOPs of one generation with the memory K/V cache / without it, as torch counts them (the
+    math attention kernel, whose matmuls the counter sees): the gain without timing noise."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counts = []
+    for run in (cached, per_step):
+        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+            run()
+        counts.append(counter.get_total_flops())
+    return counts[0] / counts[1]
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true")
@@ -198,11 +213,12 @@ def main(argv=None) -> None:
             opt.zero_grad(set_to_none=True)
         return step
 
-    def gen(model):
+    def gen(model, cache_memory=True):
         def run():
             with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
                 generate(model, hidden[:1].expand(batch, -1, -1), mask[:1].expand(batch, -1), hidden[:1, :1],
-                         mask[:1, :1], steps=12, guidance_scale=4.0, generator=torch.Generator(device).manual_seed(0))
+                         mask[:1, :1], steps=12, guidance_scale=4.0, generator=torch.Generator(device).manual_seed(0),
+                         cache_memory=cache_memory)
         return run
 
     opt_o = torch.optim.AdamW(ours.parameters(), lr=1e-4, fused=args.gpu)
@@ -216,7 +232,8 @@ def main(argv=None) -> None:
             best[k] = min(best[k], timeit(f, 0, 1, sync))
     t_ref, t_ours = best["ref"], best["ours"]
     ours.eval(), ref.eval()
-    gens = {"ref": gen(ref), "ours": gen(ours)}
+    # ours_per_step: the memory's cross-attention K/V recomputed at every step (no cache)
+    gens = {"ref": gen(ref), "ours": gen(ours), "ours_per_step": gen(ours, cache_memory=False)}
     gbest = {k: timeit(f, 1, 1, sync) for k, f in gens.items()}
     for _ in range(max(1, rep // 2)):
         for k, f in gens.items():
@@ -229,6 +246,9 @@ def main(argv=None) -> None:
     print(f"{'train step (s)':<32}{t_ours:>12.4f}{t_ref:>12.4f}{t_ours / t_ref:>8.3f}")
     print(f"{'train samples/s':<32}{batch / t_ours:>12.1f}{batch / t_ref:>12.1f}")
     print(f"{'12-step guided generation (s)':<32}{g_ours:>12.4f}{g_ref:>12.4f}{g_ours / g_ref:>8.3f}")
+    g_step = gbest["ours_per_step"]
+    print(f"memory K/V cache, 12-step guided generation: {g_step:.4f} s recomputed per step, {g_ours:.4f} s "
+          f"cached (cached / per step {g_ours / g_step:.3f}; FLOPs {generation_flops(gens['ours'], gens['ours_per_step']):.3f})")
     print(f"{'latency, 256px (tokens + VQ decode)':<36}{'batch 1':>10}{'batch 8':>10}")
     vq = vq_decoder(device, real=args.gpu)
     for steps in (12, 24):

@@ -1,7 +1,8 @@
 """Training checkpoints on the storage root (local or gs://), atomic, last K kept.
 
     checkpoints/<run>/step-00000100/model.safetensors, config.json   the model's own format
-                                    trainer.pt    optimizer, scheduler, scaler, EMA, RNG, counters
+                                    model_ema.safetensors  the EMA weights (train.ema; see muse/ema.py)
+                                    trainer.pt    optimizer, scheduler, scaler, RNG, counters
                                     loader.json   loader state of every rank + what it is valid for
                                     pipeline.yaml resolved config
     checkpoints/<run>/LATEST        "step-00000100", written after every file above
@@ -26,6 +27,7 @@ import torch
 from muse.storage import Storage
 
 MODEL_FILES = ("model.safetensors", "config.json")
+EMA_FILE = "model_ema.safetensors"  # same keys as model.safetensors: config.json + it is a model
 
 
 class CheckpointError(RuntimeError):
@@ -41,7 +43,7 @@ class TrainState:
     optimizer: dict | None = None
     scheduler: dict | None = None
     scaler: dict | None = None        # {} when the GradScaler was disabled (bf16, fp32, CPU)
-    ema: list | None = None
+    ema: list | dict | None = None    # trainer's list; as read back: {parameter name: tensor}
     rng: list = field(default_factory=list)
     loader: list = field(default_factory=list)
     fp32_fallback: bool = False       # train.nonfinite_fallback switched the run to fp32
@@ -66,10 +68,18 @@ def latest(storage: Storage, run_name: str) -> str | None:
 
 
 def save(storage: Storage, run_name: str, model, state: TrainState, config_yaml: str, keep: int) -> str:
-    """Write one checkpoint, then LATEST, then drop all but the newest `keep`."""
+    """Write one checkpoint, then LATEST, then drop all but the newest `keep`. The EMA (a list
+    in `model.parameters()` order) goes to model_ema.safetensors, not trainer.pt."""
+    from safetensors.torch import save_file
+
+    from muse import ema
+
     rel = step_dir(run_name, state.step)
+    averages, state = state.ema, dataclasses.replace(state, ema=None)
     with tempfile.TemporaryDirectory() as tmp:
         model.save_pretrained(tmp)
+        if averages is not None:
+            save_file(ema.state_dict(model, averages), str(Path(tmp) / EMA_FILE))
         for name in sorted(p.name for p in Path(tmp).iterdir()):
             storage.upload_file(Path(tmp) / name, f"{rel}/{name}")
     trainer = dataclasses.asdict(state)
@@ -108,26 +118,35 @@ def resolve(storage: Storage, run_name: str, resume: str) -> str | None:
     return rel
 
 
-def download_model(storage: Storage, rel: str, local_dir: str | Path) -> Path:
+def has_ema(storage: Storage, rel: str) -> bool:
+    return storage.exists(f"{rel}/{EMA_FILE}")
+
+
+def download_model(storage: Storage, rel: str, local_dir: str | Path, ema: bool = False) -> Path:
+    """config.json + the weights into `local_dir`; with `ema`, model_ema.safetensors is the one
+    copied as model.safetensors (the checkpoint must have it)."""
     local_dir = Path(local_dir)
     local_dir.mkdir(parents=True, exist_ok=True)
     for name in MODEL_FILES:
-        if not storage.exists(f"{rel}/{name}"):
-            raise FileNotFoundError(f"{storage.url(rel)}/{name} missing: not a complete checkpoint")
-        (local_dir / name).write_bytes(storage.read_bytes(f"{rel}/{name}"))
+        src = EMA_FILE if ema and name == "model.safetensors" else name
+        if not storage.exists(f"{rel}/{src}"):
+            raise FileNotFoundError(f"{storage.url(rel)}/{src} missing: not a complete checkpoint")
+        (local_dir / name).write_bytes(storage.read_bytes(f"{rel}/{src}"))
     return local_dir
 
 
-def load_model(storage: Storage, rel: str):
-    """The model saved in checkpoint `rel` (relative to the root), via its own from_pretrained.
-    Any failure is a CheckpointError naming the checkpoint (the files are read from a temp dir)."""
+def load_model(storage: Storage, rel: str, ema: bool = False):
+    """The model saved in checkpoint `rel` (relative to the root), via its own from_pretrained;
+    with `ema`, its EMA weights. Any failure is a CheckpointError naming the checkpoint (the
+    files are read from a temp dir)."""
     from muse.models import load_pretrained
 
+    weights = EMA_FILE if ema else "model.safetensors"
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return load_pretrained(str(download_model(storage, rel, tmp)))
+            return load_pretrained(str(download_model(storage, rel, tmp, ema=ema)))
     except Exception as e:
-        raise _unreadable(storage, rel, "model.safetensors/config.json", e) from e
+        raise _unreadable(storage, rel, f"{weights}/config.json", e) from e
 
 
 def load_state(storage: Storage, rel: str) -> TrainState:
@@ -137,8 +156,12 @@ def load_state(storage: Storage, rel: str) -> TrainState:
                              weights_only=True)
         loader_json = storage.read_json(f"{rel}/loader.json")
         loader, fingerprint = loader_json["ranks"], loader_json.get("fingerprint")  # None: written before it
+        if has_ema(storage, rel):  # older checkpoints kept the EMA list in trainer.pt
+            from safetensors.torch import load as load_safetensors
+
+            trainer["ema"] = load_safetensors(storage.read_bytes(f"{rel}/{EMA_FILE}"))
     except Exception as e:
-        raise _unreadable(storage, rel, "trainer.pt/loader.json", e) from e
+        raise _unreadable(storage, rel, "trainer.pt/loader.json/model_ema.safetensors", e) from e
     known = {f.name for f in dataclasses.fields(TrainState)}
     known -= {"loader", "fingerprint"}
     return TrainState(**{k: v for k, v in trainer.items() if k in known}, loader=loader, fingerprint=fingerprint)

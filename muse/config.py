@@ -145,6 +145,8 @@ class ModelConfig(_Section):
     dropout: Optional[float] = Field(None, ge=0, lt=1)
     codebook_size: int = Field(8192, ge=2)
     text_dim: int = Field(768, ge=1, description="T5 hidden size of the encoded data")
+    low_res_depth: int = Field(2, ge=0, description="superres: self-attention layers over the embedded 16x16 "
+                               "low-res tokens before they join the cross-attention memory (0: embedding only)")
 
 
 class WandbConfig(_Section):
@@ -218,6 +220,8 @@ class SampleConfig(_Section):
     seed: int = 0
     out: str = "samples/sample.png"
     device: str = "auto"
+    use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
+                          "when they have them; false: the raw weights")
 
 
 class EvalConfig(_Section):
@@ -233,6 +237,7 @@ class EvalConfig(_Section):
     batch_size: int = Field(16, ge=1)
     seed: int = 0
     device: str = "auto"
+    use_ema: bool = Field(True, description="the checkpoint's EMA weights when it has them; false: raw")
 
 
 class ScheduleConfig(_Section):

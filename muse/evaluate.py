@@ -278,7 +278,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     device = torch.device(device) if device is not None else resolve_device(e.device)
     max_samples = max_samples or e.max_samples
     if model is None:
-        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step)
+        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step, e.use_ema)
     else:
         where = "in-training weights"
     was_training = model.training
@@ -317,10 +317,11 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     return result
 
 
-def _load_checkpoint(storage: Storage, checkpoint_ref: str | None, run: str, step: int | None):
+def _load_checkpoint(storage: Storage, checkpoint_ref: str | None, run: str, step: int | None,
+                     use_ema: bool):
     """-> (model, step, where): `where` is the checkpoint's URL, recorded with the results."""
     where = checkpoint_ref or checkpoint.latest(storage, run)
-    model = load_checkpoint_model(storage, checkpoint_ref, run)  # says "no checkpoint" when there is none
+    model = load_checkpoint_model(storage, checkpoint_ref, run, use_ema)  # says "no checkpoint" when there is none
     step = _step_of(where) if step is None else step
     rel = storage.relative(where)
     return model, step, (storage.url(rel) if rel is not None else where)

@@ -8,7 +8,8 @@ linearly to zero; the least confident are re-masked by rank, ties broken at rand
 temperature 0 a model equally sure everywhere still follows the schedule). Only masked
 positions are sampled and scored, so no (batch, tokens, vocab) tensor is made besides the
 model's logits. Classifier-free guidance runs the conditional and unconditional
-inputs in ONE batched forward. Every random draw comes from the given generator, so a
+inputs in ONE batched forward. The conditioning memory never changes while decoding, so its
+cross-attention keys/values (and the super-res low-res encoder) run once per call. Every random draw comes from the given generator, so a
 seed reproduces an image exactly.
 
 `run_sample(cfg)` is `muse sample`: T5 -> base -> optional super-res -> VQ decode -> PNG.
@@ -34,20 +35,31 @@ def _gumbel(shape, generator, device) -> torch.Tensor:
     return -torch.log(-torch.log(u))  # -log(u) > 0 for u in (0, 1)
 
 
-def _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask, guidance_scale, low_res_ids,
-                   masked) -> torch.Tensor:
-    """fp32 logits (M, V) at the M masked positions only: decided tokens are never resampled, so
-    their rows would be memory for nothing. The guided mix runs in place on the model's output,
-    which nothing else holds, so no second (B, N, V) tensor is made."""
-    if uncond_hidden is None or guidance_scale == 1.0:
-        return model(ids, hidden, attn_mask, low_res_ids)[masked].float()
-    B = ids.shape[0]
+def _conditioning(hidden, attn_mask, uncond_hidden, uncond_mask, low_res_ids, guided: bool) -> tuple:
+    """The model's conditioning inputs (hidden, mask, low_res_ids), the same at every step: with
+    guidance the conditional and unconditional ones stacked (2B), for ONE batched forward."""
+    if not guided:
+        return hidden, attn_mask, low_res_ids
+    B = hidden.shape[0]
     L = max(hidden.shape[1], uncond_hidden.shape[1])
     h = torch.cat([pad_to(hidden, L, 1), pad_to(uncond_hidden.expand(B, -1, -1), L, 1)])
     m = torch.cat([pad_to(attn_mask.bool(), L, 1), pad_to(uncond_mask.bool().expand(B, -1), L, 1)])
     low = None if low_res_ids is None else torch.cat([low_res_ids, low_res_ids])
-    cond, uncond = model(torch.cat([ids, ids]), h, m, low).float().chunk(2)    # one batched forward
-    return cond.sub_(uncond).mul_(guidance_scale).add_(uncond)[masked]         # uncond + s (cond - uncond)
+    return h, m, low
+
+
+def _guided_logits(model, ids, cond: tuple, cache, guidance_scale, masked) -> torch.Tensor:
+    """fp32 logits (M, V) at the M masked positions only: decided tokens are never resampled, so
+    their rows would be memory for nothing. The guided mix runs in place on the model's output,
+    which nothing else holds, so no second (B, N, V) tensor is made. `cache`: the model's
+    memory_cache of `cond` (None: the model computes it from `cond`)."""
+    guided = cond[0].shape[0] != ids.shape[0]
+    x = torch.cat([ids, ids]) if guided else ids
+    out = model(x, memory_cache=cache) if cache is not None else model(x, *cond)
+    if not guided:
+        return out[masked].float()
+    cond_logits, uncond = out.float().chunk(2)
+    return cond_logits.sub_(uncond).mul_(guidance_scale).add_(uncond)[masked]  # uncond + s (cond - uncond)
 
 
 def _sample_rows(logits: torch.Tensor, generator) -> tuple[torch.Tensor, torch.Tensor]:
@@ -76,18 +88,24 @@ def _remask_by_rank(conf: torch.Tensor, n_mask: torch.Tensor, generator) -> torc
 def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden: torch.Tensor | None = None,
              uncond_mask: torch.Tensor | None = None, steps: int = 24, guidance_scale: float = 4.0,
              temperature: float = 1.0, generator: torch.Generator | None = None,
-             low_res_ids: torch.Tensor | None = None) -> torch.Tensor:
-    """-> token ids (B, grid*grid). hidden (B, L, D), attn_mask (B, L) bool; uncond_* (1, Lu, D), (1, Lu)."""
+             low_res_ids: torch.Tensor | None = None, cache_memory: bool = True) -> torch.Tensor:
+    """-> token ids (B, grid*grid). hidden (B, L, D), attn_mask (B, L) bool; uncond_* (1, Lu, D), (1, Lu).
+
+    `cache_memory`: the memory (projected text, the super-res model's low-res encoder) and its
+    cross-attention keys/values are computed once, not at every step (a model without
+    `memory_cache`, e.g. bench/model.py's reference, recomputes them)."""
     c = model.config
     B, N, device = hidden.shape[0], c.grid_size * c.grid_size, hidden.device
     ids = torch.full((B, N), c.mask_token_id, dtype=torch.long, device=device)
-    if uncond_hidden is not None:
+    guided = uncond_hidden is not None and guidance_scale != 1.0
+    if guided:
         uncond_hidden = uncond_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
         uncond_mask = uncond_mask.reshape(1, -1)
+    cond = _conditioning(hidden, attn_mask, uncond_hidden, uncond_mask, low_res_ids, guided)
+    cache = model.memory_cache(*cond) if cache_memory and hasattr(model, "memory_cache") else None
     for step in range(steps):
         masked = ids == c.mask_token_id                                            # (B, N)
-        logits = _guided_logits(model, ids, hidden, attn_mask, uncond_hidden, uncond_mask,
-                                guidance_scale, low_res_ids, masked)              # (M, V)
+        logits = _guided_logits(model, ids, cond, cache, guidance_scale, masked)   # (M, V)
         sampled, logp = _sample_rows(logits, generator)                           # (M,), (M,)
         del logits                                                                 # before the next forward
         ratio = (step + 1) / steps
@@ -106,18 +124,24 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
 
 # ----------------------------------------------------------------------------- muse sample
 
-def load_checkpoint_model(storage, ref: str | None, run_name: str):
-    """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint."""
+def load_checkpoint_model(storage, ref: str | None, run_name: str, use_ema: bool = False):
+    """A model from a local folder, a path/URL under the storage root, or the run's latest checkpoint;
+    with `use_ema`, its EMA weights (model_ema.safetensors) when it has them."""
+    from safetensors.torch import load_file
+
     from muse import checkpoint
     from muse.models import load_pretrained
 
     if ref and Path(ref).is_dir() and (Path(ref) / "config.json").exists():
-        return load_pretrained(ref)
+        model = load_pretrained(ref)
+        if use_ema and (Path(ref) / checkpoint.EMA_FILE).exists():
+            model.load_state_dict(load_file(str(Path(ref) / checkpoint.EMA_FILE)))
+        return model
     rel = storage.relative(ref) if ref else checkpoint.latest(storage, run_name)
     if rel is None:
         raise FileNotFoundError(f"no checkpoint: {ref or 'latest of run ' + repr(run_name)} "
                                 f"(train first, or pass --checkpoint DIR)")
-    return checkpoint.load_model(storage, rel)
+    return checkpoint.load_model(storage, rel, ema=use_ema and checkpoint.has_ema(storage, rel))
 
 
 def png_bytes(img: np.ndarray, text: dict[str, str] | None = None) -> bytes:
@@ -222,7 +246,7 @@ def _parameters(cfg, storage) -> dict:
         latest = checkpoint.latest(storage, cfg.train.run_name)
         ref = storage.url(latest) if latest else None
     out = {"checkpoint": ref, "steps": s.steps, "guidance_scale": s.guidance_scale,
-           "temperature": s.temperature, "seed": s.seed}
+           "temperature": s.temperature, "seed": s.seed, "use_ema": s.use_ema}
     if s.superres_checkpoint:
         out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
     return out
@@ -258,10 +282,10 @@ def load_models(cfg, storage) -> SamplingModels:
     s, e = cfg.sample, cfg.encode
     device = resolve_device(s.device)
     # the checkpoints first: a missing one is named before T5 spends time (or the hub) loading
-    base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name).to(device).eval()
+    base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     sr = None
     if s.superres_checkpoint:
-        sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name).to(device).eval()
+        sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
                                        device=str(device))
     return SamplingModels(text, base, sr, load_decoder(e, device, superres=sr is not None))

@@ -34,7 +34,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from muse import checkpoint, tracking
+from muse import checkpoint, ema, tracking
 from muse.checkpoint import CheckpointError, TrainState
 from muse.config import ConfigError, PipelineConfig, load_config
 from muse.data import (DataError, StreamingDataset, fingerprint_changes, loader_fingerprint, verify_shards,
@@ -308,7 +308,7 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int =
     optimizer, scheduler = build_optimizer(cfg, raw_model, total_steps, fused=d.cuda)
     return Job(cfg, d, raw_model, model, optimizer, scheduler,
                torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype,
-               [p.detach().clone() for p in raw_model.parameters()] if t.ema else None,
+               ema.init(raw_model) if t.ema else None,
                torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank),
                empty_caption(manifest).to(d.device), total_steps, global_batch, batches_per_epoch)
 
@@ -340,7 +340,7 @@ def resume(job: Job, storage: Storage, which: str) -> tuple[TrainState, str | No
     if job.scaler.is_enabled() and st.scaler:
         job.scaler.load_state_dict(st.scaler)
     if job.ema is not None and st.ema is not None:
-        job.ema = [e.to(job.d.device) for e in st.ema]
+        job.ema = ema.from_state_dict(job.raw_model, st.ema, job.d.device)
     job.d.log(f"resumed from {storage.url(rel)} at step {st.step}")
     return st, rel
 
@@ -455,7 +455,7 @@ def optimizer_step(job: Job, st: TrainState, loss_sum: torch.Tensor) -> tuple[fl
         job.scaler.step(job.optimizer)
         job.nonfinite_run = 0
         if job.ema is not None:
-            torch._foreach_lerp_(job.ema, [p.detach() for p in job.raw_model.parameters()], 1 - t.ema_decay)
+            ema.update(job.ema, job.raw_model, t.ema_decay)
     else:
         st.skipped += 1
         job.nonfinite_run += 1

@@ -61,6 +61,29 @@ def test_superres_uses_low_res_tokens():
         m(ids, hidden, mask, None)
 
 
+def test_superres_memory_is_text_then_the_low_res_encoder_output():
+    """Paper section 2.3 / Fig. 4: the low-res tokens pass through self-attention layers (depth
+    `model.low_res_depth`) before they are concatenated with the text as the cross-attention
+    memory. On main they were only embedded: one changed low-res id changed one memory row."""
+    m = tiny("superres", low_res_depth=3).eval()
+    assert len(m.low_res_layers) == m.config.low_res_depth == 3
+    assert all(not hasattr(layer, "cross") for layer in m.low_res_layers)  # self-attention + MLP only
+    ids, hidden, mask, low = batch(m, L=5)
+    low2 = low.clone()
+    low2[:, 7] = (low2[:, 7] + 1) % 64
+    with torch.no_grad():
+        mem, mem_mask = m.memory(hidden, mask, low)
+        mem2, _ = m.memory(hidden, mask, low2)
+    assert mem.shape == (3, 5 + 256, 32) and mem_mask.shape == (3, 5 + 256) and mem_mask[:, 5:].all()
+    assert torch.equal(mem[:, :5], m.text_norm(m.text_proj(hidden)))         # text first, untouched
+    changed = (mem2[:, 5:] - mem[:, 5:]).abs().amax(-1) > 1e-6                 # (B, 256)
+    assert changed.all(), changed.sum(1)        # self-attention spreads one token's change to all
+    flat = tiny("superres", low_res_depth=0).eval()                            # 0: embedding only
+    with torch.no_grad():
+        d = (flat.memory(hidden, mask, low2)[0] - flat.memory(hidden, mask, low)[0])[:, 5:].abs().amax(-1)
+    assert (d > 1e-6).sum(1).tolist() == [1, 1, 1]
+
+
 def reference_multi_axis(attn: MultiAxisAttention, x: torch.Tensor) -> torch.Tensor:
     """Full attention over all N tokens with per-head boolean masks: same patch / same in-patch position."""
     B, N, C = x.shape
@@ -114,6 +137,7 @@ def test_save_load_round_trip_exact(tmp_path, kind):
 
 
 def test_presets_and_overrides():
+    assert model_config(ModelConfig(kind="superres", low_res_depth=5)).low_res_depth == 5
     cfg = model_config(ModelConfig(preset="small", depth=3, mlp="geglu"))
     assert cfg.depth == 3 and cfg.hidden_size == MODEL_PRESETS["small"]["hidden_size"] and cfg.mlp == "geglu"
     with torch.device("meta"):

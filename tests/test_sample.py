@@ -161,3 +161,30 @@ def test_row_sampler_follows_the_distribution_and_reports_exact_log_probs():
     freq = torch.bincount(ids, minlength=5).float() / len(ids)
     assert torch.allclose(freq, p, atol=0.01) and freq[1] == 0           # never a zero-probability token
     assert torch.allclose(logp, p.log()[ids], atol=1e-6)
+
+
+def test_memory_keys_and_values_are_computed_once_per_call_and_change_nothing():
+    """Issue 13: the memory (text, plus the super-res low-res encoder) never changes while
+    decoding; its cross-attention K/V are computed once per `generate` call, not once per step
+    (on main: every step), with bit-identical logits and samples."""
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="superres", preset="tiny", codebook_size=16, text_dim=8,
+                                    depth=1, low_res_depth=1)).eval()
+    g = torch.Generator().manual_seed(0)
+    hidden, mask = torch.randn(2, 4, 8, generator=g), torch.ones(2, 4, dtype=torch.bool)
+    mask[1, 2:] = False
+    low = torch.randint(0, 16, (2, 256), generator=g)
+    ids = torch.randint(0, 17, (2, 4096), generator=g)
+    with torch.no_grad():
+        cache = model.memory_cache(hidden, mask, low)
+        assert torch.equal(model(ids, memory_cache=cache), model(ids, hidden, mask, low))
+    unc, unc_mask = torch.randn(1, 3, 8, generator=g), torch.ones(1, 3, dtype=torch.bool)
+    memory_calls = []
+    memory = model.memory
+    model.memory = lambda *a: memory_calls.append(a[0].shape[0]) or memory(*a)  # counts, then the real one
+    run = lambda cached: generate(model, hidden, mask, unc, unc_mask, steps=3, guidance_scale=3.0,
+                                  generator=torch.Generator().manual_seed(1), low_res_ids=low, cache_memory=cached)
+    cached = run(True)
+    assert memory_calls == [4]                       # once, for cond + uncond stacked
+    memory_calls.clear()
+    assert torch.equal(run(False), cached) and memory_calls == [4, 4, 4]

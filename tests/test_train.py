@@ -188,5 +188,6 @@ def test_superres_with_ema_and_downweight_trains_and_saves(tmp_path):
     state = checkpoint.load_state(storage, rel)
     params = list(checkpoint.load_model(storage, rel).parameters())
     assert state.step == 2 and len(state.loader) == 1
-    assert [e.shape for e in state.ema] == [p.shape for p in params]
-    assert any(not torch.equal(e, p) for e, p in zip(state.ema, params))  # an average, not a copy
+    averages = [state.ema[n] for n, _ in checkpoint.load_model(storage, rel).named_parameters()]  # model_ema
+    assert [e.shape for e in averages] == [p.shape for p in params]
+    assert any(not torch.equal(e, p) for e, p in zip(averages, params))  # an average, not a copy

@@ -92,8 +92,9 @@ def test_unreadable_checkpoint_is_named(tmp_path, capsys):
 @pytest.mark.slow  # torchrun jobs
 def test_resume_is_exact_with_dropout(tmp_path):
     """The global RNG (dropout) continues where it was: on main the loader's base-seed draw after
-    restoring it shifted the stream and the weights drifted."""
-    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=8, lr_schedule="constant")
+    restoring it shifted the stream and the weights drifted. The EMA resumes exactly too."""
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=8, lr_schedule="constant", ema=True,
+                         ema_decay=0.9)
     text = config.read_text().replace("model:\n", "model:\n  dropout: 0.2\n")
     config.write_text(text)
     make_data(config)
@@ -106,6 +107,9 @@ def test_resume_is_exact_with_dropout(tmp_path):
     ref, got = (checkpoint.latest(storage, r) for r in ("ref", "split"))
     assert ref.endswith("step-00000008") and got.endswith("step-00000008")
     a, b = checkpoint.load_model(storage, ref).state_dict(), checkpoint.load_model(storage, got).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # the EMA too (model_ema.safetensors, issue 13): it is read back on resume, not restarted
+    a, b = (checkpoint.load_model(storage, r, ema=True).state_dict() for r in (ref, got))
     assert all(torch.equal(a[k], b[k]) for k in a)
     sa, sb = checkpoint.load_state(storage, ref), checkpoint.load_state(storage, got)
     assert torch.equal(sa.rng[0]["torch"], sb.rng[0]["torch"])

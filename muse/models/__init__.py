@@ -26,8 +26,9 @@ def model_config(model_cfg) -> MuseConfig:
         if v is not None:
             values[key] = v
     values.update(codebook_size=model_cfg.codebook_size, text_dim=model_cfg.text_dim)
-    cls = MuseSuperResConfig if model_cfg.kind == "superres" else MuseConfig
-    return cls(**values)
+    if model_cfg.kind == "superres":
+        return MuseSuperResConfig(**values, low_res_depth=model_cfg.low_res_depth)
+    return MuseConfig(**values)
 
 
 def build_model(model_cfg):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -63,6 +64,12 @@ class MuseConfig:
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
         return cls(**d)
+
+
+class MemoryCache(NamedTuple):
+    """The conditioning as the blocks use it (`MuseTransformer.memory_cache`)."""
+    mask: torch.Tensor                                  # (B, L) bool, True = real memory token
+    kv: list[tuple[torch.Tensor, torch.Tensor]]         # per block: keys, values (B, H, L, Dh)
 
 
 class PretrainedMixin:
@@ -120,12 +127,23 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         """The cross-attention memory and its mask: here the projected text only."""
         return self.text_norm(self.text_proj(encoder_hidden_states)), encoder_attention_mask.bool()
 
-    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor,
-                encoder_attention_mask: torch.Tensor, low_res_ids: torch.Tensor | None = None) -> torch.Tensor:
+    def memory_cache(self, encoder_hidden_states, encoder_attention_mask, low_res_ids=None) -> MemoryCache:
+        """All the blocks take from the conditioning: the memory's mask and every block's
+        cross-attention keys/values. None of it depends on the image tokens, so `generate`
+        computes it once per call instead of once per decoding step."""
+        memory, mask = self.memory(encoder_hidden_states, encoder_attention_mask, low_res_ids)
+        return MemoryCache(mask, [block.cross.project_memory(memory) for block in self.blocks])
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
+                encoder_attention_mask: torch.Tensor | None = None, low_res_ids: torch.Tensor | None = None,
+                memory_cache: MemoryCache | None = None) -> torch.Tensor:
+        """`memory_cache`: `self.memory_cache(...)` of the conditioning, computed before; the
+        conditioning arguments are then unused. Training computes it here: one code path."""
         x = self.tok_emb(input_ids) + self.pos_emb()                          # (B, N, C)
-        memory, memory_mask = self.memory(encoder_hidden_states, encoder_attention_mask, low_res_ids)
-        for block in self.blocks:
-            x = block(x, memory, memory_mask)
+        if memory_cache is None:
+            memory_cache = self.memory_cache(encoder_hidden_states, encoder_attention_mask, low_res_ids)
+        for block, kv in zip(self.blocks, memory_cache.kv):
+            x = block(x, None, memory_cache.mask, kv)
         return self.head(self.norm_out(x))                                     # (B, N, codebook)
 
     def num_flops_per_sample(self) -> float:
@@ -137,7 +155,8 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         Backward is twice the forward (input and weight gradients), except that `text_proj`'s
         input is data and gets no gradient. Attention adds, per layer, 4 x hidden x N x keys
         forward (QK^T and AV), keys = `_keys_per_query()` for self-attention and the memory
-        length for cross-attention; the text length is taken as `text_len_for_flops`.
+        length for cross-attention, plus `_memory_attention_flops()` (the super-res model's
+        low-res encoder); the text length is taken as `text_len_for_flops`.
         """
         c = self.config
         forward = input_grads = 0
@@ -147,7 +166,8 @@ class MuseTransformer(PretrainedMixin, nn.Module):
                 forward += flops
                 input_grads += 0 if name == "text_proj" else flops
         keys = self._keys_per_query() + self._memory_len()
-        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys   # its backward: 2x, both inputs
+        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys + self._memory_attention_flops()
+        # attention's backward: 2x its forward, both inputs
         return 3 * attention + forward + forward + input_grads
 
     def _linear_rows(self, name: str) -> int:
@@ -163,6 +183,10 @@ class MuseTransformer(PretrainedMixin, nn.Module):
 
     def _memory_len(self) -> int:
         return self.config.text_len_for_flops
+
+    def _memory_attention_flops(self) -> float:
+        """Forward attention FLOPs (QK^T, AV) of layers that build the memory (none here)."""
+        return 0
 
 
 def _init_weights(m: nn.Module) -> None:

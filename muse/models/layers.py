@@ -54,11 +54,19 @@ class CrossAttention(nn.Module):
         self.proj = nn.Linear(dim, dim, bias=False)
         self.dropout = dropout
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
-        B, N, C = x.shape
-        L = memory.shape[1]
-        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)             # (B, H, N, Dh)
+    def project_memory(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The memory's keys and values (B, H, L, Dh): they do not depend on the image tokens, so a
+        sampler computes them once per call (`MuseTransformer.memory_cache`)."""
+        B, L, _ = memory.shape
         k, v = self.kv(memory).view(B, L, 2, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor,
+                kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        """`kv`: this layer's `project_memory(memory)`, computed before (then `memory` is unused)."""
+        B, N, C = x.shape
+        q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)             # (B, H, N, Dh)
+        k, v = kv if kv is not None else self.project_memory(memory)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_to_sdpa(memory_mask),
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
@@ -84,21 +92,26 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory); x += MLP(LN x)."""
+    """Pre-norm block: x += SelfAttn(LN x); x += CrossAttn(LN x, memory); x += MLP(LN x).
+    With `cross_attention=False` (the super-res model's low-res encoder) there is no memory."""
 
     def __init__(self, dim: int, num_heads: int, mlp_ratio: float, mlp: str, dropout: float,
-                 self_attn: nn.Module | None = None):
+                 self_attn: nn.Module | None = None, cross_attention: bool = True):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
         self.attn = self_attn if self_attn is not None else SelfAttention(dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(dim)
-        self.cross = CrossAttention(dim, num_heads, dropout)
+        if cross_attention:
+            self.norm2 = nn.LayerNorm(dim)
+            self.cross = CrossAttention(dim, num_heads, dropout)
         self.norm3 = nn.LayerNorm(dim)
         self.mlp = MLP(dim, mlp_ratio, mlp, dropout)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None,
+                memory_mask: torch.Tensor | None = None, kv: tuple | None = None) -> torch.Tensor:
+        """`kv`: the cross-attention's keys and values of the memory, computed before."""
         x = x + self.attn(self.norm1(x))
-        x = x + self.cross(self.norm2(x), memory, memory_mask)
+        if memory is not None or kv is not None:
+            x = x + self.cross(self.norm2(x), memory, memory_mask, kv)
         x = x + self.mlp(self.norm3(x))
         return x
 

@@ -1,7 +1,9 @@
 """Muse super-resolution transformer: 64x64 tokens (512px) conditioned on text + 16x16 tokens.
 
-The low-resolution ids are embedded (with their own 2-D positions), flattened and
-concatenated with the projected text to form the cross-attention memory.
+The low-resolution ids are embedded (with their own 2-D positions) and pass through
+`low_res_depth` self-attention layers (the paper's low-res transformer, section 2.3 / Fig. 4);
+their output, normalised, is concatenated with the projected text to form the high-res
+transformer's cross-attention memory (text first, then the 16x16 tokens row-major).
 
 Self-attention over 4096 tokens is multi-axis (MaxViT-style): the grid is cut into
 patches of `patch_size` x `patch_size`; half of the heads attend within each patch
@@ -19,8 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from muse.config import ModelConfig
 from muse.models.base import MuseConfig, MuseTransformer
-from muse.models.layers import Grid2DPositions
+from muse.models.layers import Block, Grid2DPositions
 
 
 @dataclass
@@ -29,6 +32,7 @@ class MuseSuperResConfig(MuseConfig):
     grid_size: int = 64
     low_res_grid_size: int = 16
     patch_size: int = 8
+    low_res_depth: int = ModelConfig.model_fields["low_res_depth"].default
 
     def validate(self) -> None:
         super().validate()
@@ -76,9 +80,12 @@ class MuseSuperRes(MuseTransformer):
     config_class = MuseSuperResConfig
 
     def _add_memory_modules(self, c: MuseSuperResConfig) -> None:
-        """The low-resolution ids, embedded with their own 2-D positions, join the text memory."""
+        """The low-res encoder: the low-resolution ids, embedded with their own 2-D positions,
+        through `low_res_depth` pre-norm self-attention + MLP layers; its output joins the text memory."""
         self.low_res_emb = nn.Embedding(c.codebook_size, c.hidden_size)
         self.low_res_pos = Grid2DPositions(c.low_res_grid_size, c.hidden_size)
+        self.low_res_layers = nn.ModuleList(Block(c.hidden_size, c.num_heads, c.mlp_ratio, c.mlp, c.dropout,
+                                                  cross_attention=False) for _ in range(c.low_res_depth))
         self.low_res_norm = nn.LayerNorm(c.hidden_size)
 
     def _self_attention(self, c: MuseSuperResConfig) -> nn.Module:
@@ -88,7 +95,10 @@ class MuseSuperRes(MuseTransformer):
         if low_res_ids is None:
             raise ValueError("the super-resolution model needs low_res_ids (B, 256)")
         text = self.text_norm(self.text_proj(encoder_hidden_states))            # (B, L, C)
-        low = self.low_res_norm(self.low_res_emb(low_res_ids) + self.low_res_pos())  # (B, 256, C)
+        low = self.low_res_emb(low_res_ids) + self.low_res_pos()               # (B, 256, C)
+        for layer in self.low_res_layers:
+            low = layer(low)
+        low = self.low_res_norm(low)
         mask = torch.cat([encoder_attention_mask.bool(),
                           torch.ones(low.shape[:2], dtype=torch.bool, device=low.device)], dim=1)
         return torch.cat([text, low], dim=1), mask
@@ -99,3 +109,12 @@ class MuseSuperRes(MuseTransformer):
 
     def _memory_len(self) -> int:
         return self.config.text_len_for_flops + self.config.low_res_grid_size ** 2
+
+    def _linear_rows(self, name: str) -> int:
+        if name.startswith("low_res_layers."):  # the low-res encoder runs over the 16x16 tokens
+            return self.config.low_res_grid_size ** 2
+        return super()._linear_rows(name)
+
+    def _memory_attention_flops(self) -> float:
+        c = self.config  # full self-attention among the low-res tokens, QK^T and AV
+        return 4 * c.low_res_depth * c.hidden_size * c.low_res_grid_size ** 4
