@@ -182,3 +182,16 @@ def test_flops_per_sample_match_the_flop_counter(kind):
         m(ids, hidden, mask, low).sum().backward()
     counted = counter.get_total_flops() / 2
     assert abs(m.num_flops_per_sample() / counted - 1) < 0.02, (m.num_flops_per_sample(), counted)
+
+
+def test_superres_saved_before_the_low_res_encoder_still_loads(tmp_path):
+    """A config.json without `low_res_depth` (written before the encoder existed) is depth 0."""
+    import json
+
+    old = tiny("superres", low_res_depth=0).eval()
+    old.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["low_res_depth"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    loaded = load_pretrained(tmp_path / "m")
+    assert loaded.config.low_res_depth == 0 and len(loaded.low_res_layers) == 0
