@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.limits import submit_bounded
 from muse.download import download_part, finalize_download, plan_download, summary_rows
 
 
@@ -32,14 +33,16 @@ def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     overrides = list(overrides or [])
     parts = plan_task(config_path, overrides)
     progress = create_progress_artifact(0.0, key="download-progress", description="source files downloaded")
-    futures = [download_part_task.submit(config_path, overrides, p) for p in parts]
+    limit = cfg_from(config_path, overrides).download.max_parallel_parts
+    futures = submit_bounded(download_part_task, ({"config_path": config_path, "overrides": overrides,
+                                                   "part": p} for p in parts), limit)
     failed = []
     for i, fut in enumerate(futures):
         try:
             fut.result()
         except Exception as exc:  # noqa: BLE001 - the others go on; reported below
             failed.append(f"{parts[i].source}: {exc}")
-        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
+        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(parts), 1))
     summary = finalize_task(config_path, overrides)
     stats_table("download-stats", summary_rows(summary), "rows in, filtered before download, succeeded and replaced, by reason")
     if failed:

@@ -6,6 +6,7 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.limits import encode_parallelism, submit_bounded
 from muse.encode import encode_shard, finalize_manifest, plan_encode
 
 
@@ -33,16 +34,18 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
     overrides = list(overrides or [])
     shards = plan_task(config_path, overrides)
     progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
-    futures = {sid: encode_shard_task.submit(config_path, overrides, sid) for sid in shards}
+    limit = encode_parallelism(cfg_from(config_path, overrides))
+    futures = submit_bounded(encode_shard_task, ({"config_path": config_path, "overrides": overrides,
+                                                  "shard_id": sid} for sid in shards), limit)
     failed, rows = {}, []
-    for i, (sid, fut) in enumerate(futures.items()):
+    for i, (sid, fut) in enumerate(zip(shards, futures)):
         try:
             rec = fut.result()
             rows.append({"shard": f"{sid:05d}", "rows": rec["rows"], "replaced": rec.get("replaced", 0),
                          "bytes": rec["bytes"]})
         except Exception as exc:  # noqa: BLE001 - the others complete; reported below
             failed[sid] = str(exc)
-        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
+        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(shards), 1))
     summary = manifest_task(config_path, overrides)
     stats_table("encode-stats", rows + [{"shard": "total", "rows": summary["rows"], "replaced": summary["replaced"],
                                          "bytes": ""}], f"dataset version {summary['version']}")

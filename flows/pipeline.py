@@ -7,6 +7,7 @@ from prefect import flow, task
 from flows.common import cfg_from
 from flows.download import download_flow
 from flows.encode import encode_flow
+from flows.limits import root_lease
 from flows.train import report_task, train_flow
 
 
@@ -22,12 +23,13 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
                   train_on: str = "local", resume: str = "latest") -> dict:
     """The whole pipeline. `train_on="deployment"` hands training to the `train` deployment (GPU pool)."""
     overrides = list(overrides or [])
-    cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
-    downloaded = download_flow(config_path, overrides)
-    encoded = encode_flow(config_path, overrides)
-    checkpoint = train_flow(config_path, overrides, resume=resume, target=train_on)
-    samples = sample_task(config_path, overrides)
-    report_task(config_path, overrides, samples)
+    cfg = cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
+    with root_lease(cfg):  # one pipeline / data-refresh per storage root at a time
+        downloaded = download_flow(config_path, overrides)
+        encoded = encode_flow(config_path, overrides)
+        checkpoint = train_flow(config_path, overrides, resume=resume, target=train_on)
+        samples = sample_task(config_path, overrides)
+        report_task(config_path, overrides, samples)
     out = {**row_counts(downloaded), "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],
            "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
     print(f"pipeline done: {out}")
@@ -38,8 +40,9 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
 def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
     """Download + encode only what is new: unchanged source files and finished shards are skipped."""
     overrides = list(overrides or [])
-    downloaded = download_flow(config_path, overrides)
-    encoded = encode_flow(config_path, overrides)
+    with root_lease(cfg_from(config_path, overrides)):  # waits while a pipeline holds this root
+        downloaded = download_flow(config_path, overrides)
+        encoded = encode_flow(config_path, overrides)
     return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
 
 

@@ -88,6 +88,8 @@ class DownloadConfig(_Section):
     # (reason too_small / aspect_ratio), unlike source.filters, which skip rows before fetching.
     min_image_size: int = Field(0, ge=0, description="min(width, height) of the downloaded image")
     max_aspect_ratio: Optional[float] = Field(None, ge=1, description="max(w,h)/min(w,h); null: no limit")
+    max_parallel_parts: int = Field(1, ge=1, description="source files downloaded at once by the flow "
+                                    "(each is one img2dataset run of processes x threads)")
 
 
 class EncodeConfig(_Section):
@@ -105,6 +107,8 @@ class EncodeConfig(_Section):
     row_group_size: int = Field(256, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     prefetch_batches: int = Field(2, ge=0)
+    max_parallel_shards: Optional[int] = Field(None, ge=1, description="shards encoded at once by the flow; "
+                                               "null: one per visible GPU, 1 on CPU")
 
     def version(self) -> str:
         """Dataset version: a short hash of everything that changes the encoded values."""
