@@ -11,8 +11,8 @@ behind each other instead of both rewriting images/_SOURCES.json.
 from __future__ import annotations
 
 import hashlib
-from contextlib import contextmanager
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import get_run_logger
