@@ -12,9 +12,9 @@ import base64
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.deployments import run_deployment
 
 from flows.common import cfg_from
+from flows.handoff import hand_off
 from muse import checkpoint
 from muse.storage import Storage
 
@@ -83,12 +83,12 @@ def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None =
         report_task(config_path, overrides)
         return latest
     name = TRAIN_DEPLOYMENT if target == "deployment" else target
-    run = run_deployment(name=name, parameters={"config_path": config_path, "overrides": overrides,
-                                                "resume": resume, "target": "local"})
-    if not run.state or not run.state.is_completed():
+    cfg = cfg_from(config_path, overrides)
+    run = hand_off(name, {"config_path": config_path, "overrides": overrides, "resume": resume, "target": "local"},
+                   cfg.train.job_variables, cfg.train.handoff_start_timeout_s)
+    if not run.state.is_completed():
         raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
                            f"see flow run {run.id}")
-    cfg = cfg_from(config_path, overrides)  # same return as local: the checkpoint the GPU job left
     storage = Storage.from_config(cfg)
     latest = checkpoint.latest(storage, cfg.train.run_name)
     return storage.url(latest) if latest else ""

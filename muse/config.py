@@ -194,6 +194,11 @@ class TrainConfig(_Section):
     on_data_change: Literal["stop", "new_pass"] = Field(
         "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
         "new_pass: keep weights, optimizer and step and start a new pass over the data")
+    # train_on=deployment (flows/handoff.py): the GPU run is a deployment on another work pool
+    handoff_start_timeout_s: float = Field(
+        900.0, gt=0, description="the GPU run must start within this many seconds, else it is cancelled")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="work pool job variables for the GPU run (image, env, machine type)")
 
     @model_validator(mode="after")
     def _streams(self) -> "TrainConfig":

@@ -141,6 +141,44 @@ def test_refresh_cron_matches_pipeline_yaml():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # hang guard: without the pool check the hand-off waited forever
+def test_handoff_with_no_worker_online_fails_at_once_naming_the_pool(server, tmp_path):
+    """train_on=deployment with nobody polling the GPU pool: a loud error, not a Running pipeline."""
+    from prefect.client.orchestration import get_client
+
+    from flows.handoff import HandoffError
+    from flows.train import train_flow
+
+    _cli(server, "work-pool", "create", "gpu-idle", "--type", "process")
+
+    async def deploy():
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("train")
+            await client.create_deployment(flow_id=flow_id, name="idle", work_pool_name="gpu-idle",
+                                           entrypoint="flows/train.py:train_flow")
+
+    _with_api(server, deploy)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"storage: {{root: {tmp_path / 'root'}}}\nsource: {{paths: [urls.jsonl]}}\n")
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        state = train_flow(str(config), ["train.handoff_start_timeout_s=60"], target="train/idle", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(HandoffError, match="no worker online in pool 'gpu-idle': start one with `prefect worker start"):
+        state.result()
+
+    async def idle_runs():
+        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["idle"])))
+
+    assert _with_api(server, idle_runs) == []   # no child run left Late behind it
+
+
+@pytest.mark.slow
 def test_deployments_from_prefect_yaml(deployed):
     from prefect.client.orchestration import get_client
 
@@ -163,13 +201,15 @@ def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path
     from muse.storage import Storage
 
     out, config = demo_subset
-    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}",
+                 "train.job_variables={env: {MUSE_HANDOFF_CHECK: passed-through}}"]
     run = _with_api(deployed, lambda: _run_deployment_like_the_ui(
         "pipeline/pipeline", {"config_path": str(config), "overrides": overrides, "train_on": "deployment"}))
     assert run.state.is_completed(), f"pipeline run ended {run.state.name}: {run.state.message}"
     train_runs = _with_api(deployed, _train_deployment_runs)   # training went to the gpu pool's worker
     assert [r.state.name for r in train_runs] == ["Completed"]
     assert train_runs[0].parameters["overrides"] == overrides
+    assert train_runs[0].job_variables == {"env": {"MUSE_HANDOFF_CHECK": "passed-through"}}
     storage = Storage.from_config(load_config(config, overrides))
     assert storage.exists("checkpoints/demo/LATEST")
     assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
