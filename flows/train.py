@@ -15,6 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 
 from flows.common import cfg_from
 from flows.handoff import hand_off
+from flows.train_log import TrainLog
 from muse import checkpoint
 from muse.storage import Storage
 
@@ -23,10 +24,12 @@ TRAIN_DEPLOYMENT = "train/train"
 
 @task(task_run_name="torchrun")
 def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
+    """torchrun here; its output line by line to this task's run log (and the worker's terminal),
+    a `training-progress` artifact updated at each checkpoint."""
     from muse.train import launch
 
     cfg = cfg_from(config_path, overrides)
-    launch(cfg, config_path=config_path, overrides=overrides, resume=resume)
+    launch(cfg, config_path=config_path, overrides=overrides, resume=resume, on_line=TrainLog(cfg.train.run_name))
     storage = Storage.from_config(cfg)
     latest = checkpoint.latest(storage, cfg.train.run_name)
     return storage.url(latest) if latest else ""

@@ -98,3 +98,33 @@ def test_two_data_refresh_runs_on_one_root_never_overlap(harness, config, monkey
         t.join(300)
     assert not errors and len(phase.spans) == 4
     assert phase.most_at_once() == 1
+
+
+def test_torchrun_output_reaches_the_run_log_and_a_failure_ends_with_its_last_lines(harness, config):
+    """No encoded data: the rank's own message must be in the task's log and in the TrainError."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    from flows.train import train_flow
+    from muse.train import TrainError
+
+    state = train_flow(config, ["train.device=cpu", "train.nproc_per_node=1"], target="local", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TrainError, match="(?s)exited with code .*its last lines:.*no encoded dataset"):
+        state.result()
+
+    async def task_logs():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            run = next(r for r in runs if r.name == "torchrun" and r.flow_run_id == state.state_details.flow_run_id)
+            for _ in range(30):  # logs reach the server in batches
+                logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
+                if any("no encoded dataset" in x.message for x in logs):
+                    return logs
+                await asyncio.sleep(1)
+            return logs
+
+    messages = [x.message for x in asyncio.run(task_logs())]
+    assert any(m.startswith("muse train: no encoded dataset") for m in messages), messages[-20:]

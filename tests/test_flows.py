@@ -58,6 +58,8 @@ def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_pat
     assert keys == {"download-stats", "encode-stats", "training-summary"}
     summary = next(a for a in arts if a.key == "training-summary")
     assert "data:image/png;base64," in summary.data and "loss" in summary.data
+    progress = asyncio.run(_artifacts(["training-progress"]))   # updated at each checkpoint, 100 at the last
+    assert progress and float(progress[-1].data) == 100.0 and "loss" in progress[-1].description
 
 
 def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_subset, tmp_path):
