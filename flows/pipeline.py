@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from prefect import flow, task
 
 from flows.common import cfg_from
 from flows.download import download_flow
 from flows.encode import encode_flow
 from flows.limits import root_lease
-from flows.train import report_task, train_flow
+from flows.train import Resume, report_task, train_flow
 
 
 @task
@@ -20,8 +22,16 @@ def sample_task(config_path: str, overrides: list[str]) -> list[str]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None,
-                  train_on: str = "local", resume: str = "latest") -> dict:
-    """The whole pipeline. `train_on="deployment"` hands training to the `train` deployment (GPU pool)."""
+                  train_on: Literal["local", "deployment"] = "local", resume: Resume = "latest") -> dict:
+    """The whole pipeline: download -> encode -> train -> sample.
+
+    Args:
+        config_path: the pipeline.yaml to run: a path on the worker or a gs:// URL
+        overrides: `key=value` strings applied on top (as `muse --set`), e.g. ["train.max_steps=1000"]
+        train_on: "local" trains in this run's worker; "deployment" hands training to the
+            `train` deployment on the GPU pool (it must have a worker online)
+        resume: "latest" continues the run's last checkpoint, "none" starts fresh, or a checkpoint folder
+    """
     overrides = list(overrides or [])
     cfg = cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
     with root_lease(cfg):  # one pipeline / data-refresh per storage root at a time
@@ -38,7 +48,12 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
 
 @flow(name="data-refresh", log_prints=True)
 def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
-    """Download + encode only what is new: unchanged source files and finished shards are skipped."""
+    """Download + encode only what is new: unchanged source files and finished shards are skipped.
+
+    Args:
+        config_path: the pipeline.yaml to run: a path on the worker or a gs:// URL
+        overrides: `key=value` strings applied on top (as `muse --set`), e.g. ["train.max_steps=1000"]
+    """
     overrides = list(overrides or [])
     with root_lease(cfg_from(config_path, overrides)):  # waits while a pipeline holds this root
         downloaded = download_flow(config_path, overrides)

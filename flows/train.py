@@ -9,6 +9,7 @@ pool; the job reads the encoded shards straight from the storage root.
 from __future__ import annotations
 
 import base64
+from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
@@ -20,6 +21,8 @@ from muse import checkpoint
 from muse.storage import Storage
 
 TRAIN_DEPLOYMENT = "train/train"
+# `--resume` of muse train: latest, none, or a checkpoint folder (the UI offers the first two)
+Resume = Literal["latest", "none"] | str
 
 
 @task(task_run_name="torchrun")
@@ -77,9 +80,17 @@ def _read(storage: Storage, ref: str) -> bytes | None:
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: str = "latest",
+def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: Resume = "latest",
                target: str = "local") -> str:
-    """Train with torchrun here (`target="local"`), or on the GPU pool (`"deployment"` or a deployment name)."""
+    """Train with torchrun here (`target="local"`), or on the GPU pool (`"deployment"` or a deployment name).
+
+    Args:
+        config_path: the pipeline.yaml to run: a path on the worker or a gs:// URL
+        overrides: `key=value` strings applied on top (as `muse --set`), e.g. ["train.max_steps=1000"]
+        resume: "latest" continues the run's last checkpoint, "none" starts fresh, or a checkpoint folder
+        target: "local" runs torchrun in this worker; "deployment" (or a deployment name such as
+            "train/train") hands the run to that deployment's work pool
+    """
     overrides = list(overrides or [])
     if target == "local":
         latest = torchrun_task(config_path, overrides, resume)

@@ -335,16 +335,29 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_text(path: str | Path) -> str:
+    """A local file, or a URL (gs://...) through the storage layer's filesystems."""
+    if isinstance(path, Path):
+        return path.read_text()
+    from muse.storage import source_fs
+
+    fs, p = source_fs(str(path))
+    with fs.open(p, "rb") as f:
+        return f.read().decode()
+
+
 def load_config(path: str | Path | None = "pipeline.yaml", overrides: list[str] | None = None,
                 data: dict | None = None) -> PipelineConfig:
     """Read YAML (or take `data`), apply `--set` overrides, validate. Raises ConfigError."""
     source = str(path) if data is None else "<dict>"
     if data is None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p} (pass --config PATH)")
+        p = path if "://" in str(path) else Path(path)  # gs://bucket/pipeline.yaml: a deployment's config
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = _read_text(p)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p} (pass --config PATH)") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

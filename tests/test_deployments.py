@@ -193,6 +193,7 @@ def test_deployments_from_prefect_yaml(deployed):
     assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
     assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
     assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+    assert str(REPO) not in json.dumps(deps["pipeline"].pull_steps)   # found on the worker, at run time
 
 
 @pytest.mark.slow

@@ -1,6 +1,7 @@
 """Orchestration rules that need no Prefect server: which errors are retried."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -87,3 +88,50 @@ def test_a_completed_state_is_not_retried():
     from flows.common import transient
 
     assert transient(None, None, Completed(data=1)) is False
+
+
+def test_flow_parameters_explain_themselves_in_the_custom_run_form():
+    """The schema Prefect builds for the UI: choices as enums, every parameter described."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import data_refresh_flow, pipeline_flow
+    from flows.train import train_flow
+
+    props = parameter_schema(pipeline_flow.fn).model_dump()["properties"]
+    assert props["train_on"]["enum"] == ["local", "deployment"]
+    assert {"enum": ["latest", "none"], "type": "string"} in props["resume"]["anyOf"]
+    for fn in (pipeline_flow, data_refresh_flow, train_flow):
+        props = parameter_schema(fn.fn).model_dump()["properties"]
+        missing = [k for k, v in props.items() if not v.get("description")]
+        assert not missing, f"{fn.name}: no description for {missing}"
+    assert "gs://" in props["config_path"]["description"]
+
+
+def test_config_path_may_be_a_gs_url(gcs_root):
+    from muse.config import ConfigError, load_config
+    from muse.storage import Storage
+
+    Storage(gcs_root).write_text("pipeline.yaml", "source: {paths: [urls.jsonl]}\ntrain: {max_steps: 7}\n")
+    cfg = load_config(f"{gcs_root}/pipeline.yaml", ["train.lr=0.001"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 0.001
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(f"{gcs_root}/missing.yaml")
+
+
+def test_code_directory_is_read_on_the_worker_when_the_run_starts(tmp_path, monkeypatch):
+    """prefect.yaml's pull step: the worker's $MUSE_PIPELINE_DIR at run time, not the deployer's path."""
+    import yaml
+
+    from flows.steps import set_code_directory
+
+    repo = Path(__file__).resolve().parents[1]
+    pull = yaml.safe_load((repo / "prefect.yaml").read_text())["pull"]
+    assert pull == [{"flows.steps.set_code_directory": {"default": "/opt/muse-pipeline"}}]
+    (tmp_path / "code" / "flows").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MUSE_PIPELINE_DIR", str(tmp_path / "code"))
+    assert set_code_directory() == {"directory": str(tmp_path / "code")}
+    assert Path.cwd() == tmp_path / "code"
+    monkeypatch.delenv("MUSE_PIPELINE_DIR")
+    with pytest.raises(FileNotFoundError, match="MUSE_PIPELINE_DIR"):
+        set_code_directory(default=str(tmp_path / "nowhere"))
