@@ -6,7 +6,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo test test-fast install bench clean image-cpu image-cuda
 
 $(BIN)/muse: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -29,6 +29,14 @@ test: install
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# The work pools' images (docs/flows.md); IMAGE=<registry>/muse-pipeline to tag for a push.
+IMAGE ?= muse-pipeline
+image-cpu:
+	docker build -f docker/Dockerfile -t $(IMAGE):cpu .
+
+image-cuda:
+	docker build -f docker/Dockerfile --build-arg TORCH=cu128 -t $(IMAGE):cuda .
 
 bench: install
 	bash bench/all.sh

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-IMAGE_DIR = "/opt/muse-pipeline"  # WORKDIR of docker/Dockerfile.cpu and Dockerfile.cuda
+IMAGE_DIR = "/opt/muse-pipeline"  # WORKDIR of docker/Dockerfile
 
 
 def set_code_directory(default: str = IMAGE_DIR) -> dict:
