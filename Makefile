@@ -6,7 +6,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean image-cpu image-cuda
+.PHONY: demo demo-ui test test-fast install bench clean image-cpu image-cuda
 
 $(BIN)/muse: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -23,6 +23,10 @@ install: $(BIN)/muse
 
 demo: install
 	$(BIN)/python -m flows.demo --output demo-output
+
+# the demo on a local Prefect server + workers + deployments, to click through the UI (Ctrl-C stops it)
+demo-ui: install
+	$(BIN)/python -m flows.demo_ui --output demo-ui-output
 
 test: install
 	$(BIN)/python -m pytest -q
@@ -42,4 +46,4 @@ bench: install
 	bash bench/all.sh
 
 clean:
-	rm -rf demo-output muse-data
+	rm -rf demo-output demo-ui-output muse-data

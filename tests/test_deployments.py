@@ -5,12 +5,10 @@ One server, one worker and one demo subset for the module (the server costs ~10 
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,43 +23,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:  # only signal our own child while it is still ours
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`prefect server start` on a free port with its own PREFECT_HOME; yields the env to talk to it."""
+    """`prefect server start` on a free port with its own PREFECT_HOME (flows/demo_ui.py, as
+    `make demo-ui` starts it); yields the env to talk to it."""
+    from flows.demo_ui import start_server, stop
+
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port), "MUSE_PIPELINE_DIR": str(REPO),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                _stop(proc)
-                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        proc, env = start_server(home, _free_port(), log)
+    except RuntimeError:
+        log.close()
+        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
     try:
         yield env
     finally:
-        _stop(proc)
+        stop(proc)
         log.close()
 
 
@@ -83,8 +61,10 @@ def deployed(server, tmp_path_factory):
     try:
         yield server
     finally:
+        from flows.demo_ui import stop
+
         for w in workers:
-            _stop(w)
+            stop(w)
         log.close()
 
 
@@ -170,7 +150,10 @@ def test_handoff_with_no_worker_online_fails_at_once_naming_the_pool(server, tmp
         state.result()
 
     async def idle_runs():
-        from prefect.client.schemas.filters import DeploymentFilter, DeploymentFilterName
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+        )
 
         async with get_client() as client:
             return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["idle"])))
