@@ -6,7 +6,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test test-fast install bench clean
+.PHONY: demo demo-ui test test-fast install bench clean image-cpu image-cuda
 
 $(BIN)/muse: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,14 +24,26 @@ install: $(BIN)/muse
 demo: install
 	$(BIN)/python -m flows.demo --output demo-output
 
+# the demo on a local Prefect server + workers + deployments, to click through the UI (Ctrl-C stops it)
+demo-ui: install
+	$(BIN)/python -m flows.demo_ui --output demo-ui-output
+
 test: install
 	$(BIN)/python -m pytest -q
 
 test-fast: install
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# The work pools' images (docs/flows.md); IMAGE=<registry>/muse-pipeline to tag for a push.
+IMAGE ?= muse-pipeline
+image-cpu:
+	docker build -f docker/Dockerfile -t $(IMAGE):cpu .
+
+image-cuda:
+	docker build -f docker/Dockerfile --build-arg TORCH=cu128 -t $(IMAGE):cuda .
+
 bench: install
 	bash bench/all.sh
 
 clean:
-	rm -rf demo-output muse-data
+	rm -rf demo-output demo-ui-output muse-data

@@ -9,11 +9,8 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 from prefect.artifacts import create_table_artifact  # noqa: E402
 
 from muse.config import ConfigError, PipelineConfig, load_config  # noqa: E402
+from muse.transient import is_transient  # noqa: E402
 
-# Errors that describe bad input or a bug: retrying cannot help, so tasks fail at once.
-# Everything else (network, 5xx from GCS, a killed worker) is retried with backoff.
-PERMANENT = ("ConfigError", "SourceError", "EncodeError", "DataError", "ValueError", "KeyError",
-             "FileNotFoundError", "TypeError")
 RETRY_DELAYS = [5, 30, 120]
 
 
@@ -22,11 +19,12 @@ def cfg_from(config_path: str, overrides: list[str] | None) -> PipelineConfig:
 
 
 def transient(task, task_run, state) -> bool:
-    """retry_condition_fn: retry unless the exception is a permanent (bad data / config) error."""
+    """retry_condition_fn: retry only the transient errors of `muse.transient` (network, GCS
+    429/5xx, the download deadline); bad data, bugs and out-of-memory fail at once."""
     try:
         state.result()
     except Exception as exc:  # noqa: BLE001 - classification only
-        return type(exc).__name__ not in PERMANENT
+        return is_transient(exc)
     return False
 
 

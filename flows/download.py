@@ -7,6 +7,7 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.limits import submit_bounded
 from muse.download import download_chunk, finalize_download, plan_chunks, summary_rows
 
 
@@ -33,14 +34,16 @@ def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     overrides = list(overrides or [])
     chunks = plan_task(config_path, overrides)
     progress = create_progress_artifact(0.0, key="download-progress", description="download tasks done")
-    futures = [download_chunk_task.submit(config_path, overrides, c) for c in chunks]
+    limit = cfg_from(config_path, overrides).download.max_parallel_tasks
+    futures = submit_bounded(download_chunk_task, ({"config_path": config_path, "overrides": overrides,
+                                                    "chunk": c} for c in chunks), limit)
     failed = []
     for i, fut in enumerate(futures):
         try:
             fut.result()
         except Exception as exc:  # noqa: BLE001 - the others go on; reported below
             failed.append(f"{chunks[i].label}: {exc}")
-        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
+        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(chunks), 1))
     summary = finalize_task(config_path, overrides)
     stats_table("download-stats", summary_rows(summary), "rows in, filtered before download, succeeded and replaced, by reason")
     if failed:

@@ -7,10 +7,12 @@ from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import task_run
 
-from flows.common import PERMANENT, RETRY_DELAYS, cfg_from, stats_table, transient
-from muse.encode import EncodeError, encode_shard, finalize_manifest, plan_encode
+from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.limits import encode_parallelism, submit_bounded
+from muse.encode import encode_shard, finalize_manifest, plan_encode
 from muse.layout import dataset_dir, done_marker
 from muse.storage import Storage
+from muse.transient import is_transient
 
 
 def chunked(ids: list[int], size: int) -> list[list[int]]:
@@ -39,9 +41,10 @@ def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[in
             failed[sid] = exc
     if failed:
         msg = "; ".join(f"{sid:05d}: {exc}" for sid, exc in failed.items())
-        # a permanent error only when every failure is permanent: otherwise retrying can help
-        permanent = all(type(exc).__name__ in PERMANENT for exc in failed.values())
-        raise (EncodeError if permanent else RuntimeError)(f"{len(failed)} shard(s) failed: {msg}")
+        # chained to a transient failure if there is one, so the task's retry (which redoes only the
+        # shards not yet done) happens; all permanent: it fails at once
+        cause = next((exc for exc in failed.values() if is_transient(exc)), None)
+        raise RuntimeError(f"{len(failed)} shard(s) failed: {msg}") from cause
     return records
 
 
@@ -63,7 +66,9 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
     shards = plan_task(config_path, overrides)
     chunks = chunked(shards, cfg_from(config_path, overrides).encode.shards_per_task)
     progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
-    futures = [encode_chunk_task.submit(config_path, overrides, ids) for ids in chunks]
+    limit = encode_parallelism(cfg_from(config_path, overrides))
+    futures = submit_bounded(encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
+                                                  "shard_ids": ids} for ids in chunks), limit)
     failed, rows = [], []
     for i, fut in enumerate(futures):
         try:
@@ -72,7 +77,7 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
                              "bytes": rec["bytes"]})
         except Exception as exc:  # noqa: BLE001 - the others complete; reported below
             failed.append(str(exc))
-        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(futures), 1))
+        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(chunks), 1))
     summary = manifest_task(config_path, overrides)
     stats_table("encode-stats", rows + [{"shard": "total", "rows": summary["rows"], "replaced": summary["replaced"],
                                          "bytes": ""}], f"dataset version {summary['version']}")

@@ -8,25 +8,32 @@ pool; the job reads the encoded shards straight from the storage root.
 
 from __future__ import annotations
 
-import base64
+from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.deployments import run_deployment
+from prefect.context import FlowRunContext
 
 from flows.common import cfg_from
+from flows.handoff import hand_off
+from flows.report import summary_markdown
+from flows.train_log import TrainLog
 from muse import checkpoint
 from muse.storage import Storage
 
 TRAIN_DEPLOYMENT = "train/train"
+# `--resume` of muse train: latest, none, or a checkpoint folder (the UI offers the first two)
+Resume = Literal["latest", "none"] | str
 
 
 @task(task_run_name="torchrun")
 def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
+    """torchrun here; its output line by line to this task's run log (and the worker's terminal),
+    a `training-progress` artifact updated at each checkpoint."""
     from muse.train import launch
 
     cfg = cfg_from(config_path, overrides)
-    launch(cfg, config_path=config_path, overrides=overrides, resume=resume)
+    launch(cfg, config_path=config_path, overrides=overrides, resume=resume, on_line=TrainLog(cfg.train.run_name))
     storage = Storage.from_config(cfg)
     latest = checkpoint.latest(storage, cfg.train.run_name)
     return storage.url(latest) if latest else ""
@@ -34,61 +41,47 @@ def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
 
 @task
 def report_task(config_path: str, overrides: list[str], samples: list[str] | None = None) -> str:
-    """Markdown artifact: last metrics, loss curve, sample images (embedded PNGs)."""
+    """Markdown artifact `training-summary`: last metrics, eval metrics, the loss curve and the
+    samples as labelled links with small thumbnails (pictures stay under the storage root)."""
+    from muse.sample import _prompts
+
     cfg = cfg_from(config_path, overrides)
-    storage = Storage.from_config(cfg)
-    run = checkpoint.run_dir(cfg.train.run_name)
-    records = checkpoint.read_metrics(storage, cfg.train.run_name)
-    latest = checkpoint.latest(storage, cfg.train.run_name)
-    lines = [f"# Training `{cfg.train.run_name}`", "",
-             f"- checkpoint: `{storage.url(latest) if latest else 'none'}`",
-             f"- steps: {records[-1]['step'] if records else 0}", ""]
-    if records:
-        last = records[-1]
-        lines += ["| metric | value |", "|---|---|"]
-        lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in last.items()]
-        first = next((r["loss"] for r in records if "loss" in r), None)
-        if first is not None:
-            lines += ["", f"loss: {first:.4f} at the first step -> {last.get('loss', float('nan')):.4f} now"]
-    for title, rel in [("Loss curve", f"{run}/loss.png")] + [(f"Sample {i}", s) for i, s in enumerate(samples or [])]:
-        data = _read(storage, rel)
-        if data:
-            lines += ["", f"## {title}", f"![{title}](data:image/png;base64,{base64.b64encode(data).decode()})",
-                      f"`{rel}`"]
-    md = "\n".join(lines)
+    md = summary_markdown(cfg, samples, _prompts(cfg) if samples else [])
     create_markdown_artifact(key="training-summary", markdown=md, description=f"run {cfg.train.run_name}")
     return md
 
 
-def _read(storage: Storage, ref: str) -> bytes | None:
-    """Bytes of a file under the storage root (or a local absolute path), None if absent."""
-    from pathlib import Path
-
-    try:
-        rel = storage.relative(ref)
-        if rel is None:
-            return Path(ref).read_bytes() if Path(ref).is_file() else None
-        return storage.read_bytes(rel) if storage.exists(rel) else None
-    except OSError:
-        return None
+def _top_level() -> bool:
+    """This flow run was started on its own, not by `pipeline` (which writes the one summary)."""
+    ctx = FlowRunContext.get()
+    return not (ctx and ctx.flow_run and ctx.flow_run.parent_task_run_id)
 
 
 @flow(name="train", log_prints=True)
-def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: str = "latest",
+def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None, resume: Resume = "latest",
                target: str = "local") -> str:
-    """Train with torchrun here (`target="local"`), or on the GPU pool (`"deployment"` or a deployment name)."""
+    """Train with torchrun here (`target="local"`), or on the GPU pool (`"deployment"` or a deployment name).
+
+    Args:
+        config_path: the pipeline.yaml to run: a path on the worker or a gs:// URL
+        overrides: `key=value` strings applied on top (as `muse --set`), e.g. ["train.max_steps=1000"]
+        resume: "latest" continues the run's last checkpoint, "none" starts fresh, or a checkpoint folder
+        target: "local" runs torchrun in this worker; "deployment" (or a deployment name such as
+            "train/train") hands the run to that deployment's work pool
+    """
     overrides = list(overrides or [])
     if target == "local":
         latest = torchrun_task(config_path, overrides, resume)
-        report_task(config_path, overrides)
+        if _top_level():
+            report_task(config_path, overrides)
         return latest
     name = TRAIN_DEPLOYMENT if target == "deployment" else target
-    run = run_deployment(name=name, parameters={"config_path": config_path, "overrides": overrides,
-                                                "resume": resume, "target": "local"})
-    if not run.state or not run.state.is_completed():
+    cfg = cfg_from(config_path, overrides)
+    run = hand_off(name, {"config_path": config_path, "overrides": overrides, "resume": resume, "target": "local"},
+                   cfg.train.job_variables, cfg.train.handoff_start_timeout_s)
+    if not run.state.is_completed():
         raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
                            f"see flow run {run.id}")
-    cfg = cfg_from(config_path, overrides)  # same return as local: the checkpoint the GPU job left
     storage = Storage.from_config(cfg)
     latest = checkpoint.latest(storage, cfg.train.run_name)
     return storage.url(latest) if latest else ""

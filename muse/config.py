@@ -91,6 +91,8 @@ class DownloadConfig(_Section):
     # (reason too_small / aspect_ratio), unlike source.filters, which skip rows before fetching.
     min_image_size: int = Field(0, ge=0, description="min(width, height) of the downloaded image")
     max_aspect_ratio: Optional[float] = Field(None, ge=1, description="max(w,h)/min(w,h); null: no limit")
+    max_parallel_tasks: int = Field(1, ge=1, description="download tasks (chunks of shards_per_task shards) the flow "
+                                    "runs at once (each is one img2dataset run of processes x threads)")
 
 
 class EncodeConfig(_Section):
@@ -111,6 +113,8 @@ class EncodeConfig(_Section):
     # One Prefect task encodes this many shards in turn (models load once per task): keeps a
     # LAION-size run (~230,000 shards) at a few thousand task runs.
     shards_per_task: int = Field(64, ge=1, description="shards per encode task")
+    max_parallel_shards: Optional[int] = Field(None, ge=1, description="shards encoded at once by the flow; "
+                                               "null: one per visible GPU, 1 on CPU")
 
     def version(self) -> str:
         """Dataset version: a short hash of everything that changes the encoded values."""
@@ -198,6 +202,11 @@ class TrainConfig(_Section):
     on_data_change: Literal["stop", "new_pass"] = Field(
         "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
         "new_pass: keep weights, optimizer and step and start a new pass over the data")
+    # train_on=deployment (flows/handoff.py): the GPU run is a deployment on another work pool
+    handoff_start_timeout_s: float = Field(
+        900.0, gt=0, description="the GPU run must start within this many seconds, else it is cancelled")
+    job_variables: dict[str, Any] = Field(
+        default_factory=dict, description="work pool job variables for the GPU run (image, env, machine type)")
 
     @model_validator(mode="after")
     def _streams(self) -> "TrainConfig":
@@ -337,16 +346,29 @@ def _format_errors(err: ValidationError, source: str) -> str:
     return "\n".join(lines)
 
 
+def _read_text(path: str | Path) -> str:
+    """A local file, or a URL (gs://...) through the storage layer's filesystems."""
+    if isinstance(path, Path):
+        return path.read_text()
+    from muse.storage import source_fs
+
+    fs, p = source_fs(str(path))
+    with fs.open(p, "rb") as f:
+        return f.read().decode()
+
+
 def load_config(path: str | Path | None = "pipeline.yaml", overrides: list[str] | None = None,
                 data: dict | None = None) -> PipelineConfig:
     """Read YAML (or take `data`), apply `--set` overrides, validate. Raises ConfigError."""
     source = str(path) if data is None else "<dict>"
     if data is None:
-        p = Path(path)
-        if not p.exists():
-            raise ConfigError(f"config file not found: {p} (pass --config PATH)")
+        p = path if "://" in str(path) else Path(path)  # gs://bucket/pipeline.yaml: a deployment's config
         try:
-            data = yaml.safe_load(p.read_text()) or {}
+            text = _read_text(p)
+        except FileNotFoundError:
+            raise ConfigError(f"config file not found: {p} (pass --config PATH)") from None
+        try:
+            data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"{p}: not valid YAML: {e}") from None
         if not isinstance(data, dict):

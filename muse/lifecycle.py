@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import contextvars
 import ctypes
 import os
 import signal
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
@@ -76,11 +78,32 @@ def _kill(pids: list[int], sig: int) -> None:
             pass
 
 
-def run_owned(cmd: list[str], label: str = "muse train") -> tuple[int, str | None]:
+def _pump(stream, on_line: Callable[[str], None]) -> None:
+    """Hand each line of the job's output to `on_line` as it comes (until every writer closes)."""
+    for line in stream:
+        try:
+            on_line(line.rstrip("\n"))
+        except Exception as e:  # noqa: BLE001 - keep reading: a full pipe would stall the job
+            print(f"(output line not delivered: {type(e).__name__}: {e}) {line}", end="", file=sys.stderr)
+    stream.close()
+
+
+def run_owned(cmd: list[str], label: str = "muse train",
+              on_line: Callable[[str], None] | None = None) -> tuple[int, str | None]:
     """Run `cmd` (torchrun) as a child that dies with us; SIGTERM/SIGINT stop it gracefully (see
-    the module docstring) -> (its exit code, the name of the signal that stopped it or None)."""
+    the module docstring) -> (its exit code, the name of the signal that stopped it or None).
+    With `on_line`, the job's stdout and stderr go to it line by line (unbuffered) instead of
+    to our terminal: a Prefect task sends them to its run log."""
     wrapped = [sys.executable, "-m", "muse.lifecycle", "--parent", str(os.getpid()), "--", *cmd]
-    proc = subprocess.Popen(wrapped, process_group=0)
+    pipe = {} if on_line is None else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
+                                       "errors": "replace", "env": {**os.environ, "PYTHONUNBUFFERED": "1"}}
+    proc = subprocess.Popen(wrapped, process_group=0, **pipe)
+    pump = None
+    if on_line is not None:
+        # in a copy of our context: on_line may use context variables (Prefect's run and settings)
+        pump = threading.Thread(target=contextvars.copy_context().run, args=(_pump, proc.stdout, on_line),
+                                daemon=True)
+        pump.start()
     got: list[str] = []
 
     def on_signal(signum, _frame) -> None:
@@ -105,6 +128,8 @@ def run_owned(cmd: list[str], label: str = "muse train") -> tuple[int, str | Non
         if proc.poll() is None:  # an exception in this process: do not leave the job behind
             proc.kill()
             proc.wait()
+        if pump is not None:  # the last lines; a rank that outlives torchrun must not hold us up
+            pump.join(30)
     return rc, (got[0] if got else None)
 
 

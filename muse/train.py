@@ -29,6 +29,8 @@ import os
 import signal
 import sys
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -48,14 +50,19 @@ from muse.train_callbacks import StepCallback
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
+TAIL_LINES = 40  # of the job's output, in the error when the flow streamed it
+
+
 class TrainError(RuntimeError):
     """The training job failed; its own log says why."""
 
 
-def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest") -> None:
+def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest",
+           on_line: Callable[[str], None] | None = None) -> None:
     """`muse train`: run torchrun with one process per GPU (train.nproc_per_node), owning the job:
     SIGTERM or Ctrl-C makes the ranks checkpoint and stop while this waits; if this process is
-    killed, torchrun and the ranks die too (see muse/lifecycle.py)."""
+    killed, torchrun and the ranks die too (see muse/lifecycle.py). With `on_line` (the Prefect
+    flow), the job's output goes to it line by line and a failure's error ends with its last lines."""
     n = cfg.train.nproc_per_node
     if n in ("auto", "gpu"):
         n = str(max(torch.cuda.device_count(), 1))
@@ -65,12 +72,19 @@ def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], r
     for o in overrides:
         cmd += ["--set", o]
     print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)
-    rc, stopped_by = run_owned(cmd)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def keep(line: str) -> None:
+        tail.append(line)
+        on_line(line)
+
+    rc, stopped_by = run_owned(cmd, on_line=keep if on_line else None)
+    last = ("; its last lines:\n" + "\n".join(tail)) if tail else " (see the log above)"
     if stopped_by and rc == 0:
-        raise TrainError(f"stopped by {stopped_by} after the ranks wrote a checkpoint (see above): "
-                         "`muse train` resumes from it")
+        raise TrainError(f"stopped by {stopped_by} after the ranks wrote a checkpoint: "
+                         f"`muse train` resumes from it{last}")
     if rc:
-        raise TrainError(f"training failed: torchrun exited with code {rc} (see the log above)")
+        raise TrainError(f"training failed: torchrun exited with code {rc}{last}")
 
 
 def check_data(cfg: PipelineConfig, manifest: dict, model) -> None:

@@ -5,12 +5,10 @@ One server, one worker and one demo subset for the module (the server costs ~10 
 
 import asyncio
 import json
-import os
 import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
@@ -25,43 +23,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:  # only signal our own child while it is still ours
-        proc.terminate()
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """`prefect server start` on a free port with its own PREFECT_HOME; yields the env to talk to it."""
+    """`prefect server start` on a free port with its own PREFECT_HOME (flows/demo_ui.py, as
+    `make demo-ui` starts it); yields the env to talk to it."""
+    from flows.demo_ui import start_server, stop
+
     home = tmp_path_factory.mktemp("prefect-home")
-    port = _free_port()
-    api = f"http://127.0.0.1:{port}/api"
-    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_API_URL": api,
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "PREFECT_SERVER_API_HOST": "127.0.0.1",
-           "PREFECT_SERVER_API_PORT": str(port), "MUSE_PIPELINE_DIR": str(REPO),
-           "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
     log = open(home / "server.log", "wb")
-    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{api}/health", timeout=2).read()
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                _stop(proc)
-                pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-            time.sleep(0.5)
+    try:
+        proc, env = start_server(home, _free_port(), log)
+    except RuntimeError:
+        log.close()
+        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
     try:
         yield env
     finally:
-        _stop(proc)
+        stop(proc)
         log.close()
 
 
@@ -83,8 +61,10 @@ def deployed(server, tmp_path_factory):
     try:
         yield server
     finally:
+        from flows.demo_ui import stop
+
         for w in workers:
-            _stop(w)
+            stop(w)
         log.close()
 
 
@@ -141,6 +121,47 @@ def test_refresh_cron_matches_pipeline_yaml():
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(300)  # hang guard: without the pool check the hand-off waited forever
+def test_handoff_with_no_worker_online_fails_at_once_naming_the_pool(server, tmp_path):
+    """train_on=deployment with nobody polling the GPU pool: a loud error, not a Running pipeline."""
+    from prefect.client.orchestration import get_client
+
+    from flows.handoff import HandoffError
+    from flows.train import train_flow
+
+    _cli(server, "work-pool", "create", "gpu-idle", "--type", "process")
+
+    async def deploy():
+        async with get_client() as client:
+            flow_id = await client.create_flow_from_name("train")
+            await client.create_deployment(flow_id=flow_id, name="idle", work_pool_name="gpu-idle",
+                                           entrypoint="flows/train.py:train_flow")
+
+    _with_api(server, deploy)
+    config = tmp_path / "pipeline.yaml"
+    config.write_text(f"storage: {{root: {tmp_path / 'root'}}}\nsource: {{paths: [urls.jsonl]}}\n")
+
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+        state = train_flow(str(config), ["train.handoff_start_timeout_s=60"], target="train/idle", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(HandoffError, match="no worker online in pool 'gpu-idle': start one with `prefect worker start"):
+        state.result()
+
+    async def idle_runs():
+        from prefect.client.schemas.filters import (
+            DeploymentFilter,
+            DeploymentFilterName,
+        )
+
+        async with get_client() as client:
+            return await client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["idle"])))
+
+    assert _with_api(server, idle_runs) == []   # no child run left Late behind it
+
+
+@pytest.mark.slow
 def test_deployments_from_prefect_yaml(deployed):
     from prefect.client.orchestration import get_client
 
@@ -155,6 +176,7 @@ def test_deployments_from_prefect_yaml(deployed):
     assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
     assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
     assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+    assert str(REPO) not in json.dumps(deps["pipeline"].pull_steps)   # found on the worker, at run time
 
 
 @pytest.mark.slow
@@ -163,13 +185,15 @@ def test_pipeline_deployment_run_through_the_api(deployed, demo_subset, tmp_path
     from muse.storage import Storage
 
     out, config = demo_subset
-    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}",
+                 "train.job_variables={env: {MUSE_HANDOFF_CHECK: passed-through}}"]
     run = _with_api(deployed, lambda: _run_deployment_like_the_ui(
         "pipeline/pipeline", {"config_path": str(config), "overrides": overrides, "train_on": "deployment"}))
     assert run.state.is_completed(), f"pipeline run ended {run.state.name}: {run.state.message}"
     train_runs = _with_api(deployed, _train_deployment_runs)   # training went to the gpu pool's worker
     assert [r.state.name for r in train_runs] == ["Completed"]
     assert train_runs[0].parameters["overrides"] == overrides
+    assert train_runs[0].job_variables == {"env": {"MUSE_HANDOFF_CHECK": "passed-through"}}
     storage = Storage.from_config(load_config(config, overrides))
     assert storage.exists("checkpoints/demo/LATEST")
     assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"

@@ -296,3 +296,19 @@ def test_download_part_skips_finished_work(reference, tmp_path):
     part = DownloadPart(str(src), e["fingerprint"], e["first_shard"], e["num_shards"], e["rows"], 8)
     assert download_part(cfg, part) == []
     assert plan_parts(st, cfg) == []
+
+
+@pytest.mark.slow
+def test_a_truncated_shard_with_its_stats_is_fetched_again(reference, tmp_path, capfd):
+    """The encode error's advice ("re-run muse download to rebuild it") must do what it says."""
+    import shutil
+
+    _, src, _, ref = reference
+    root = tmp_path / "root"
+    shutil.copytree(Path(src).parent / "root", root)
+    shard = root / "images" / "00001.parquet"
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])   # cut short, stats kept
+    assert (root / "images" / "00001_stats.json").exists()
+    run_download(make_cfg(root, [src], tmp_path))
+    assert "00001.parquet: unreadable" in capfd.readouterr().err
+    assert read_all(root).equals(ref)

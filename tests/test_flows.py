@@ -56,8 +56,18 @@ def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_pat
     arts = asyncio.run(_artifacts(["download-stats", "encode-stats", "training-summary"]))
     keys = {a.key for a in arts}
     assert keys == {"download-stats", "encode-stats", "training-summary"}
-    summary = next(a for a in arts if a.key == "training-summary")
-    assert "data:image/png;base64," in summary.data and "loss" in summary.data
+    summaries = [a for a in arts if a.key == "training-summary"]
+    assert len(summaries) == 1          # one per run (train inside pipeline leaves it to pipeline)
+    md = summaries[0].data
+    assert "loss" in md and len(md) < 60_000, len(md)   # links and small thumbnails, not full PNGs
+    assert "data:image/png;base64," not in md
+    cfg_prompts = cfg.sample.prompts
+    for i, prompt in enumerate(cfg_prompts):   # each sample labelled with its prompt, linked to its file
+        assert f"| {prompt} | ![{prompt}](data:image/jpeg;base64," in md
+        assert f"[demo-{i:03d}.png]({storage.url(f'samples/demo-{i:03d}.png').replace('gs://', 'https://storage.cloud.google.com/')})" in md
+    assert "[demo-grid.png](" in md and "[loss.png](" in md
+    progress = asyncio.run(_artifacts(["training-progress"]))   # updated at each checkpoint, 100 at the last
+    assert progress and float(progress[-1].data) == 100.0 and "loss" in progress[-1].description
 
 
 def test_failing_shard_fails_its_task_only_and_a_rerun_finishes(harness, demo_subset, tmp_path):

@@ -29,6 +29,10 @@ class DownloadError(RuntimeError):
     """img2dataset did not finish a shard (names it) or ran past the deadline."""
 
 
+class DownloadDeadlineError(DownloadError):
+    """img2dataset ran past download.deadline_s (a slow network): worth a retry."""
+
+
 def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> list[str]:
     distributor = "pyspark" if dl.distributor == "spark" else "multiprocessing"
     args = {
@@ -127,7 +131,7 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
                         seen.add(k)
                 now = time.monotonic()
                 if now - start > dl.deadline_s:
-                    raise DownloadError(f"{label}: img2dataset ran past download.deadline_s="
+                    raise DownloadDeadlineError(f"{label}: img2dataset ran past download.deadline_s="
                                         f"{dl.deadline_s:g}s and was killed; re-run to fetch the "
                                         f"rest (finished shards are kept). Log: {log}")
                 if now - last >= PROGRESS_EVERY_S:

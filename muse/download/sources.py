@@ -21,7 +21,8 @@ import pyarrow.csv as pcsv
 import pyarrow.parquet as pq
 
 from muse.download.filters import FilterError, Selection, select_rows, selection_spec
-from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, done_shards, shard_name
+from muse.download.intact import whole_image_shards
+from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, shard_name
 from muse.storage import Storage, source_fs
 
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
@@ -213,7 +214,7 @@ def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
     gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
     remaining = src.max_samples
     parts: list[DownloadPart] = []
-    done = set(done_shards(storage, IMAGES))
+    done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
     spec = selection_spec(src)
     for uri in expand_sources(src.paths, gp):
         if remaining == 0:

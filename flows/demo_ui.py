@@ -1,0 +1,135 @@
+"""`make demo-ui`: the tiny demo world on a local Prefect server, to click through the UI.
+
+    python -m flows.demo_ui --output demo-ui-output        # Ctrl-C stops everything
+
+Starts `prefect server start` (its own PREFECT_HOME under the output folder), creates the
+`cpu` and `gpu` pools (process type, both on this machine), deploys `prefect.yaml`, starts
+one worker per pool, keeps the demo's image server alive, triggers the `pipeline`
+deployment on the demo config with `train_on=deployment`, prints the UI address and waits.
+`--until-done` exits when that run ends instead (0 if Completed): what the test does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import flows.demo  # noqa: F401 - its environment defaults: offline hub, no telemetry
+
+REPO = Path(__file__).resolve().parents[1]
+PREFECT = [sys.executable, "-m", "prefect"]
+
+
+def free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def start_server(home: Path, port: int, log) -> tuple[subprocess.Popen, dict]:
+    """A Prefect server on 127.0.0.1:port with its own PREFECT_HOME; (process, env to reach it)."""
+    api = f"http://127.0.0.1:{port}/api"
+    env = {**os.environ, "PREFECT_HOME": str(home), "DO_NOT_TRACK": "1", "PREFECT_API_URL": api,
+           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "MUSE_PIPELINE_DIR": str(REPO),
+           "PYTHONPATH": os.pathsep.join(p for p in [str(REPO), os.environ.get("PYTHONPATH", "")] if p)}
+    proc = subprocess.Popen(PREFECT + ["server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"{api}/health", timeout=2).read()
+            return proc, env
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop(proc)
+                raise RuntimeError(f"prefect server did not start; see {log.name}") from None
+            time.sleep(0.5)
+
+
+def prefect_cli(env: dict, *args: str) -> None:
+    r = subprocess.run(PREFECT + list(args), env=env, cwd=REPO, capture_output=True, text=True, check=False)
+    if r.returncode and "already exists" not in r.stdout + r.stderr:
+        raise RuntimeError(f"prefect {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+
+
+async def trigger_and_wait(config: str, wait: bool):
+    """Start the `pipeline` deployment (what the UI's Run button does); with `wait`, poll to the end."""
+    from prefect.client.orchestration import get_client
+
+    async with get_client() as client:
+        dep = await client.read_deployment_by_name("pipeline/pipeline")
+        run = await client.create_flow_run_from_deployment(
+            dep.id, parameters={"config_path": config, "overrides": [], "train_on": "deployment"})
+        print(f"demo-ui: started flow run {run.name} ({run.id})", flush=True)
+        while wait and not (run.state and run.state.is_final()):
+            await asyncio.sleep(2)
+            run = await client.read_flow_run(run.id)
+        return run
+
+
+def main(argv=None) -> int:
+    from muse import demo
+    from muse.testing.imageserver import ImageServer
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--output", default="demo-ui-output")
+    ap.add_argument("--port", type=int, default=4200, help="the UI's port (another if taken)")
+    ap.add_argument("--quick", action="store_true", help="the tests' smaller world (50 rows, 40 steps)")
+    ap.add_argument("--until-done", action="store_true", help="exit when the pipeline run ends")
+    args = ap.parse_args(argv)
+    out = Path(args.output).resolve()
+    config, images = demo.prepare(out, quick=args.quick)
+    home = out / "prefect-home"
+    home.mkdir(parents=True, exist_ok=True)
+    procs: list[subprocess.Popen] = []
+    with ImageServer(images, port=demo.PORT) as srv, open(home / "server-and-workers.log", "ab") as log:
+        demo.write_urls(out, srv.url())
+        try:
+            server, env = start_server(home, free_port(args.port), log)
+            procs.append(server)
+            for pool in ("cpu", "gpu"):  # both on this machine; in production gpu is a GPU pool
+                prefect_cli(env, "work-pool", "create", pool, "--type", "process")
+            prefect_cli(env, "--no-prompt", "deploy", "--all")
+            procs += [subprocess.Popen(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env=env,
+                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
+            from prefect.settings import PREFECT_API_URL, temporary_settings
+
+            ui = env["PREFECT_API_URL"].removesuffix("/api")
+            print(f"demo-ui: Prefect UI at {ui} (logs {log.name}); Ctrl-C stops the server and workers", flush=True)
+            with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+                run = asyncio.run(trigger_and_wait(str(config), args.until_done))
+            if args.until_done:
+                print(f"demo-ui: pipeline run ended {run.state.name}", flush=True)
+                return 0 if run.state.is_completed() else 1
+            while True:
+                time.sleep(3600)
+        except KeyboardInterrupt:
+            print("\ndemo-ui: stopping", flush=True)
+            return 0
+        finally:
+            for p in reversed(procs):
+                stop(p)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,130 @@
+"""Bounded fan-out and one run per storage root, in real flows under Prefect's test harness.
+
+The library calls under the tasks are replaced by recorders (start/end times, a short sleep):
+what is under test is how many of the real Prefect tasks run at once, not the encoding.
+"""
+
+import threading
+import time
+from types import SimpleNamespace
+
+import pytest
+
+pytestmark = pytest.mark.slow  # a Prefect test server (~10-20 s to start)
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+@pytest.fixture
+def config(tmp_path):
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(f"storage: {{root: {tmp_path / 'root'}, work_dir: {tmp_path / 'work'}}}\n"
+                    "source: {paths: [urls.jsonl]}\nencode: {device: cpu}\n")
+    return str(path)
+
+
+class Recorder:
+    """Stands in for a library call: records (start, end) and sleeps a little."""
+
+    def __init__(self, result, sleep_s=0.3):
+        self.result, self.sleep_s, self.spans, self.lock = result, sleep_s, [], threading.Lock()
+
+    def __call__(self, *args, **kwargs):
+        start = time.monotonic()
+        time.sleep(self.sleep_s)
+        with self.lock:
+            self.spans.append((start, time.monotonic()))
+        return self.result(*args) if callable(self.result) else self.result
+
+    def most_at_once(self) -> int:
+        events = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
+        now = peak = 0
+        for _, step in events:  # an end sorts before a start at the same instant
+            now += step
+            peak = max(peak, now)
+        return peak
+
+
+def test_25_encode_shards_with_a_limit_of_2_never_run_more_than_2_at_once(harness, config, monkeypatch):
+    import flows.encode as enc
+
+    shard = Recorder(lambda cfg, sid: {"rows": 1, "bytes": 1, "replaced": 0})
+    monkeypatch.setattr(enc, "encode_shard", shard)
+    monkeypatch.setattr(enc, "plan_encode", lambda cfg: list(range(25)))
+    monkeypatch.setattr(enc, "finalize_manifest", lambda cfg: {"version": "v", "rows": 25, "replaced": 0,
+                                                                "pending": [], "shards": list(range(25))})
+    out = enc.encode_flow(config, ["encode.max_parallel_shards=2", "encode.shards_per_task=1"])
+    assert out["rows"] == 25 and len(shard.spans) == 25
+    assert shard.most_at_once() == 2
+
+
+def test_download_tasks_respect_max_parallel_tasks(harness, config, monkeypatch):
+    import flows.download as dl
+
+    part = Recorder([])
+    monkeypatch.setattr(dl, "download_chunk", part)
+    monkeypatch.setattr(dl, "plan_chunks", lambda cfg: [SimpleNamespace(label=f"s{i}.jsonl") for i in range(6)])
+    monkeypatch.setattr(dl, "finalize_download", lambda cfg: {})
+    monkeypatch.setattr(dl, "summary_rows", lambda summary: [{"rows": 0}])
+    dl.download_flow(config, ["download.max_parallel_tasks=3"])
+    assert len(part.spans) == 6 and part.most_at_once() == 3
+
+
+def test_two_data_refresh_runs_on_one_root_never_overlap(harness, config, monkeypatch):
+    """A scheduled and a manual data-refresh at once: the second waits for the root."""
+    import flows.pipeline as pl
+
+    phase = Recorder({"rows_in": 0, "rows": 0, "version": "v"}, sleep_s=1.0)
+    monkeypatch.setattr(pl, "download_flow", phase)
+    monkeypatch.setattr(pl, "encode_flow", phase)
+    errors = []
+
+    def refresh():
+        try:
+            pl.data_refresh_flow(config, [])
+        except Exception as e:  # noqa: BLE001 - reported by the assert below
+            errors.append(e)
+
+    threads = [threading.Thread(target=refresh) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert not errors and len(phase.spans) == 4
+    assert phase.most_at_once() == 1
+
+
+def test_torchrun_output_reaches_the_run_log_and_a_failure_ends_with_its_last_lines(harness, config):
+    """No encoded data: the rank's own message must be in the task's log and in the TrainError."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
+
+    from flows.train import train_flow
+    from muse.train import TrainError
+
+    state = train_flow(config, ["train.device=cpu", "train.nproc_per_node=1"], target="local", return_state=True)
+    assert state.is_failed()
+    with pytest.raises(TrainError, match="(?s)exited with code .*its last lines:.*no encoded dataset"):
+        state.result()
+
+    async def task_logs():
+        async with get_client() as client:
+            runs = await client.read_task_runs()
+            run = next(r for r in runs if r.name == "torchrun" and r.flow_run_id == state.state_details.flow_run_id)
+            for _ in range(30):  # logs reach the server in batches
+                logs = await client.read_logs(log_filter=LogFilter(task_run_id=LogFilterTaskRunId(any_=[run.id])))
+                if any("no encoded dataset" in x.message for x in logs):
+                    return logs
+                await asyncio.sleep(1)
+            return logs
+
+    messages = [x.message for x in asyncio.run(task_logs())]
+    assert any(m.startswith("muse train: no encoded dataset") for m in messages), messages[-20:]

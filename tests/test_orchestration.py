@@ -1,0 +1,137 @@
+"""Orchestration rules that need no Prefect server: which errors are retried."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _errors():
+    """(label, exception, retried?) for the errors a pipeline task meets in practice."""
+    import aiohttp
+    import gcsfs.retry
+    import pyarrow as pa
+    import pydantic
+    import requests
+    import torch
+
+    from muse.config import ConfigError
+    from muse.download.runner import DownloadDeadlineError, DownloadError
+    from muse.layout import DataError
+
+    def gcs(code):
+        return gcsfs.retry.HttpError({"code": code, "message": "gcs says"})
+
+    def json_error():
+        try:
+            json.loads("{not json")
+        except json.JSONDecodeError as e:
+            return e
+
+    def validation_error():
+        try:
+            pydantic.TypeAdapter(int).validate_python("x")
+        except pydantic.ValidationError as e:
+            return e
+
+    def caused(outer, cause):
+        outer.__cause__ = cause
+        return outer
+
+    return [
+        ("connection reset", ConnectionResetError("peer reset"), True),
+        ("connection refused", ConnectionRefusedError(), True),
+        ("socket timeout", TimeoutError("timed out"), True),
+        ("TimeoutError", TimeoutError(), True),
+        ("requests connection", requests.exceptions.ConnectionError("down"), True),
+        ("requests read timeout", requests.exceptions.ReadTimeout("slow"), True),
+        ("aiohttp connection", aiohttp.ClientConnectionError("down"), True),
+        ("GCS 429", gcs(429), True),
+        ("GCS 500", gcs(500), True),
+        ("GCS 503", gcs(503), True),
+        ("download deadline", DownloadDeadlineError("ran past download.deadline_s"), True),
+        ("wrapped connection error", caused(RuntimeError("while writing"), ConnectionResetError()), True),
+        ("GCS 403", gcs(403), False),
+        ("GCS 404", gcs(404), False),
+        ("JSONDecodeError", json_error(), False),
+        ("ArrowInvalid", pa.ArrowInvalid("bad parquet"), False),
+        ("pydantic ValidationError", validation_error(), False),
+        ("IndexError", IndexError("list index out of range"), False),
+        ("AssertionError", AssertionError(), False),
+        ("PermissionError", PermissionError(13, "denied"), False),
+        ("FileNotFoundError", FileNotFoundError("x.parquet"), False),
+        ("CUDA out of memory", torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"), False),
+        ("CUDA OOM as RuntimeError", RuntimeError("CUDA out of memory."), False),
+        ("ConfigError", ConfigError("train.lr: must be > 0"), False),
+        ("DataError", DataError("shard 3 corrupt"), False),
+        ("other DownloadError", DownloadError("shard 2 has 9 rows, expected 10"), False),
+        ("RuntimeError (a bug)", RuntimeError("a bug"), False),
+    ]
+
+
+ERRORS = _errors()
+
+
+@pytest.mark.parametrize("label,exc,retried", ERRORS, ids=[e[0] for e in ERRORS])
+def test_only_transient_errors_are_retried(label, exc, retried):
+    """The tasks' retry_condition_fn, fed the Failed state Prefect gives it."""
+    from prefect.states import Failed
+
+    from flows.common import transient
+
+    assert transient(None, None, Failed(data=exc)) is retried, label
+
+
+def test_a_completed_state_is_not_retried():
+    from prefect.states import Completed
+
+    from flows.common import transient
+
+    assert transient(None, None, Completed(data=1)) is False
+
+
+def test_flow_parameters_explain_themselves_in_the_custom_run_form():
+    """The schema Prefect builds for the UI: choices as enums, every parameter described."""
+    from prefect.utilities.callables import parameter_schema
+
+    from flows.pipeline import data_refresh_flow, pipeline_flow
+    from flows.train import train_flow
+
+    props = parameter_schema(pipeline_flow.fn).model_dump()["properties"]
+    assert props["train_on"]["enum"] == ["local", "deployment"]
+    assert {"enum": ["latest", "none"], "type": "string"} in props["resume"]["anyOf"]
+    for fn in (pipeline_flow, data_refresh_flow, train_flow):
+        props = parameter_schema(fn.fn).model_dump()["properties"]
+        missing = [k for k, v in props.items() if not v.get("description")]
+        assert not missing, f"{fn.name}: no description for {missing}"
+    assert "gs://" in props["config_path"]["description"]
+
+
+def test_config_path_may_be_a_gs_url(gcs_root):
+    from muse.config import ConfigError, load_config
+    from muse.storage import Storage
+
+    Storage(gcs_root).write_text("pipeline.yaml", "source: {paths: [urls.jsonl]}\ntrain: {max_steps: 7}\n")
+    cfg = load_config(f"{gcs_root}/pipeline.yaml", ["train.lr=0.001"])
+    assert cfg.train.max_steps == 7 and cfg.train.lr == 0.001
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(f"{gcs_root}/missing.yaml")
+
+
+def test_code_directory_is_read_on_the_worker_when_the_run_starts(tmp_path, monkeypatch):
+    """prefect.yaml's pull step: the worker's $MUSE_PIPELINE_DIR at run time, not the deployer's path."""
+    import yaml
+
+    from flows.steps import set_code_directory
+
+    repo = Path(__file__).resolve().parents[1]
+    pull = yaml.safe_load((repo / "prefect.yaml").read_text())["pull"]
+    assert pull == [{"flows.steps.set_code_directory": {"default": "/opt/muse-pipeline"}}]
+    (tmp_path / "code" / "flows").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MUSE_PIPELINE_DIR", str(tmp_path / "code"))
+    assert set_code_directory() == {"directory": str(tmp_path / "code")}
+    assert Path.cwd() == tmp_path / "code"
+    monkeypatch.delenv("MUSE_PIPELINE_DIR")
+    with pytest.raises(FileNotFoundError, match="MUSE_PIPELINE_DIR"):
+        set_code_directory(default=str(tmp_path / "nowhere"))
