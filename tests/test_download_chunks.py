@@ -12,8 +12,8 @@ import pytest
 
 from muse.config import load_config
 from muse.download import DownloadPart, plan_chunks, run_download
-from muse.layout import IMAGES, done_marker, done_shards
-from muse.storage import Storage, shard_name
+from muse.layout import IMAGES, done_marker, done_shards, shard_name
+from muse.storage import Storage
 from muse.testing.imageserver import ImageServer
 from tests.test_download import SIZE, read_all, write_source
 
@@ -47,7 +47,7 @@ def test_plan_chunks_leaves_out_finished_chunks(server, tmp_path):
     st = Storage(str(tmp_path / "root"))
     for sid in (0, 1, 2):  # pretend these are done: only chunk [2, 3] has work left
         st.write_bytes(shard_name(IMAGES, sid), b"")
-        st.write_json(done_marker(IMAGES, sid), {})
+        st.write_json(done_marker(IMAGES, sid), {"rows_in": 2, "bytes": 0})  # intact.py: size matches
     assert [c.shard_ids() for c in plan_chunks(cfg)] == [[2, 3]]
 
 

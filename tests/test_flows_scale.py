@@ -20,8 +20,8 @@ from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 import flows.download  # noqa: E402
 import flows.encode  # noqa: E402
 from muse.config import load_config  # noqa: E402
-from muse.layout import ENCODERS, IMAGES, dataset_dir, done_marker, done_shards  # noqa: E402
-from muse.storage import Storage, shard_name  # noqa: E402
+from muse.layout import ENCODERS, IMAGES, dataset_dir, done_marker, done_shards, shard_name  # noqa: E402
+from muse.storage import Storage  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a Prefect server and ~300 task runs
 

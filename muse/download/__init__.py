@@ -117,7 +117,7 @@ def _write_shard(cfg, storage, part, sid, table, out_dir, label, k) -> dict:
     fetched = pq.read_table(verify_shard(out_dir, k, end - start, label))
     data, stats = build_shard(table.slice(start, end - start), fetched, sid, part.shard_size,
                               cfg.download.image_size, cfg.download.encode_quality)
-    stats.update(source=part.source, source_rows=[start, end])
+    stats.update(source=part.source, source_rows=[start, end], bytes=len(data))  # bytes: intact.py
     storage.write_bytes(shard_name(IMAGES, sid), data)
     storage.write_json(done_marker(IMAGES, sid), stats)  # the done marker, after the data
     print(f"[download] {shard_name(IMAGES, sid)}: {stats['succeeded']}/{stats['rows_in']} ok, "

@@ -29,7 +29,7 @@ def write_synthetic_shards(storage: Storage, ds: str, ids: list[int], rows: int 
         files: dict[str, bytes] = {}
         for sid in ids[start:start + batch]:
             files[shard_name(IMAGES, sid)] = b"PAR1"
-            files[done_marker(IMAGES, sid)] = json.dumps({"rows_in": rows}).encode()
+            files[done_marker(IMAGES, sid)] = json.dumps({"rows_in": rows, "bytes": 4}).encode()
             if encoded:
                 rel = shard_name(ds, sid)
                 record = {"id": sid, "path": rel.rsplit("/", 1)[-1], "rows": rows, "bytes": 4,
