@@ -212,7 +212,7 @@ class TrainConfig(_Section):
     def _streams(self) -> "TrainConfig":
         # each loader worker owns whole streams, so the data order does not depend on num_workers
         if self.loader_streams % max(self.num_workers, 1):
-            raise ValueError(f"num_workers ({self.num_workers}) must divide loader_streams "
+            raise ValueError(f"train.num_workers ({self.num_workers}) must divide train.loader_streams "
                              f"({self.loader_streams}): change one of them")
         return self
 

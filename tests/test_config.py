@@ -26,7 +26,7 @@ def test_defaults_and_override():
     (["download.distributor=ray"], "download.distributor"),
     (["encode.superres=true"], "download.image_size >= 512"),
     (["download.image_size=4"], "download.image_size"),
-    (["train.num_workers=3"], "train: num_workers (3) must divide loader_streams (8)"),
+    (["train.num_workers=3"], "train.num_workers (3) must divide train.loader_streams (8)"),
 ])
 def test_bad_values_name_the_key(overrides, needle):
     with pytest.raises(ConfigError, match=re.escape(needle)):
