@@ -141,10 +141,18 @@ def test_handoff_with_no_worker_online_fails_at_once_naming_the_pool(server, tmp
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"storage: {{root: {tmp_path / 'root'}}}\nsource: {{paths: [urls.jsonl]}}\n")
 
+    from prefect.events.worker import EventsWorker
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
-        state = train_flow(str(config), ["train.handoff_start_timeout_s=60"], target="train/idle", return_state=True)
+        try:
+            state = train_flow(str(config), ["train.handoff_start_timeout_s=60"], target="train/idle",
+                               return_state=True)
+        finally:
+            # Prefect keeps one events worker per process, keyed by client type, not by server:
+            # left alive it would send a later test's events to this server once it is gone
+            # (each event then waits ~70 s: test_download_filters' harness timed out in CI).
+            EventsWorker.drain_all(timeout=60)
     assert state.is_failed()
     with pytest.raises(HandoffError, match="no worker online in pool 'gpu-idle': start one with `prefect worker start"):
         state.result()
