@@ -113,3 +113,35 @@ def test_pinned_revision_changes_the_version_unpinned_keeps_it(tmp_path):
             "superres_vq_model", "superres_vq_subfolder", "superres_vq_format")
     blob = json.dumps({k: getattr(cfg.encode, k) for k in keys}, sort_keys=True)
     assert cfg.encode.version() == hashlib.sha256(blob.encode()).hexdigest()[:10]
+
+
+def _hub_cache(root: Path, revisions: dict[str, int]) -> dict[str, str]:
+    """A Hugging Face cache holding `org/vq` (subfolder vqvae) at several refs, one tiny VQ
+    (its seed) per ref, laid out as huggingface_hub writes it: refs/<name> -> snapshots/<commit>."""
+    repo = root / "models--org--vq"
+    (repo / "refs").mkdir(parents=True)
+    commits = {}
+    for i, (ref, seed) in enumerate(revisions.items()):
+        commits[ref] = f"{i + 1:x}" * 40
+        build_tiny_vq(repo / "snapshots" / commits[ref] / "vqvae", seed=seed)
+        (repo / "refs" / ref).write_text(commits[ref])
+    return commits
+
+
+def test_a_pinned_revision_loads_that_commit_and_is_its_fingerprint(tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    from muse.sample import load_decoder
+
+    commits = _hub_cache(tmp_path / "hub", {"main": 0, "v1": 1})
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the conftest sets it; the cache is all there is
+    want = {ref: load_vq(str(tmp_path / "hub/models--org--vq/snapshots" / sha / "vqvae")).model.state_dict()
+            for ref, sha in commits.items()}
+    cfg = _cfg(tmp_path, {"text_model": "unused", "vq_model": "org/vq"})
+    for revision in (None, "v1"):
+        e = cfg.encode.model_copy(update={"vq_subfolder": "vqvae", "vq_revision": revision})
+        got = load_decoder(e, torch.device("cpu")).model.state_dict()  # what `muse sample` decodes with
+        ref = revision or "main"
+        assert all(torch.equal(got[k], want[ref][k]) for k in want[ref])
+        assert fingerprint("org/vq", "vqvae", revision, "encode.vq_model") == f"hub:org/vq@{commits[ref]}"
