@@ -60,6 +60,6 @@ def fingerprint(name_or_path: str, subfolder: str | None, revision: str | None, 
 
 
 def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
-    """'key: recorded -> current' for each model whose fingerprint differs ([] = the same weights)."""
-    return [f"{k}: recorded {recorded.get(k)} , loaded now {current.get(k)}"
+    """One phrase per model whose fingerprint differs, naming its config key ([] = the same weights)."""
+    return [f"encode.{k}: recorded {recorded.get(k)}, loaded now {current.get(k)}"
             for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]
