@@ -6,7 +6,7 @@ from typing import Literal
 
 from prefect import flow, task
 
-from flows.common import cfg_from
+from flows.common import ConfigError, cfg_from
 from flows.download import download_flow
 from flows.encode import encode_flow
 from flows.limits import root_lease
@@ -22,8 +22,10 @@ def sample_task(config_path: str, overrides: list[str]) -> list[str]:
 
 @flow(name="pipeline", log_prints=True)
 def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None,
-                  train_on: Literal["local", "deployment"] = "local", resume: Resume = "latest") -> dict:
-    """The whole pipeline: download -> encode -> train -> sample.
+                  train_on: Literal["local", "deployment"] = "local", resume: Resume = "latest",
+                  cascade: bool = False, superres_overrides: list[str] | None = None) -> dict:
+    """The whole pipeline: download -> encode -> train -> sample (with `cascade`: train base, then
+    super-res, and sample base then super-res: 512 px pictures).
 
     Args:
         config_path: the pipeline.yaml to run: a path on the worker or a gs:// URL
@@ -31,17 +33,27 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
         train_on: "local" trains in this run's worker; "deployment" hands training to the
             `train` deployment on the GPU pool (it must have a worker online)
         resume: "latest" continues the run's last checkpoint, "none" starts fresh, or a checkpoint folder
+        cascade: also train the super-resolution model (needs encode.superres: true) as run
+            `<train.run_name>-sr`, and sample through both
+        superres_overrides: `key=value` strings for the super-res run only, e.g. ["model.preset=small"]
     """
     overrides = list(overrides or [])
     cfg = cfg_from(config_path, overrides)  # fail fast on a bad config, before any work
+    sr_overrides = superres_run(cfg, overrides, superres_overrides or []) if cascade else None
+    if sr_overrides is not None:
+        cfg_from(config_path, sr_overrides)  # the super-res run's config too
     with root_lease(cfg):  # one pipeline / data-refresh per storage root at a time
         downloaded = download_flow(config_path, overrides)
         encoded = encode_flow(config_path, overrides)
         checkpoint = train_flow(config_path, overrides, resume=resume, target=train_on)
-        samples = sample_task(config_path, overrides)
+        sr_checkpoint = (train_flow(config_path, sr_overrides, resume=resume, target=train_on)
+                         if sr_overrides is not None else None)
+        samples = sample_task(config_path, overrides + cascade_sampling(checkpoint, sr_checkpoint))
         report_task(config_path, overrides, samples)
     out = {**row_counts(downloaded), "succeeded": downloaded["succeeded"], "encoded_rows": encoded["rows"],
            "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
+    if sr_checkpoint is not None:
+        out["superres_checkpoint"] = sr_checkpoint
     print(f"pipeline done: {out}")
     return out
 
@@ -59,6 +71,26 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
         downloaded = download_flow(config_path, overrides)
         encoded = encode_flow(config_path, overrides)
     return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+
+
+def superres_run(cfg, overrides: list[str], extra: list[str]) -> list[str]:
+    """The overrides of the cascade's super-res run: the same dataset (its rows hold vq16 and vq64),
+    `model.kind: superres`, its own run name, then `extra`. Refused unless the data has vq64."""
+    if not cfg.encode.superres:
+        raise ConfigError("pipeline cascade: encode.superres must be true (with download.image_size: 512), "
+                          "so that the dataset holds the 64x64 ids the super-res model learns")
+    if cfg.model.kind != "base":
+        raise ConfigError(f"pipeline cascade: model.kind is {cfg.model.kind!r}; set it to base (the cascade "
+                          "trains the base model, then adds the super-res run; superres_overrides sizes it)")
+    return [*overrides, "model.kind=superres", f"train.run_name={cfg.train.run_name}-sr", *extra]
+
+
+def cascade_sampling(checkpoint: str, sr_checkpoint: str | None) -> list[str]:
+    """Sampling overrides: through the two checkpoints just trained (none without the cascade:
+    `muse sample` then takes the run's latest, which is the one just trained)."""
+    if sr_checkpoint is None:
+        return []
+    return [f"sample.checkpoint={checkpoint}", f"sample.superres_checkpoint={sr_checkpoint}"]
 
 
 def row_counts(downloaded: dict) -> dict:

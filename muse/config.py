@@ -99,13 +99,18 @@ class EncodeConfig(_Section):
     text_model: str = "google/t5-v1_1-base"
     text_max_length: int = Field(77, ge=1, le=512)
     text_dtype: Literal["fp32", "bf16"] = "fp32"
+    # Hub commit (or tag/branch) of each model; null: the newest. The commit actually loaded is
+    # recorded in _ENCODERS.json either way, and a dataset version refuses shards from another.
+    text_revision: Optional[str] = Field(None, description="hub revision of text_model; null: newest")
     vq_model: str = "amused/amused-256"
     vq_subfolder: Optional[str] = "vqvae"
     vq_format: Literal["diffusers", "open-muse"] = "diffusers"
+    vq_revision: Optional[str] = Field(None, description="hub revision of vq_model; null: newest")
     superres: bool = False
     superres_vq_model: str = "openMUSE/paellavq-f8-8192-laion"
     superres_vq_subfolder: Optional[str] = None
     superres_vq_format: Literal["diffusers", "open-muse"] = "open-muse"
+    superres_vq_revision: Optional[str] = Field(None, description="hub revision of superres_vq_model; null: newest")
     batch_size: int = Field(64, ge=1)
     row_group_size: int = Field(256, ge=1)
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
@@ -117,11 +122,15 @@ class EncodeConfig(_Section):
                                                "null: one per visible GPU, 1 on CPU")
 
     def version(self) -> str:
-        """Dataset version: a short hash of everything that changes the encoded values."""
+        """Dataset version: a short hash of everything that changes the encoded values and is known
+        before a model loads. The weights themselves are fingerprinted at load time and checked
+        against the version's `_ENCODERS.json` (muse/encode/fingerprint.py)."""
         keys = ("text_model", "text_max_length", "text_dtype", "vq_model", "vq_subfolder",
                 "vq_format", "superres", "superres_vq_model", "superres_vq_subfolder",
                 "superres_vq_format")
-        blob = json.dumps({k: getattr(self, k) for k in keys}, sort_keys=True)
+        pinned = {k: getattr(self, k) for k in ("text_revision", "vq_revision", "superres_vq_revision")
+                  if getattr(self, k) is not None}  # only when set: unpinned versions keep their old hash
+        blob = json.dumps({k: getattr(self, k) for k in keys} | pinned, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
 

@@ -60,30 +60,35 @@ def hub_reachable() -> bool:
     return _resolves(hub_host())
 
 
-def cached(repo_id: str, subfolder: str | None = None) -> bool:
+def cached(repo_id: str, subfolder: str | None = None, revision: str | None = None) -> bool:
     """Whether the HF cache holds the model's config.json (what every from_pretrained reads first)."""
     from huggingface_hub import try_to_load_from_cache
 
     filename = f"{subfolder}/config.json" if subfolder else "config.json"
     try:
-        return isinstance(try_to_load_from_cache(repo_id, filename), str)
+        return isinstance(try_to_load_from_cache(repo_id, filename, revision=revision), str)
     except ValueError:  # not a valid repo id (e.g. a missing local path): cannot be in the cache
         return False
 
 
-def hub_kwargs(name_or_path: str, key: str, subfolder: str | None = None) -> dict:
+def hub_kwargs(name_or_path: str, key: str, subfolder: str | None = None, revision: str | None = None) -> dict:
     """Extra from_pretrained kwargs for `name_or_path` ({} or local_files_only), or HubUnavailable."""
     if Path(name_or_path).expanduser().exists():
         return {}
     if _offline():
-        if cached(name_or_path, subfolder):
+        if cached(name_or_path, subfolder, revision):
             return {}
         raise HubUnavailable(_message(name_or_path, key, "HF_HUB_OFFLINE=1 is set"))
     if hub_reachable():
         return {}
-    if cached(name_or_path, subfolder):
+    if cached(name_or_path, subfolder, revision):
         return {"local_files_only": True}  # the cached copy, without a minute of retries
     raise HubUnavailable(_message(name_or_path, key, f"the hub host {hub_host()} cannot be resolved"))
+
+
+def pin(revision: str | None) -> dict:
+    """from_pretrained kwargs for a hub revision (none when unpinned: each library's own default)."""
+    return {"revision": revision} if revision else {}
 
 
 def _message(name: str, key: str, why: str) -> str:

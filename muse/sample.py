@@ -257,8 +257,9 @@ def load_decoder(e, device, superres: bool = False):
     from muse.encode.image import load_paella, load_vq
 
     if superres:
-        return load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device))
-    return load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device))
+        return load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device),
+                           revision=e.superres_vq_revision)
+    return load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device), revision=e.vq_revision)
 
 
 def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
@@ -287,6 +288,7 @@ def load_models(cfg, storage) -> SamplingModels:
     if s.superres_checkpoint:
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
+                                       revision=e.text_revision,
                                        device=str(device))
     return SamplingModels(text, base, sr, load_decoder(e, device, superres=sr is not None))
 

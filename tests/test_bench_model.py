@@ -17,5 +17,6 @@ def test_model_bench_prints_its_table():
     lines = out.stdout.strip().splitlines()
     assert any(line.startswith("train step (s)") for line in lines)
     assert any(line.startswith("12-step guided generation") for line in lines)
+    assert any(line.startswith("super-res multi-axis / full attention: samples/s ratio") for line in lines)
     assert lines[-1].startswith("ratio (train step")
     float(lines[-1].rsplit(":", 1)[1])

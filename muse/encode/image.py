@@ -8,6 +8,7 @@ original open-muse checkpoint (`fmt="open-muse"`) through a key mapping. Inputs 
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import re
@@ -60,12 +61,14 @@ def paella_class():
 
 
 def _resolve(name_or_path: str, subfolder: str | None, hub: dict) -> str:
-    """Local folder (+subfolder) or download a hub snapshot (only needed for open-muse format)."""
+    """Local folder (+subfolder), or a hub snapshot at hub["revision"] (open-muse format), downloading
+    only the subfolder's files: an open-muse repository holds other models beside the one used."""
     p = Path(name_or_path)
     if not p.exists():
         from huggingface_hub import snapshot_download
 
-        p = Path(snapshot_download(name_or_path, **hub))
+        only = [f"{subfolder}/*"] if subfolder else None
+        p = Path(snapshot_download(name_or_path, allow_patterns=only, **hub))
     return str(p / subfolder) if subfolder else str(p)
 
 
@@ -83,16 +86,16 @@ def _read_state(folder: str) -> dict:
     raise FileNotFoundError(f"{folder}: no model.safetensors / pytorch_model.bin")
 
 
-def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert, key: str):
-    from muse.hub import hub_kwargs
+def _load(cls, name_or_path: str, subfolder: str | None, fmt: str, convert, key: str, revision: str | None):
+    from muse.hub import hub_kwargs, pin
 
-    hub = hub_kwargs(name_or_path, key, subfolder)  # before the load: no minute of retries when offline
+    hub = hub_kwargs(name_or_path, key, subfolder, revision)  # before the load: no minute of retries offline
     with LOAD_LOCK:
-        return _load_unlocked(cls, name_or_path, subfolder, fmt, convert, hub)
+        return _load_unlocked(cls, name_or_path, subfolder, fmt, convert, hub | pin(revision))
 
 
 def _load_unlocked(cls, name_or_path: str, subfolder: str | None, fmt: str, convert, hub: dict):
-    if fmt == "diffusers":
+    if fmt == "diffusers":  # diffusers fetches only the subfolder's files
         return cls.from_pretrained(name_or_path, subfolder=subfolder, **hub)
     if fmt != "open-muse":
         raise ValueError(f"unknown VQ format {fmt!r}: diffusers or open-muse")
@@ -198,6 +201,22 @@ def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:
     return model.decoder(model.post_quant_conv(quant), None)
 
 
+@contextlib.contextmanager
+def exact_fp32():
+    """TF32 off and the highest fp32 matmul precision, restored after. On Ampere and later GPUs
+    TF32 (cuDNN convolutions use it by default) keeps 10 mantissa bits, enough to move an id
+    that is near a codebook tie: the same image would get other ids on other GPUs or settings."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+             torch.get_float32_matmul_precision())
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(saved[2])  # first: it sets matmul.allow_tf32 too
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+
+
 class VQTokenizer:
     """Batched image <-> ids with a diffusers VQModel or PaellaVQModel."""
 
@@ -214,8 +233,9 @@ class VQTokenizer:
     def encode(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (B, H, W, 3) -> ids (B, H/f, W/f) int64 (on CPU)."""
         x = torch.as_tensor(images).to(self.device).permute(0, 3, 1, 2).float().div_(255.0)
-        latents = self.model.encode(x).latents
-        _, _, (_, _, idx) = self._quantizer()(latents)
+        with exact_fp32():  # ids are data: the same on every GPU, not only close
+            latents = self.model.encode(x).latents
+            _, _, (_, _, idx) = self._quantizer()(latents)
         B, _, h, w = latents.shape
         return idx.reshape(B, h, w).cpu()
 
@@ -239,20 +259,21 @@ def _factor(model) -> int:
 
 
 def load_vq(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
-            device: str = "cpu", key: str = "encode.vq_model") -> VQTokenizer:
+            device: str = "cpu", key: str = "encode.vq_model", revision: str | None = None) -> VQTokenizer:
     """The base tokenizer (open-muse VQGAN f16) as a VQTokenizer, fp32."""
     from diffusers import VQModel
 
     def convert(state, model):
         return openmuse_vqgan_to_diffusers(state, len(model.config.block_out_channels))
 
-    model = _load(VQModel, name_or_path, subfolder, fmt, convert, key).float()
+    model = _load(VQModel, name_or_path, subfolder, fmt, convert, key, revision).float()
     return VQTokenizer(model, torch.device(device), _factor(model))
 
 
 def load_paella(name_or_path: str, subfolder: str | None = None, fmt: str = "diffusers",
-                device: str = "cpu", key: str = "encode.superres_vq_model") -> VQTokenizer:
+                device: str = "cpu", key: str = "encode.superres_vq_model",
+                revision: str | None = None) -> VQTokenizer:
     """The super-resolution tokenizer (PaellaVQ f8) as a VQTokenizer, fp32, eval mode (BatchNorm)."""
     model = _load(paella_class(), name_or_path, subfolder, fmt, lambda s, m: openmuse_paella_to_diffusers(s),
-                  key).float()
+                  key, revision).float()
     return VQTokenizer(model, torch.device(device), _factor(model))

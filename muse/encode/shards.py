@@ -5,7 +5,8 @@ One output shard per input shard, same id. A shard is done when its record
 rebuilt from the records of the current image shards and written last. So N workers can
 encode disjoint shards of one dataset concurrently, a killed run leaves nothing that a
 reader trusts, and a re-run does only what is missing. The version is a hash of the
-encoder config: a changed encoder never mixes with an old dataset.
+encoder config, and `_ENCODERS.json` records a fingerprint of the weights loaded (hub commit or
+sha256 of local files): shards from other weights are refused, so encoders never mix.
 
 Throughput (`run_encode`): one thread reads the next image shard from storage, another
 decodes the next batches of this one while the models run, and a writer thread serialises
@@ -30,6 +31,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.config import resolve_device
+from muse.encode.fingerprint import fingerprint, fingerprint_changes
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
                          done_shards, empty_caption_record, encoded_schema, format_shard_id, shard_name,
@@ -51,10 +53,13 @@ class Encoders:
         from muse.encode.text import TextEncoder
 
         dev = resolve_device(e.device)
-        self.text = TextEncoder.from_pretrained(e.text_model, e.text_max_length, e.text_dtype, str(dev))
-        self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev))
+        self.text = TextEncoder.from_pretrained(e.text_model, e.text_max_length, e.text_dtype, str(dev),
+                                                revision=e.text_revision)
+        self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev), revision=e.vq_revision)
         self.paella = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format,
-                                  str(dev)) if e.superres else None
+                                  str(dev), revision=e.superres_vq_revision) if e.superres else None
+        self.fingerprints = _fingerprints(e)  # after the loads: a hub commit is known once it is cached
+        self.runtime = _runtime(dev)
         # the base model's pictures are as large as its VQ needs for a 16x16 grid: 256px for the
         # open-muse VQGAN f16, 64px for the demo's f4 tokenizer; super-resolution stays at 512px
         self.base_px = GRID_BASE * self.vq.factor
@@ -82,7 +87,26 @@ class Encoders:
                 "vq_model": e.vq_model, "vq_subfolder": e.vq_subfolder, "vq_format": e.vq_format,
                 "codebook_size": self.vq.codebook_size, "grid": GRID_BASE,
                 "superres_vq_model": e.superres_vq_model if e.superres else None,
-                "superres_grid": GRID_SUPERRES if e.superres else None}
+                "superres_grid": GRID_SUPERRES if e.superres else None, "fingerprints": self.fingerprints}
+
+
+def _fingerprints(e) -> dict:
+    """Config key -> fingerprint of the weights it loaded (muse/encode/fingerprint.py)."""
+    models = [("text_model", e.text_model, None, e.text_revision), ("vq_model", e.vq_model, e.vq_subfolder, e.vq_revision)]
+    if e.superres:
+        models.append(("superres_vq_model", e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_revision))
+    return {k: fingerprint(name, sub, rev, f"encode.{k}") for k, name, sub, rev in models}
+
+
+def _runtime(dev) -> dict:
+    """Where a shard was encoded, for its record: ids can differ across devices and library versions."""
+    import diffusers
+    import torch
+    import transformers
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    return {"device": name, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                                         "transformers": transformers.__version__}}
 
 
 def decode_picture(jpeg: bytes, size: int) -> np.ndarray:
@@ -176,7 +200,7 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
     out = encode_table(table, enc, e, storage.url(shard_name(IMAGES, shard_id)))
     # Same content from every worker, so a race between two of them is harmless. Computed
     # here, not in the writer thread, which would run it beside the next shard's models.
-    facts = None if storage.exists(f"{ds}/{ENCODERS}") else _encoder_facts(enc, e)
+    facts = encoder_facts_to_write(enc, e, storage, ds)
 
     def write() -> dict:
         if facts is not None:
@@ -186,7 +210,7 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
         storage.write_bytes(rel, data)
         record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name(IMAGES, shard_id),
-                  "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False)))}
+                  "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))), **enc.runtime}
         storage.write_json(done_marker(ds, shard_id), record)  # the done marker, after the data
         return record
 
@@ -198,6 +222,27 @@ def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
     storage = storage or Storage.from_config(cfg)
     done = set(done_shards(storage, dataset_dir(cfg)))
     return [s for s in done_shards(storage, IMAGES) if s not in done]
+
+
+def encoder_facts_to_write(enc: Encoders, e, storage: Storage, ds: str) -> dict | None:
+    """The `_ENCODERS.json` to write when the version has none; None when it has one that records
+    the weights loaded now. EncodeError when it records other weights: adding shards would mix
+    two encoders' values in one dataset (a folder rebuilt in place, an unpinned hub id that moved)."""
+    rel = f"{ds}/{ENCODERS}"
+    if not storage.exists(rel):
+        return _encoder_facts(enc, e)
+    recorded = storage.read_json(rel)["info"].get("fingerprints")
+    if recorded is None:  # written before fingerprints were recorded: nothing to compare with
+        return None
+    changes = fingerprint_changes(recorded, enc.fingerprints)
+    if changes:
+        raise EncodeError(
+            f"{storage.url(rel)}: dataset version {ds.rsplit('/', 1)[-1]} was encoded with other weights than "
+            f"the ones loaded now ({'; '.join(changes)}); adding shards would mix two encoders in one dataset. "
+            "Restore the recorded weights (for a hub model, set encode.*_revision to the recorded commit), "
+            "or encode a new version (a new model folder or revision), or delete "
+            f"{storage.url(ds)} to encode all of it again with these weights")
+    return None
 
 
 def _encoder_facts(enc: Encoders, e) -> dict:
@@ -233,6 +278,8 @@ def run_encode(cfg) -> dict:
     storage = Storage.from_config(cfg)
     todo = plan_encode(cfg, storage)
     total = len(done_shards(storage, IMAGES))
+    if todo:  # refuse other weights once, before any shard is read
+        encoder_facts_to_write(Encoders.get(cfg.encode), cfg.encode, storage, dataset_dir(cfg))
     print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}", file=sys.stderr)
     failed: dict[int, str] = {}
     t0, rows = time.time(), 0

@@ -23,16 +23,18 @@ class TextEncoder:
 
     @classmethod
     def from_pretrained(cls, name_or_path: str, max_length: int = 77, dtype: str = "fp32",
-                        device: str = "cpu", key: str = "encode.text_model") -> "TextEncoder":
-        """`key`: the config key that named the model, for the one-line error when it cannot come."""
+                        device: str = "cpu", key: str = "encode.text_model",
+                        revision: str | None = None) -> "TextEncoder":
+        """`key`: the config key that named the model, for the one-line error when it cannot come.
+        `revision`: hub commit, tag or branch (None: the newest)."""
         from transformers import AutoTokenizer, T5EncoderModel
 
-        from muse.hub import hub_kwargs
+        from muse.hub import hub_kwargs, pin
 
         if dtype not in DTYPES:
             raise ValueError(f"encode.text_dtype must be one of {sorted(DTYPES)} (T5 overflows in fp16), got {dtype!r}")
         dev = torch.device(device)
-        hub = hub_kwargs(name_or_path, key)  # before the load: no minute of retries when offline
+        hub = hub_kwargs(name_or_path, key, revision=revision) | pin(revision)  # before the load: no retries offline
         with LOAD_LOCK:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub)
             model = T5EncoderModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], **hub).to(dev).eval()
