@@ -38,6 +38,17 @@ def test_every_caption_of_the_world_fits_the_demos_text_length(tmp_path):
     assert "yellow" in pieces and "triangle" in pieces, pieces    # whole words, one token each
 
 
+def test_a_demo_rerun_keeps_its_text_encoder(tmp_path):
+    """The encoded dataset records the T5's content fingerprint and refuses shards from other
+    weights: a re-run of the demo (after a kill, or with a new URL list) must load the same T5."""
+    from muse.encode.fingerprint import local_fingerprint
+
+    first = demo.text_encoder(tmp_path / "t5")
+    before = local_fingerprint(first)
+    assert demo.text_encoder(tmp_path / "t5") == first
+    assert local_fingerprint(first) == before
+
+
 @pytest.mark.slow
 def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
     from muse.encode.image import load_vq
