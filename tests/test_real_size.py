@@ -6,7 +6,9 @@ loaders users run; `muse encode` on 2 pictures; one training step at batch 1 of 
 (~632M) and of the super-res preset with the trainer's own step functions; a 2-step `generate`
 of each. Each stage runs in its own process (`python -m tests.test_real_size STAGE DIR`), so its
 peak RSS is its own and the models of one stage are gone before the next starts. The bounds are
-the figures measured on a 2-core CPU machine (bench/RESULTS.md) x ~1.5: a memory regression fails.
+the figures measured on a 2-core CPU machine (bench/RESULTS.md) x ~1.5 (super-res: an estimate until
+measured): a memory regression fails. The super-res stage (~14 TFLOP a step) runs only with
+MUSE_REAL_SIZE_SUPERRES=1.
 """
 
 from __future__ import annotations
@@ -133,8 +135,8 @@ def stage_train(d: Path, kind: str) -> dict:
 
 
 class Clock:
-    """Wall and CPU seconds per phase, printed as each ends (a stage stopped by the hang guard still
-    shows its split). On a loaded machine the CPU seconds are the closer guess of a quiet run."""
+    """Wall and CPU seconds per phase, printed to stderr as each ends. On a loaded machine the CPU
+    seconds are the closer guess of a quiet run."""
 
     def __init__(self):
         self.t0, self.c0, self.seconds = time.time(), time.process_time(), {}
