@@ -19,7 +19,7 @@ grad_accum), independent of the number of DataLoader workers, so a run resumed w
   Worker w of k (k divides S) produces batches g0+w, g0+w+k, ..., which are exactly the
   streams it owns, and DataLoader's round-robin returns g0, g0+1, ... whatever k is.
 
-The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`eval_position`:
+The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`layout.eval_position`:
 blake2b-64 of the UTF-8 key as a fraction of 2**64) is never put in a shuffle buffer, so the
 trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash ignores the seed
 and the world size, so the slice is the same for every run on the data, and a larger f
@@ -46,21 +46,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id, parse_shard_id,
-                         read_manifest, t5_from_bytes)
+from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id,
+                         in_eval_slice, parse_shard_id, read_manifest, read_shard_table, t5_from_bytes,
+                         trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
-
-
-def eval_position(key: str) -> float:
-    """A row's stable place in [0, 1): blake2b-64 of its key / 2**64 (the eval slice is [0, f))."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
-
-
-def in_eval_slice(key: str, eval_holdout: float) -> bool:
-    return eval_holdout > 0 and eval_position(key) < eval_holdout
 
 
 @dataclass(frozen=True)
@@ -144,6 +135,21 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
     return out
 
 
+def recorded_counts(storage: Storage, dataset_dir: str, manifest: dict, eval_holdout: float,
+                    drop_replaced: bool) -> np.ndarray | None:
+    """Trainable rows per row group (shards by id, row groups in order) as encode recorded them in
+    the shard table (`layout.trainable_counts`); None when not recorded for these settings."""
+    column = trainable_column(eval_holdout, drop_replaced)
+    table = read_shard_table(storage, dataset_dir, manifest, ["id", "rows", "sha256", column]) if column else None
+    if table is None or column not in table.column_names or table.column(column).null_count:
+        return None
+    listed = sorted(manifest["shards"], key=lambda s: s["id"])  # a manifest edited by hand lists others
+    if [(s["id"], s["rows"], s.get("sha256")) for s in listed] != list(zip(*(table.column(c).to_pylist()
+                                                                            for c in ("id", "rows", "sha256")))):
+        return None
+    return table.column(column).combine_chunks().flatten().to_numpy().astype(np.int64)
+
+
 class _UnitData:
     """One decoded row group: T5 packed [sum L, D] fp16 + offsets, ids, keys, replaced."""
 
@@ -222,18 +228,18 @@ class StreamingDataset(IterableDataset):
     # -- the epoch plan
     def trainable(self, keys: list[str], replaced) -> np.ndarray:
         """Indices of a unit's rows the trainer may see (the same filter at planning and loading)."""
-        keep = np.ones(len(keys), dtype=bool)
-        if self.eval_holdout:
-            keep &= ~np.array([in_eval_slice(k, self.eval_holdout) for k in keys], dtype=bool)
-        if self.replaced_rows == "drop":
-            keep &= ~np.asarray(replaced, dtype=bool)
-        return np.flatnonzero(keep)
+        return np.flatnonzero(trainable_mask(keys, replaced, self.eval_holdout, self.replaced_rows == "drop"))
 
     def _trainable_counts(self, storage: Storage) -> np.ndarray:
-        """Trainable rows per unit: the manifest's counts, or (with a filter) the key/replaced
-        columns read once (small next to the T5 column), so the plan is exact."""
+        """Trainable rows per unit: the manifest's row counts, or (with a filter) the counts encode
+        recorded in the shard table for it, or else (older data, an unrecorded eval_holdout) the
+        key/replaced columns read once (small next to the T5 column), so the plan is exact."""
         if not self.eval_holdout and self.replaced_rows != "drop":
             return np.array([u.rows for u in self.units], dtype=np.int64)
+        recorded = recorded_counts(storage, self.dataset_dir, self.manifest, self.eval_holdout,
+                                   self.replaced_rows == "drop")
+        if recorded is not None and len(recorded) == len(self.units):
+            return recorded
         return np.array([len(self.trainable(t.column("key").to_pylist(), t.column("replaced").to_numpy(zero_copy_only=False)))
                          for t in (read_unit(storage, u, ["key", "replaced"]) for u in self.units)], dtype=np.int64)
 

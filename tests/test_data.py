@@ -201,6 +201,42 @@ def test_plan_counts_filtered_rows_and_whole_optimizer_steps(tmp_path):
     assert set(seen) <= left and max(seen.values()) == 1 and len(seen) == ds.batches_per_epoch
 
 
+def test_recorded_trainable_counts_equal_reading_and_start_reads_no_row_group(tmp_path, monkeypatch):
+    """Encode records trainable rows per row group for the EVAL_LEVELS fractions (replaced rows kept
+    or dropped); with them a loader with an eval slice or replaced_rows=drop reads no row group at
+    start (on main every rank read the key/replaced columns of every row group); another fraction
+    still reads them, and both ways give the counts the rows themselves give."""
+    root = str(tmp_path / "root")
+    st = Storage(root)
+    write_test_dataset(st, DIR, shards=3, rows=40, row_group_size=8, replaced_every=3)
+    truth = {}  # counts from the rows themselves, with the public rule
+    for f, drop in [(0.1, True), (0.1, False), (0.0, True), (0.1003, True)]:
+        truth[f, drop] = [sum(not in_eval_slice(k, f) and not (drop and r) for k, r in zip(
+            t.column("key").to_pylist(), t.column("replaced").to_pylist()))
+            for sid in range(3) for pf in [pq.ParquetFile(io.BytesIO(st.read_bytes(f"{DIR}/{sid:05d}.parquet")))]
+            for t in (pf.read_row_group(i) for i in range(pf.num_row_groups))]
+    assert truth[0.1, True] != truth[0.1, False] != [8] * 15  # held-out and dropped rows both occur
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **kw: reads.append(a) or real(self, *a, **kw))
+    for (f, drop), want in truth.items():
+        reads.clear()
+        ds = StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=f,
+                              replaced_rows="drop" if drop else "keep")
+        assert ds.counts.tolist() == want
+        assert len(reads) == (15 if f == 0.1003 else 0)  # 0.1003 is not recorded: read, as before
+    header = st.read_json(f"{DIR}/{MANIFEST}")  # a table written before the counts: read them
+    table = pq.read_table(io.BytesIO(st.read_bytes(f"{DIR}/{SHARD_TABLE}"))).select(["id", "path", "rows", "sha256"])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    st.write_bytes(f"{DIR}/{SHARD_TABLE}", buf.getvalue())
+    st.write_json(f"{DIR}/{MANIFEST}", header | {"shard_table": header["shard_table"] | {
+        "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}})
+    reads.clear()
+    assert StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=0.1,
+                            replaced_rows="drop").counts.tolist() == truth[0.1, True] and len(reads) == 15
+
+
 def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):
     root = str(tmp_path / "root")
     write_test_dataset(Storage(root), DIR, shards=1, rows=8, row_group_size=4)
