@@ -105,33 +105,72 @@ def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bo
 
 
 LOADER_VERSION = 2  # 2: epochs are exact passes (the plan in the module docstring)
+FINGERPRINT_BLOCK = 1024  # shard ids per block digest: a change is named to within this many ids
 
 
 def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
                        world_size: int, replaced_rows: str, grad_accum: int = 1) -> dict:
-    """What a saved loader state is valid for: the manifest's shards (id -> sha256, else bytes and
-    rows) and the settings that fix the sample order. Saved with the loader state; see
-    `fingerprint_changes`."""
-    shards = {format_shard_id(int(s["id"])): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
-              for s in manifest["shards"]}
-    return {"shards": shards, "loader_version": LOADER_VERSION, "seed": seed, "loader_streams": streams,
-            "batch_size": batch_size, "grad_accum": grad_accum, "shuffle_buffer": shuffle_buffer,
-            "replaced_rows": replaced_rows, "world_size": world_size}
+    """What a saved loader state is valid for: the manifest's shards (`shards_fingerprint`) and the
+    settings that fix the sample order. Saved with the loader state; see `fingerprint_changes`."""
+    shards = {int(s["id"]): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r" for s in manifest["shards"]}
+    return {"shards": shards_fingerprint(shards), "loader_version": LOADER_VERSION, "seed": seed,
+            "loader_streams": streams, "batch_size": batch_size, "grad_accum": grad_accum,
+            "shuffle_buffer": shuffle_buffer, "replaced_rows": replaced_rows, "world_size": world_size}
+
+
+def shards_fingerprint(shards: dict[int, str]) -> dict:
+    """{id: sha256 (or bytes/rows)} -> a few kB whatever the shard count: the count, the ids as
+    ranges ("0-229999"), a sha256 of everything and a 64-bit digest per block of FINGERPRINT_BLOCK
+    ids, so a change is named: added and removed ids exactly, a changed shard by its block."""
+    ids = sorted(shards)
+    ranges, blocks = [], {}
+    for i in ids:
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+        blocks.setdefault(i // FINGERPRINT_BLOCK, hashlib.sha256()).update(f"{i}:{shards[i]}\n".encode())
+    everything = hashlib.sha256("".join(f"{i}:{shards[i]}\n" for i in ids).encode()).hexdigest()
+    return {"count": len(ids), "ids": ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges),
+            "sha256": everything, "blocks": {format_shard_id(b * FINGERPRINT_BLOCK): h.hexdigest()[:16]
+                                             for b, h in blocks.items()}}
+
+
+def _ids_of(ranges: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, ranges.split(",")):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _shard_changes(saved: dict, now: dict) -> list[str]:
+    """`shards_fingerprint`s -> phrases; `saved` may be the id -> sha256 map of older checkpoints."""
+    if "blocks" not in saved:  # loader.json written before the compact form: {"00042": sha256, ...}
+        saved = shards_fingerprint({parse_shard_id(k) or 0: v for k, v in saved.items()})
+    if saved["sha256"] == now["sha256"]:
+        return []
+    old, new = _ids_of(saved["ids"]), _ids_of(now["ids"])
+    moved = {i // FINGERPRINT_BLOCK for i in old ^ new}  # blocks with added or removed ids: named as such
+    changed = sorted((b for b in set(saved["blocks"]) | set(now["blocks"]) if saved["blocks"].get(b) !=
+                      now["blocks"].get(b) and parse_shard_id(b) // FINGERPRINT_BLOCK not in moved), key=parse_shard_id)
+    out = []
+    for what, ids in (("added", sorted(new - old)), ("removed", sorted(old - new)),
+                      ("changed in ids", [f"{b}-{format_shard_id(parse_shard_id(b) + FINGERPRINT_BLOCK - 1)}"
+                                          for b in changed])):
+        names = [format_shard_id(i) if isinstance(i, int) else i for i in ids]
+        if names:
+            out.append(f"shards {what}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    return out or [f"shards changed ({saved['count']} -> {now['count']} shards)"]
 
 
 def fingerprint_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
-    out = []
-    old, new = saved.get("shards", {}), now["shards"]
-    by_id = {"key": lambda name: parse_shard_id(name) or 0}  # shard order, not string order
-    for what, ids in (("added", sorted(set(new) - set(old), **by_id)), ("removed", sorted(set(old) - set(new), **by_id)),
-                      ("changed", sorted((k for k in set(old) & set(new) if old[k] != new[k]), **by_id))):
-        if ids:
-            out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
-    for key in now:
-        if key != "shards" and saved.get(key) != now[key]:
+    out = _shard_changes(saved.get("shards", {}), now["shards"])
+    for key, value in now.items():
+        if key != "shards" and saved.get(key) != value:
             name = {"world_size": "world size", "loader_version": "loader version"}.get(key, f"train.{key}")
-            out.append(f"{name} {saved.get(key)} -> {now[key]}")
+            out.append(f"{name} {saved.get(key)} -> {value}")
     return out
 
 

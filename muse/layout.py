@@ -209,27 +209,29 @@ def trainable_mask(keys: list[str], replaced, eval_holdout: float, drop_replaced
 
 
 # Trainable rows per row group are recorded at encode time for these eval fractions (each with
-# replaced rows kept and dropped), so a loader with one of them counts without reading a row
-# group; any other train.eval_holdout reads the key/replaced columns at start as before.
-EVAL_LEVELS = (0.0, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1)
+# replaced rows kept and dropped; no slice and kept is the row count itself), so a loader with one
+# of them counts without reading a row group; any other train.eval_holdout reads the key/replaced
+# columns at start as before. Few on purpose: each is a count per row group in every shard record
+# and in the shard table (9.2M row groups at LAION-2B scale).
+EVAL_LEVELS = (0.0, 0.001, 0.01, 0.05)
+TRAINABLE_SETTINGS = [(f, drop) for f in EVAL_LEVELS for drop in (False, True) if f or drop]
 
 
 def trainable_column(eval_holdout: float, drop_replaced: bool) -> str | None:
     """The shard-table column of trainable rows per row group for these settings (None: not recorded)."""
-    if eval_holdout not in EVAL_LEVELS:
+    if (eval_holdout, drop_replaced) not in TRAINABLE_SETTINGS:
         return None
     return f"train_rows{'_drop' if drop_replaced else ''}@{float(eval_holdout)!r}"
 
 
 def trainable_counts(keys: list[str], replaced, row_group_size: int) -> dict[str, list[int]]:
-    """{trainable_column: trainable rows of each row group} for every EVAL_LEVELS x keep/drop: what
-    the encoder records per shard (`train_rows` of its record) and the shard table carries."""
+    """{trainable_column: trainable rows of each row group} for each of TRAINABLE_SETTINGS: what the
+    encoder records per shard (`train_rows` of its record) and the shard table carries."""
     out: dict[str, list[int]] = {}
-    for f in EVAL_LEVELS:
-        for drop in (False, True):
-            mask = trainable_mask(keys, replaced, f, drop)
-            out[trainable_column(f, drop)] = [int(mask[i:i + row_group_size].sum())
-                                              for i in range(0, len(keys), row_group_size)]
+    for f, drop in TRAINABLE_SETTINGS:
+        mask = trainable_mask(keys, replaced, f, drop)
+        out[trainable_column(f, drop)] = [int(mask[i:i + row_group_size].sum())
+                                          for i in range(0, len(keys), row_group_size)]
     return out
 
 
@@ -238,7 +240,7 @@ SHARD_RECORD_SCHEMA = pa.schema([
     pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
     pa.field("replaced", pa.int64()),
 ])
-TRAINABLE_COLUMNS = [trainable_column(f, drop) for f in EVAL_LEVELS for drop in (False, True)]
+TRAINABLE_COLUMNS = [trainable_column(f, drop) for f, drop in TRAINABLE_SETTINGS]
 SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_RECORD_SCHEMA) + [pa.field(c, pa.list_(pa.int32()))
                                                               for c in TRAINABLE_COLUMNS])
 
