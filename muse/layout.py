@@ -6,7 +6,8 @@
     encoded/<version>/NNNNN.parquet  phase 2 shard (`encoded_schema`)
     encoded/<version>/NNNNN.json     its record and done marker, written after the Parquet file
     encoded/<version>/_ENCODERS.json what the manifest needs from the models (ENCODERS)
-    encoded/<version>/_SHARDS.parquet the manifest's shard table, one row per shard (SHARD_TABLE)
+    encoded/<version>/_SHARDS.parquet the manifest's shard table, one row per shard (SHARD_TABLE_SCHEMA:
+                                     the record + trainable rows per row group, `trainable_counts`)
     encoded/<version>/_MANIFEST.json the dataset a trainer reads, written last (MANIFEST)
 
 Shard ids: NNNNN is `format_shard_id(id)`, the id in decimal zero-padded to 5 digits (00042),
