@@ -6,7 +6,8 @@ trainable rows per row group, `layout.trainable_counts`), 10,000 rows in row gro
 defaults: 40 row groups a shard), written with `write_manifest` to a local root (no shard files:
 nothing here opens one). Measured, each in a fresh state:
 
-* the table: `_SHARDS.parquet` bytes, and one record's JSON bytes (what finalize reads per shard);
+* the table: `_SHARDS.parquet` bytes (and without the count columns, as written before them), and
+  one record's JSON bytes (what finalize reads per shard);
 * `read_manifest`: the shard records as a list of dicts (tracemalloc: Python heap retained, peak);
 * one recorded count column read as Arrow (`read_shard_table` + numpy; Arrow's own allocator);
 * `list_units`: the loader's units, one object per row group (tracemalloc, on N / 10 shards,
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import io
 import json
 import tempfile
 import time
@@ -27,9 +29,11 @@ import tracemalloc
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from muse.data import list_units
-from muse.layout import SHARD_TABLE, TRAINABLE_COLUMNS, read_manifest, read_shard_table, write_manifest
+from muse.layout import (MANIFEST, SHARD_RECORD_SCHEMA, SHARD_TABLE, TRAINABLE_COLUMNS, read_manifest,
+                         read_shard_table, write_manifest)
 from muse.storage import Storage
 
 ROWS, ROW_GROUP = 10_000, 256
@@ -43,9 +47,16 @@ def records(n: int, seed: int = 0) -> list[dict]:
     out = []
     for sid in range(n):
         out.append({"id": sid, "path": f"{sid:05d}.parquet", "rows": ROWS, "bytes": 300_000_000 + sid,
-                    "sha256": f"{rng.integers(1 << 62):064x}", "source": f"images/{sid:05d}.parquet",
+                    "sha256": rng.bytes(32).hex(), "source": f"images/{sid:05d}.parquet",
                     "replaced": 3000, "train_rows": {c: v[sid] for c, v in counts.items()}})
     return out
+
+
+def table_bytes(table: pa.Table) -> int:
+    """The table as write_manifest writes it (zstd), in bytes."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    return len(buf.getvalue())
 
 
 def traced(fn):
@@ -72,7 +83,10 @@ def main() -> None:
         write_manifest(st, ds, shards=recs, text_dim=8, codebook_size=64, empty_caption={}, superres=False,
                        encode={"row_group_size": ROW_GROUP})
         del recs
-        print(f"{SHARD_TABLE}: {st.size(f'{ds}/{SHARD_TABLE}') / 2 ** 20:.1f} MB")
+        size = st.size(f"{ds}/{SHARD_TABLE}")
+        records_only = table_bytes(read_shard_table(st, ds, st.read_json(f"{ds}/{MANIFEST}"), SHARD_RECORD_SCHEMA.names))
+        print(f"{SHARD_TABLE}: {size / 2 ** 20:.1f} MB, {size / n:.0f} B a shard ({records_only / n:.0f} B of it "
+              f"without the count columns, as written before them: x{size / records_only:.1f})")
         manifest, now, peak, took = traced(lambda: read_manifest(st, ds))
         print(f"read_manifest (list of dicts): {now:.0f} MB retained, {peak:.0f} MB peak, {took:.1f} s")
         before = pa.total_allocated_bytes()
