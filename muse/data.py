@@ -6,7 +6,8 @@ grad_accum), independent of the number of DataLoader workers, so a run resumed w
 
 * a *unit* is one Parquet row group of a shard listed in `_MANIFEST.json` (nothing else is read);
   its trainable rows (not in the eval slice, not dropped as replaced) are counted before any
-  batch is cut: from the manifest, or from the key/replaced columns when a filter applies;
+  batch is cut: from the manifest (row counts, or the per-row-group counts encode recorded for
+  the filter, `layout.trainable_counts`), else from the key/replaced columns;
 * epoch e visits the units in the permutation `rng([seed, e])`: a sequence of N trainable rows.
   Each of the W ranks gets M micro-batches of B rows per epoch, M the largest multiple of
   lcm(S, grad_accum) with W*M*B <= N; the N - W*M*B rows at the end of the sequence are
@@ -19,7 +20,7 @@ grad_accum), independent of the number of DataLoader workers, so a run resumed w
   Worker w of k (k divides S) produces batches g0+w, g0+w+k, ..., which are exactly the
   streams it owns, and DataLoader's round-robin returns g0, g0+1, ... whatever k is.
 
-The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`eval_position`:
+The eval slice (`train.eval_holdout` = f): a row whose key hashes below f (`layout.eval_position`:
 blake2b-64 of the UTF-8 key as a fraction of 2**64) is never put in a shuffle buffer, so the
 trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash ignores the seed
 and the world size, so the slice is the same for every run on the data, and a larger f
@@ -46,21 +47,12 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id, parse_shard_id,
-                         read_manifest, t5_from_bytes)
+from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id,
+                         in_eval_slice, parse_shard_id, read_manifest, read_shard_table, t5_from_bytes,
+                         trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
-
-
-def eval_position(key: str) -> float:
-    """A row's stable place in [0, 1): blake2b-64 of its key / 2**64 (the eval slice is [0, f))."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0 ** 64
-
-
-def in_eval_slice(key: str, eval_holdout: float) -> bool:
-    return eval_holdout > 0 and eval_position(key) < eval_holdout
 
 
 @dataclass(frozen=True)
@@ -70,20 +62,45 @@ class Unit:
     rows: int
 
 
-def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> list[Unit]:
-    """Row groups of the manifest's shards, from row counts and the fixed row-group size."""
+class Units:
+    """The loader's units as arrays (shard index, row group, rows): 12 bytes a row group where a
+    `Unit` object costs ~125 (LAION-2B: 9.2M row groups, ~1.1 GB per rank and loader worker)."""
+
+    def __init__(self, paths: list[str], shard: np.ndarray, row_group: np.ndarray, rows: np.ndarray):
+        self.paths = paths
+        self.shard, self.row_group, self.rows = (np.asarray(a, dtype=np.int32) for a in (shard, row_group, rows))
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, u: int) -> Unit:
+        return Unit(self.paths[self.shard[u]], int(self.row_group[u]), int(self.rows[u]))
+
+    def __iter__(self):
+        return (self[u] for u in range(len(self)))
+
+
+def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> Units:
+    """Row groups of the manifest's shards (by id), from row counts and the fixed row-group size."""
     rg = (manifest.get("encode") or {}).get("row_group_size")
-    units = []
-    for shard in sorted(manifest["shards"], key=lambda s: s["id"]):
-        path = f"{dataset_dir}/{shard['path']}"
-        if rg:
-            counts = [min(rg, shard["rows"] - i) for i in range(0, shard["rows"], rg)]
-        else:  # no row-group size recorded: read the footer
+    shards = sorted(manifest["shards"], key=lambda s: s["id"])
+    paths = [f"{dataset_dir}/{s['path']}" for s in shards]
+    if rg:  # every row group full but each shard's last
+        rows = np.array([s["rows"] for s in shards], dtype=np.int64)
+        groups = -(-rows // rg)
+        shard = np.repeat(np.arange(len(shards)), groups)
+        row_group = np.arange(int(groups.sum())) - np.repeat(np.cumsum(groups) - groups, groups)
+        units = Units(paths, shard, row_group, np.minimum(rg, rows[shard] - row_group * rg))
+    else:  # no row-group size recorded: read the footers
+        found = []
+        for i, path in enumerate(paths):
             with storage.open(path) as f:
                 md = pq.ParquetFile(f).metadata
-                counts = [md.row_group(i).num_rows for i in range(md.num_row_groups)]
-        units += [Unit(path, i, n) for i, n in enumerate(counts) if n > 0]
-    if not units:
+                found += [(i, g, md.row_group(g).num_rows) for g in range(md.num_row_groups)
+                          if md.row_group(g).num_rows > 0]
+        found = np.array(found, dtype=np.int64).reshape(-1, 3)
+        units = Units(paths, found[:, 0], found[:, 1], found[:, 2])
+    if not len(units):
         raise DataError(f"{storage.url(dataset_dir)}/{MANIFEST} lists no rows; re-run `muse encode`")
     return units
 
@@ -114,34 +131,88 @@ def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bo
 
 
 LOADER_VERSION = 2  # 2: epochs are exact passes (the plan in the module docstring)
+FINGERPRINT_BLOCK = 1024  # shard ids per block digest: a change is named to within this many ids
 
 
 def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
                        world_size: int, replaced_rows: str, grad_accum: int = 1) -> dict:
-    """What a saved loader state is valid for: the manifest's shards (id -> sha256, else bytes and
-    rows) and the settings that fix the sample order. Saved with the loader state; see
-    `fingerprint_changes`."""
-    shards = {format_shard_id(int(s["id"])): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r"
-              for s in manifest["shards"]}
-    return {"shards": shards, "loader_version": LOADER_VERSION, "seed": seed, "loader_streams": streams,
-            "batch_size": batch_size, "grad_accum": grad_accum, "shuffle_buffer": shuffle_buffer,
-            "replaced_rows": replaced_rows, "world_size": world_size}
+    """What a saved loader state is valid for: the manifest's shards (`shards_fingerprint`) and the
+    settings that fix the sample order. Saved with the loader state; see `fingerprint_changes`."""
+    shards = {int(s["id"]): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r" for s in manifest["shards"]}
+    return {"shards": shards_fingerprint(shards), "loader_version": LOADER_VERSION, "seed": seed,
+            "loader_streams": streams, "batch_size": batch_size, "grad_accum": grad_accum,
+            "shuffle_buffer": shuffle_buffer, "replaced_rows": replaced_rows, "world_size": world_size}
+
+
+def shards_fingerprint(shards: dict[int, str]) -> dict:
+    """{id: sha256 (or bytes/rows)} -> a few kB whatever the shard count: the count, the ids as
+    ranges ("0-229999"), a sha256 of everything and a 64-bit digest per block of FINGERPRINT_BLOCK
+    ids, so a change is named: added and removed ids exactly, a changed shard by its block."""
+    ids = sorted(shards)
+    ranges, blocks = [], {}
+    for i in ids:
+        if ranges and ranges[-1][1] == i - 1:
+            ranges[-1][1] = i
+        else:
+            ranges.append([i, i])
+        blocks.setdefault(i // FINGERPRINT_BLOCK, hashlib.sha256()).update(f"{i}:{shards[i]}\n".encode())
+    everything = hashlib.sha256("".join(f"{i}:{shards[i]}\n" for i in ids).encode()).hexdigest()
+    return {"count": len(ids), "ids": ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges),
+            "sha256": everything, "blocks": {format_shard_id(b * FINGERPRINT_BLOCK): h.hexdigest()[:16]
+                                             for b, h in blocks.items()}}
+
+
+def _ids_of(ranges: str) -> set[int]:
+    out: set[int] = set()
+    for part in filter(None, ranges.split(",")):
+        a, _, b = part.partition("-")
+        out.update(range(int(a), int(b or a) + 1))
+    return out
+
+
+def _shard_changes(saved: dict, now: dict) -> list[str]:
+    """`shards_fingerprint`s -> phrases; `saved` may be the id -> sha256 map of older checkpoints."""
+    if "blocks" not in saved:  # loader.json written before the compact form: {"00042": sha256, ...}
+        saved = shards_fingerprint({parse_shard_id(k) or 0: v for k, v in saved.items()})
+    if saved["sha256"] == now["sha256"]:
+        return []
+    old, new = _ids_of(saved["ids"]), _ids_of(now["ids"])
+    moved = {i // FINGERPRINT_BLOCK for i in old ^ new}  # blocks with added or removed ids: named as such
+    changed = sorted((b for b in set(saved["blocks"]) | set(now["blocks"]) if saved["blocks"].get(b) !=
+                      now["blocks"].get(b) and parse_shard_id(b) // FINGERPRINT_BLOCK not in moved), key=parse_shard_id)
+    out = []
+    for what, ids in (("added", sorted(new - old)), ("removed", sorted(old - new)),
+                      ("changed in ids", [f"{b}-{format_shard_id(parse_shard_id(b) + FINGERPRINT_BLOCK - 1)}"
+                                          for b in changed])):
+        names = [format_shard_id(i) if isinstance(i, int) else i for i in ids]
+        if names:
+            out.append(f"shards {what}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    return out or [f"shards changed ({saved['count']} -> {now['count']} shards)"]
 
 
 def fingerprint_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
-    out = []
-    old, new = saved.get("shards", {}), now["shards"]
-    by_id = {"key": lambda name: parse_shard_id(name) or 0}  # shard order, not string order
-    for what, ids in (("added", sorted(set(new) - set(old), **by_id)), ("removed", sorted(set(old) - set(new), **by_id)),
-                      ("changed", sorted((k for k in set(old) & set(new) if old[k] != new[k]), **by_id))):
-        if ids:
-            out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
-    for key in now:
-        if key != "shards" and saved.get(key) != now[key]:
+    out = _shard_changes(saved.get("shards", {}), now["shards"])
+    for key, value in now.items():
+        if key != "shards" and saved.get(key) != value:
             name = {"world_size": "world size", "loader_version": "loader version"}.get(key, f"train.{key}")
-            out.append(f"{name} {saved.get(key)} -> {now[key]}")
+            out.append(f"{name} {saved.get(key)} -> {value}")
     return out
+
+
+def recorded_counts(storage: Storage, dataset_dir: str, manifest: dict, eval_holdout: float,
+                    drop_replaced: bool) -> np.ndarray | None:
+    """Trainable rows per row group (shards by id, row groups in order) as encode recorded them in
+    the shard table (`layout.trainable_counts`); None when not recorded for these settings."""
+    column = trainable_column(eval_holdout, drop_replaced)
+    table = read_shard_table(storage, dataset_dir, manifest, ["id", "rows", "sha256", column]) if column else None
+    if table is None or column not in table.column_names or table.column(column).null_count:
+        return None
+    listed = sorted(manifest["shards"], key=lambda s: s["id"])  # a manifest edited by hand lists others
+    if [(s["id"], s["rows"], s.get("sha256")) for s in listed] != list(zip(*(table.column(c).to_pylist()
+                                                                            for c in ("id", "rows", "sha256")))):
+        return None
+    return table.column(column).combine_chunks().flatten().to_numpy().astype(np.int64)
 
 
 class _UnitData:
@@ -218,22 +289,24 @@ class StreamingDataset(IterableDataset):
         self.batches_per_epoch = self._plan(grad_accum)
         self.dropped_rows = self.train_rows - world_size * self.batches_per_epoch * batch_size
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        # the shard records (~143 MB of dicts at 230,000 shards) are in `units` now: not carried to workers
+        self.manifest = {k: v for k, v in self.manifest.items() if k != "shards"}
 
     # -- the epoch plan
     def trainable(self, keys: list[str], replaced) -> np.ndarray:
         """Indices of a unit's rows the trainer may see (the same filter at planning and loading)."""
-        keep = np.ones(len(keys), dtype=bool)
-        if self.eval_holdout:
-            keep &= ~np.array([in_eval_slice(k, self.eval_holdout) for k in keys], dtype=bool)
-        if self.replaced_rows == "drop":
-            keep &= ~np.asarray(replaced, dtype=bool)
-        return np.flatnonzero(keep)
+        return np.flatnonzero(trainable_mask(keys, replaced, self.eval_holdout, self.replaced_rows == "drop"))
 
     def _trainable_counts(self, storage: Storage) -> np.ndarray:
-        """Trainable rows per unit: the manifest's counts, or (with a filter) the key/replaced
-        columns read once (small next to the T5 column), so the plan is exact."""
+        """Trainable rows per unit: the manifest's row counts, or (with a filter) the counts encode
+        recorded in the shard table for it, or else (older data, an unrecorded eval_holdout) the
+        key/replaced columns read once (small next to the T5 column), so the plan is exact."""
         if not self.eval_holdout and self.replaced_rows != "drop":
-            return np.array([u.rows for u in self.units], dtype=np.int64)
+            return self.units.rows.astype(np.int64)
+        recorded = recorded_counts(storage, self.dataset_dir, self.manifest, self.eval_holdout,
+                                   self.replaced_rows == "drop")
+        if recorded is not None and len(recorded) == len(self.units):
+            return recorded
         return np.array([len(self.trainable(t.column("key").to_pylist(), t.column("replaced").to_numpy(zero_copy_only=False)))
                          for t in (read_unit(storage, u, ["key", "replaced"]) for u in self.units)], dtype=np.int64)
 

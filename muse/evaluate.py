@@ -1,7 +1,7 @@
 """`muse eval`: how good are a checkpoint's pictures, on rows training never saw.
 
 The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of the row key
-(`muse.data.in_eval_slice`); the trainer skips it. For up to `eval.max_samples` of its rows
+(`muse.layout.in_eval_slice`); the trainer skips it. For up to `eval.max_samples` of its rows
 (placeholders of failed downloads excluded) this module
 
 1. generates a picture from the row's stored T5 embedding (the very caption embedding the

@@ -6,7 +6,8 @@
     encoded/<version>/NNNNN.parquet  phase 2 shard (`encoded_schema`)
     encoded/<version>/NNNNN.json     its record and done marker, written after the Parquet file
     encoded/<version>/_ENCODERS.json what the manifest needs from the models (ENCODERS)
-    encoded/<version>/_SHARDS.parquet the manifest's shard table, one row per shard (SHARD_TABLE)
+    encoded/<version>/_SHARDS.parquet the manifest's shard table, one row per shard (SHARD_TABLE_SCHEMA:
+                                     the record + trainable rows per row group, `trainable_counts`)
     encoded/<version>/_MANIFEST.json the dataset a trainer reads, written last (MANIFEST)
 
 Shard ids: NNNNN is `format_shard_id(id)`, the id in decimal zero-padded to 5 digits (00042),
@@ -185,11 +186,64 @@ def empty_caption(manifest: dict):
     return torch.from_numpy(t5_from_bytes(raw, manifest["text_dim"]).astype(np.float32))
 
 
-SHARD_TABLE_SCHEMA = pa.schema([
+# ----------------------------------------------------------------------------- the eval slice
+
+def eval_position(key: str) -> float:
+    """A row's stable place in [0, 1): blake2b-64 of its key / 2**64 (the eval slice is [0, f))."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0 ** 64
+
+
+def in_eval_slice(key: str, eval_holdout: float) -> bool:
+    return eval_holdout > 0 and eval_position(key) < eval_holdout
+
+
+def trainable_mask(keys: list[str], replaced, eval_holdout: float, drop_replaced: bool) -> np.ndarray:
+    """The rows the trainer may see: not in the eval slice, and not replaced when those are dropped
+    (the one rule, used by the loader and for the counts encode records)."""
+    keep = np.ones(len(keys), dtype=bool)
+    if eval_holdout:
+        keep &= ~np.array([in_eval_slice(k, eval_holdout) for k in keys], dtype=bool)
+    if drop_replaced:
+        keep &= ~np.asarray(replaced, dtype=bool)
+    return keep
+
+
+# Trainable rows per row group are recorded at encode time for these eval fractions (each with
+# replaced rows kept and dropped; no slice and kept is the row count itself), so a loader with one
+# of them counts without reading a row group; any other train.eval_holdout reads the key/replaced
+# columns at start as before. Few on purpose: each is a count per row group in every shard record
+# and in the shard table (9.2M row groups at LAION-2B scale).
+EVAL_LEVELS = (0.0, 0.001, 0.01, 0.05)
+TRAINABLE_SETTINGS = [(f, drop) for f in EVAL_LEVELS for drop in (False, True) if f or drop]
+
+
+def trainable_column(eval_holdout: float, drop_replaced: bool) -> str | None:
+    """The shard-table column of trainable rows per row group for these settings (None: not recorded)."""
+    if (eval_holdout, drop_replaced) not in TRAINABLE_SETTINGS:
+        return None
+    return f"train_rows{'_drop' if drop_replaced else ''}@{float(eval_holdout)!r}"
+
+
+def trainable_counts(keys: list[str], replaced, row_group_size: int) -> dict[str, list[int]]:
+    """{trainable_column: trainable rows of each row group} for each of TRAINABLE_SETTINGS: what the
+    encoder records per shard (`train_rows` of its record) and the shard table carries."""
+    out: dict[str, list[int]] = {}
+    for f, drop in TRAINABLE_SETTINGS:
+        mask = trainable_mask(keys, replaced, f, drop)
+        out[trainable_column(f, drop)] = [int(mask[i:i + row_group_size].sum())
+                                          for i in range(0, len(keys), row_group_size)]
+    return out
+
+
+SHARD_RECORD_SCHEMA = pa.schema([
     pa.field("id", pa.int64()), pa.field("path", pa.string()), pa.field("rows", pa.int64()),
     pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
     pa.field("replaced", pa.int64()),
 ])
+TRAINABLE_COLUMNS = [trainable_column(f, drop) for f, drop in TRAINABLE_SETTINGS]
+SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_RECORD_SCHEMA) + [pa.field(c, pa.list_(pa.int32()))
+                                                              for c in TRAINABLE_COLUMNS])
 
 
 def write_manifest(storage: Storage, ds: str, *, shards: list[dict], text_dim: int, codebook_size: int,
@@ -199,8 +253,8 @@ def write_manifest(storage: Storage, ds: str, *, shards: list[dict], text_dim: i
     (a small header naming the table and its sha256); call it last (readers trust it). Returns the
     manifest as `read_manifest` does, shards included."""
     shards = sorted(shards, key=lambda r: r["id"])
-    table = pa.Table.from_pylist([{k: r.get(k) for k in SHARD_TABLE_SCHEMA.names} for r in shards],
-                                 schema=SHARD_TABLE_SCHEMA)
+    table = pa.Table.from_pylist([{k: r.get(k) for k in SHARD_RECORD_SCHEMA.names} | (r.get("train_rows") or {})
+                                  for r in shards], schema=SHARD_TABLE_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     storage.write_bytes(f"{ds}/{SHARD_TABLE}", buf.getvalue())
@@ -220,7 +274,9 @@ def write_manifest(storage: Storage, ds: str, *, shards: list[dict], text_dim: i
 
 
 def _shard_records(table: pa.Table) -> list[dict]:
-    """The table's rows as the records encode wrote (columns a record lacked are left out)."""
+    """The table's rows as the records encode wrote, less the per-row-group counts (columns a record
+    lacked are left out)."""
+    table = table.select([c for c in SHARD_RECORD_SCHEMA.names if c in table.column_names])
     return [{k: v for k, v in r.items() if v is not None} for r in table.to_pylist()]
 
 
@@ -235,14 +291,24 @@ def read_manifest(storage: Storage, ds: str) -> dict:
     manifest = storage.read_json(rel)
     if "shards" in manifest or "shard_table" not in manifest:
         return manifest
-    ref = manifest["shard_table"]
+    table = read_shard_table(storage, ds, manifest, list(SHARD_RECORD_SCHEMA.names))
+    return {**manifest, "shards": _shard_records(table)}
+
+
+def read_shard_table(storage: Storage, ds: str, manifest: dict, columns: list[str]) -> pa.Table | None:
+    """Some columns of the manifest's shard table (rows by id; those it lacks are left out), checked
+    against the header's sha256; None for a manifest that lists its shards inline."""
+    ref = manifest.get("shard_table")
+    if ref is None:
+        return None
     table_rel = f"{ds}/{ref['path']}"
     try:
         data = storage.read_bytes(table_rel)
     except FileNotFoundError:
-        raise DataError(f"{storage.url(table_rel)}: named by {storage.url(rel)} but missing; "
+        raise DataError(f"{storage.url(table_rel)}: named by {storage.url(f'{ds}/{MANIFEST}')} but missing; "
                         "re-run `muse encode` to finalize the dataset again") from None
     if hashlib.sha256(data).hexdigest() != ref["sha256"]:
-        raise DataError(f"{storage.url(table_rel)} does not match {storage.url(rel)} (sha256): the dataset "
-                        "was finalized again while it was read; retry, or re-run `muse encode`")
-    return {**manifest, "shards": _shard_records(pq.read_table(io.BytesIO(data)))}
+        raise DataError(f"{storage.url(table_rel)} does not match {storage.url(f'{ds}/{MANIFEST}')} (sha256): "
+                        "the dataset was finalized again while it was read; retry, or re-run `muse encode`")
+    pf = pq.ParquetFile(io.BytesIO(data))
+    return pf.read(columns=[c for c in columns if c in pf.schema_arrow.names])

@@ -4,6 +4,7 @@ import collections
 import hashlib
 import io
 import itertools
+import json
 
 import pyarrow.parquet as pq
 import pytest
@@ -11,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from muse import checkpoint
-from muse.data import (DataError, StreamingDataset, fingerprint_changes, in_eval_slice, loader_fingerprint,
-                       verify_shards, worker_init)
+from muse.data import (DataError, StreamingDataset, Unit, fingerprint_changes, in_eval_slice, list_units,
+                       loader_fingerprint, verify_shards, worker_init)
 from muse.layout import MANIFEST, SHARD_TABLE, read_manifest
 from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
@@ -199,6 +200,93 @@ def test_plan_counts_filtered_rows_and_whole_optimizer_steps(tmp_path):
     assert held and ds.train_rows == len(left) and ds.batches_per_epoch == len(left) // 6 * 6
     seen = collections.Counter(k for b in itertools.islice(ds, ds.batches_per_epoch) for k in b["keys"])
     assert set(seen) <= left and max(seen.values()) == 1 and len(seen) == ds.batches_per_epoch
+
+
+def test_recorded_trainable_counts_equal_reading_and_start_reads_no_row_group(tmp_path, monkeypatch):
+    """Encode records trainable rows per row group for the EVAL_LEVELS fractions (replaced rows kept
+    or dropped); with them a loader with an eval slice or replaced_rows=drop reads no row group at
+    start (on main every rank read the key/replaced columns of every row group); another fraction
+    still reads them, and both ways give the counts the rows themselves give."""
+    root = str(tmp_path / "root")
+    st = Storage(root)
+    write_test_dataset(st, DIR, shards=3, rows=64, row_group_size=8, replaced_every=3)
+    truth = {}  # counts from the rows themselves, with the public rule
+    for f, drop in [(0.05, True), (0.05, False), (0.0, True), (0.2, True)]:
+        truth[f, drop] = [sum(not in_eval_slice(k, f) and not (drop and r) for k, r in zip(
+            t.column("key").to_pylist(), t.column("replaced").to_pylist()))
+            for sid in range(3) for pf in [pq.ParquetFile(io.BytesIO(st.read_bytes(f"{DIR}/{sid:05d}.parquet")))]
+            for t in (pf.read_row_group(i) for i in range(pf.num_row_groups))]
+    assert truth[0.05, True] != truth[0.05, False] != [8] * 24  # held-out and dropped rows both occur
+    reads = []
+    real = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **kw: reads.append(a) or real(self, *a, **kw))
+    for (f, drop), want in truth.items():
+        reads.clear()
+        ds = StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=f,
+                              replaced_rows="drop" if drop else "keep")
+        assert ds.counts.tolist() == want
+        assert len(reads) == (24 if f == 0.2 else 0)  # 0.2 is not recorded: read, as before
+    header = st.read_json(f"{DIR}/{MANIFEST}")  # a table written before the counts: read them
+    table = pq.read_table(io.BytesIO(st.read_bytes(f"{DIR}/{SHARD_TABLE}"))).select(["id", "path", "rows", "sha256"])
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    st.write_bytes(f"{DIR}/{SHARD_TABLE}", buf.getvalue())
+    st.write_json(f"{DIR}/{MANIFEST}", header | {"shard_table": header["shard_table"] | {
+        "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}})
+    reads.clear()
+    assert StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=0.05,
+                            replaced_rows="drop").counts.tolist() == truth[0.05, True] and len(reads) == 24
+
+
+def _fingerprint(ids, changed=()):
+    shards = [{"id": i, "rows": 10_000, "sha256": f"{i + (i in changed):064x}"} for i in ids]
+    return loader_fingerprint({"shards": shards}, seed=0, streams=8, batch_size=4, shuffle_buffer=8,
+                              world_size=1, replaced_rows="keep")
+
+
+def test_fingerprint_is_compact_at_scale_and_names_what_changed():
+    """On main loader.json held every shard's id and sha256 (~90 bytes a shard, ~20 MB at LAION's
+    230,000 shards, compared at each resume); now a few kB that still name added and removed
+    shards exactly and a changed one to within FINGERPRINT_BLOCK ids."""
+    ids = list(range(30_000)) + [150_000, 150_001]
+    now = _fingerprint(ids)
+    assert len(json.dumps(now)) < 2_000 and now["shards"]["ids"] == "0-29999,150000-150001"
+    assert fingerprint_changes(now, _fingerprint(ids)) == []
+    assert fingerprint_changes(now, _fingerprint(ids + [230_000])) == ["shards added: 230000"]
+    assert fingerprint_changes(now, _fingerprint([i for i in ids if i not in (7, 8)])) == [
+        "shards removed: 00007, 00008"]
+    assert fingerprint_changes(now, _fingerprint(ids, changed={5000, 150_001})) == [
+        "shards changed in ids: 04096-05119, 149504-150527"]
+    assert fingerprint_changes(now, _fingerprint(ids[1:], changed={5000})) == [
+        "shards removed: 00000", "shards changed in ids: 04096-05119"]
+
+
+def test_fingerprints_of_older_checkpoints_still_compare():
+    """loader.json written before the compact form holds {id: sha256}: it is read and compared."""
+    ids = [0, 1, 2, 123_456]
+    old = _fingerprint(ids) | {"shards": {f"{i:05d}": f"{i:064x}" for i in ids}}
+    assert fingerprint_changes(old, _fingerprint(ids)) == []
+    # a change in a block that also gained or lost ids is not named apart (the block's digest mixes both)
+    assert fingerprint_changes(old, _fingerprint(ids + [3], changed={1})) == ["shards added: 00003"]
+    assert fingerprint_changes(old, _fingerprint(ids[:3], changed={1})) == [
+        "shards removed: 123456", "shards changed in ids: 00000-01023"]
+    assert fingerprint_changes(old, _fingerprint(ids) | {"seed": 1}) == ["train.seed 0 -> 1"]
+
+
+def test_units_are_arrays_at_laion_scale_and_match_the_footers(tmp_path):
+    """230,000 shards of 10,000 rows in row groups of 256 are 9.2M units: on main a list of Unit
+    objects (~1.1 GB and ~2 min per rank and worker, bench/manifest_memory.py); now three int32
+    arrays built in one pass. Without a recorded row-group size the footers give the same units."""
+    shards = [{"id": i, "path": f"{i:05d}.parquet", "rows": 10_000} for i in range(230_000)]
+    units = list_units(None, DIR, {"shards": shards[::-1], "encode": {"row_group_size": 256}})
+    assert len(units) == 230_000 * 40 and units.rows.nbytes + units.shard.nbytes + units.row_group.nbytes == 12 * len(units)
+    assert units[40 * 123_456 + 39] == Unit(f"{DIR}/123456.parquet", 39, 10_000 - 39 * 256)
+    assert units[40] == Unit(f"{DIR}/00001.parquet", 0, 256) and int(units.rows.sum()) == 2_300_000_000
+    st = Storage(str(tmp_path / "root"))
+    _uneven(st, [13, 7, 20])
+    manifest = read_manifest(st, DIR)
+    from_size = list(list_units(st, DIR, manifest))
+    assert len(from_size) == 4 + 2 + 5 and from_size == list(list_units(st, DIR, {**manifest, "encode": {}}))
 
 
 def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):

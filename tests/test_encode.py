@@ -22,7 +22,7 @@ from muse.encode import EncodeError, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
 from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
-from muse.data import StreamingDataset
+from muse.data import StreamingDataset, recorded_counts
 from muse.layout import dataset_dir, make_key, read_manifest, shard_name, t5_from_bytes
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_shard
@@ -59,6 +59,9 @@ def test_encode_end_to_end(tmp_path, any_root, tiny_encoders):
     ds = dataset_dir(cfg)
     manifest = read_manifest(storage, ds)
     assert [s["id"] for s in manifest["shards"]] == [0, 1] and manifest["rows"] == 8
+    # trainable rows per row group of 2, recorded for the loader: row 1 of shard 0 is replaced
+    assert recorded_counts(storage, ds, manifest, 0.0, drop_replaced=True).tolist() == [1, 2, 1, 2, 1]
+    assert recorded_counts(storage, ds, manifest, 0.01, drop_replaced=False).tolist() == [2, 2, 1, 2, 1]
     text = TextEncoder.from_pretrained(tiny_encoders["text_model"])
     vq = load_vq(tiny_encoders["vq_model"])
     for rec in manifest["shards"]:

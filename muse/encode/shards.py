@@ -35,7 +35,7 @@ from muse.encode.fingerprint import fingerprint, fingerprint_changes
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
                          done_shards, empty_caption_record, encoded_schema, format_shard_id, shard_name,
-                         t5_to_bytes, write_manifest)
+                         t5_to_bytes, trainable_counts, write_manifest)
 from muse.storage import Storage
 
 
@@ -185,7 +185,8 @@ def _read_images(storage: Storage, shard_id: int) -> pa.Table:
 
 
 def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None) -> dict:
-    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, source, replaced).
+    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, source, replaced,
+    train_rows: `layout.trainable_counts`).
     `table`: the image shard, when the caller has already read it."""
     storage = storage or Storage.from_config(cfg)
     return _encode_then_write(cfg, shard_id, storage, table)()
@@ -210,7 +211,10 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
         storage.write_bytes(rel, data)
         record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name(IMAGES, shard_id),
-                  "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))), **enc.runtime}
+                  "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))),
+                  # so a loader with an eval slice or dropped placeholders reads no row group to plan
+                  "train_rows": trainable_counts(out.column("key").to_pylist(), out.column("replaced").to_numpy(
+                      zero_copy_only=False), e.row_group_size), **enc.runtime}
         storage.write_json(done_marker(ds, shard_id), record)  # the done marker, after the data
         return record
 
