@@ -10,7 +10,7 @@ from prefect.runtime import task_run
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
 from flows.limits import encode_parallelism, submit_bounded
 from muse.encode import encode_shard, finalize_manifest, plan_encode
-from muse.layout import dataset_dir, done_marker, format_shard_id
+from muse.layout import dataset_dir, done_among, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
 
@@ -31,9 +31,10 @@ def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[in
     the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
     cfg = cfg_from(config_path, overrides)
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
+    done = set(done_among(storage, ds, shard_ids))  # by an earlier try of this task: one listing
     records, failed = {}, {}
     for sid in shard_ids:
-        if storage.exists(done_marker(ds, sid)):  # done by an earlier try of this task
+        if sid in done:
             continue
         try:
             records[sid] = encode_shard(cfg, sid)
