@@ -132,9 +132,12 @@ def fingerprint_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
     out = []
     old, new = saved.get("shards", {}), now["shards"]
-    by_id = {"key": lambda name: parse_shard_id(name) or 0}  # shard order, not string order
-    for what, ids in (("added", sorted(set(new) - set(old), **by_id)), ("removed", sorted(set(old) - set(new), **by_id)),
-                      ("changed", sorted((k for k in set(old) & set(new) if old[k] != new[k]), **by_id))):
+
+    def by_id(name: str) -> int:  # shard order, not string order
+        return parse_shard_id(name) or 0
+
+    for what, ids in (("added", sorted(set(new) - set(old), key=by_id)), ("removed", sorted(set(old) - set(new), key=by_id)),
+                      ("changed", sorted((k for k in set(old) & set(new) if old[k] != new[k]), key=by_id))):
         if ids:
             out.append(f"shards {what}: {', '.join(ids[:5])}" + (f" and {len(ids) - 5} more" if len(ids) > 5 else ""))
     for key in now:
