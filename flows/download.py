@@ -32,9 +32,10 @@ def finalize_task(config_path: str, overrides: list[str]) -> dict:
 def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
     """URL lists -> image shards; every row kept, failures replaced. Returns the summary."""
     overrides = list(overrides or [])
+    cfg = cfg_from(config_path, overrides)  # once, before any task; tasks get the path (docs/flows.md)
     chunks = plan_task(config_path, overrides)
     progress = create_progress_artifact(0.0, key="download-progress", description="download tasks done")
-    limit = cfg_from(config_path, overrides).download.max_parallel_tasks
+    limit = cfg.download.max_parallel_tasks
     futures = submit_bounded(download_chunk_task, ({"config_path": config_path, "overrides": overrides,
                                                     "chunk": c} for c in chunks), limit)
     failed = []

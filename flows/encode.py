@@ -10,7 +10,7 @@ from prefect.runtime import task_run
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
 from flows.limits import encode_parallelism, submit_bounded
 from muse.encode import encode_shard, finalize_manifest, plan_encode
-from muse.layout import dataset_dir, done_marker
+from muse.layout import dataset_dir, done_among, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
 
@@ -21,7 +21,7 @@ def chunked(ids: list[int], size: int) -> list[list[int]]:
 
 def chunk_name() -> str:
     ids = task_run.parameters["shard_ids"]
-    return f"encode-shards-{ids[0]:05d}-{ids[-1]:05d}"
+    return f"encode-shards-{format_shard_id(ids[0])}-{format_shard_id(ids[-1])}"
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
@@ -31,16 +31,17 @@ def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[in
     the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
     cfg = cfg_from(config_path, overrides)
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
+    done = set(done_among(storage, ds, shard_ids))  # by an earlier try of this task: one listing
     records, failed = {}, {}
     for sid in shard_ids:
-        if storage.exists(done_marker(ds, sid)):  # done by an earlier try of this task
+        if sid in done:
             continue
         try:
             records[sid] = encode_shard(cfg, sid)
         except Exception as exc:  # noqa: BLE001 - the others go on; raised below
             failed[sid] = exc
     if failed:
-        msg = "; ".join(f"{sid:05d}: {exc}" for sid, exc in failed.items())
+        msg = "; ".join(f"{format_shard_id(sid)}: {exc}" for sid, exc in failed.items())
         # chained to a transient failure if there is one, so the task's retry (which redoes only the
         # shards not yet done) happens; all permanent: it fails at once
         cause = next((exc for exc in failed.values() if is_transient(exc)), None)
@@ -63,17 +64,18 @@ def manifest_task(config_path: str, overrides: list[str]) -> dict:
 def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None = None) -> dict:
     """Image shards -> T5 + VQ token shards + _MANIFEST.json. Failing shards fail their task only."""
     overrides = list(overrides or [])
+    cfg = cfg_from(config_path, overrides)  # once; tasks get the path (docs/flows.md) and load their own
     shards = plan_task(config_path, overrides)
-    chunks = chunked(shards, cfg_from(config_path, overrides).encode.shards_per_task)
+    chunks = chunked(shards, cfg.encode.shards_per_task)
     progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
-    limit = encode_parallelism(cfg_from(config_path, overrides))
+    limit = encode_parallelism(cfg)
     futures = submit_bounded(encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
                                                   "shard_ids": ids} for ids in chunks), limit)
     failed, rows = [], []
     for i, fut in enumerate(futures):
         try:
             for sid, rec in fut.result().items():
-                rows.append({"shard": f"{sid:05d}", "rows": rec["rows"], "replaced": rec.get("replaced", 0),
+                rows.append({"shard": format_shard_id(sid), "rows": rec["rows"], "replaced": rec.get("replaced", 0),
                              "bytes": rec["bytes"]})
         except Exception as exc:  # noqa: BLE001 - the others complete; reported below
             failed.append(str(exc))

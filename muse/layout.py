@@ -48,7 +48,9 @@ import base64
 import hashlib
 import io
 import json
+import os
 import time
+from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -136,12 +138,26 @@ def done_marker(phase: str, shard_id: int) -> str:
     return shard_name(phase, shard_id, "_stats.json" if phase == IMAGES else ".json")
 
 
-def done_shards(storage: Storage, phase: str) -> list[int]:
-    """Ids of the finished shards of `phase` (IMAGES or a dataset_dir): Parquet and marker both exist."""
-    names = {p.rsplit("/", 1)[-1] for p in storage.list(phase)}
+def done_shards(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> list[int]:
+    """Ids of the finished shards of `phase` (IMAGES or a dataset_dir): Parquet and marker both exist.
+    `listing`: the paths (or names) of the files under `phase` when the caller has listed it
+    already (e.g. the keys of `storage.sizes(phase)`), so one listing serves several uses."""
+    names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
     ids = [shard_id_of(n) for n in names if n.endswith(".parquet")]
     return sorted(i for i in ids if i is not None and f"{format_shard_id(i)}.parquet" in names
                   and done_marker(phase, i).rsplit("/", 1)[-1] in names)
+
+
+def done_among(storage: Storage, phase: str, ids: Iterable[int]) -> list[int]:
+    """Which of `ids` (one task's shards) are done, by the rule of `done_shards`, from one listing
+    of only the names that start like all of them (the common prefix of the lowest and highest
+    id's spelling): for a chunk of consecutive ids a few hundred names, however many shards
+    the folder holds."""
+    wanted = set(ids)
+    if not wanted:
+        return []
+    start = os.path.commonprefix([format_shard_id(min(wanted)), format_shard_id(max(wanted))])
+    return [s for s in done_shards(storage, phase, storage.list(phase, name_prefix=start)) if s in wanted]
 
 
 # ----------------------------------------------------------------------------- phase 2 rows

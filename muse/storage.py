@@ -130,16 +130,23 @@ class Storage:
     def size(self, rel: str) -> int:
         return int(self.fs.size(self.path(rel)))
 
-    def list(self, prefix: str, suffix: str = "") -> list[str]:
-        """Sorted relative paths of files directly under `prefix` ending with `suffix`."""
+    def list(self, prefix: str, suffix: str = "", name_prefix: str = "") -> list[str]:
+        """Sorted relative paths of files directly under `prefix` whose names start with
+        `name_prefix` and end with `suffix`. On GCS the listing itself is narrowed to
+        `name_prefix` (a few objects of a folder of thousands: one request, not one per page)."""
         self.invalidate()
         base = self.path(prefix)
         if not self.fs.exists(base):
             return []
+        narrow = {"prefix": name_prefix} if name_prefix and self.protocol in ("gs", "gcs") else {}
+        try:
+            found = self.fs.ls(base, detail=False, **narrow)
+        except FileNotFoundError:  # gcsfs, when nothing matches the prefix
+            return []
         out = []
-        for p in self.fs.ls(base, detail=False):
+        for p in found:
             name = p.rstrip("/").rsplit("/", 1)[-1]
-            if name.endswith(suffix) and not name.startswith("."):
+            if name.startswith(name_prefix) and name.endswith(suffix) and not name.startswith("."):
                 out.append(f"{prefix.rstrip('/')}/{name}")
         return sorted(out)
 

@@ -329,3 +329,13 @@ def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
     ds = StreamingDataset(root, DIR, batch_size=4, streams=2)
     with pytest.raises(DataError, match="older loader.*on_data_change=new_pass"):
         ds.load_state({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
+
+
+def test_fingerprint_changes_name_shards_in_id_order():
+    """Shard names in id order (99999 before 100000, unlike string order); at most 5 named."""
+    old = {"shards": {"00001": "a", "00003": "a", "100001": "a"}, "seed": 0}
+    new = {"shards": {"00001": "b", "00003": "a", "100000": "a", "99999": "a", "00010": "a"}, "seed": 0}
+    assert fingerprint_changes(old, new) == ["shards added: 00010, 99999, 100000", "shards removed: 100001",
+                                             "shards changed: 00001"]
+    many = {"shards": {f"{i:05d}": "a" for i in range(7)}}
+    assert fingerprint_changes({"shards": {}}, many) == ["shards added: 00000, 00001, 00002, 00003, 00004 and 2 more"]

@@ -51,6 +51,32 @@ def test_plan_chunks_leaves_out_finished_chunks(server, tmp_path):
     assert [c.shard_ids() for c in plan_chunks(cfg)] == [[2, 3]]
 
 
+def test_a_plan_lists_images_once_whatever_the_number_of_chunks(tmp_path, monkeypatch):
+    """plan_chunks reads the listing of images/ once (sizes, the done rule and the chunk filter
+    share it), for 3 chunks as for 12; every chunk with an unfinished shard is planned."""
+    from fsspec.implementations.local import LocalFileSystem
+
+    ls, listed = LocalFileSystem.ls, {}
+    for chunks in (3, 12):
+        root = tmp_path / f"root{chunks}"
+        src = write_source(tmp_path / f"s{chunks}.parquet",
+                           [(f"http://127.0.0.1:9/{i}.jpg", f"c{i}", None, 0) for i in range(2 * chunks)])
+        cfg = load_config(None, data=chunk_cfg(root, src, tmp_path / "work", 1))  # 1 shard of 2 rows per chunk
+        plan_chunks(cfg)  # registers the file
+        st = Storage(str(root))
+        for sid in range(0, chunks, 3):  # every third shard done (its size matches its stats)
+            st.write_bytes(shard_name(IMAGES, sid), b"")
+            st.write_json(done_marker(IMAGES, sid), {"rows_in": 2, "bytes": 0})
+        calls = []
+        monkeypatch.setattr(LocalFileSystem, "ls", lambda fs, path, *a, _calls=calls, **k:
+                            _calls.append(path) or ls(fs, path, *a, **k))
+        planned = [c.shard_ids() for c in plan_chunks(cfg)]
+        monkeypatch.undo()
+        assert planned == [[s] for s in range(chunks) if s % 3], planned
+        listed[chunks] = sum(p.rstrip("/").endswith("/images") for p in calls)
+    assert listed[3] == listed[12] == 1, listed
+
+
 def _img2dataset_alive(work: Path) -> bool:
     for f in work.glob("*/img2dataset.pgid"):
         try:

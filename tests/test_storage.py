@@ -2,8 +2,8 @@
 
 import pytest
 
-from muse.layout import (IMAGES, done_marker, done_shards, format_shard_id, key_order, make_key, parse_shard_id,
-                          shard_id_of, shard_name)
+from muse.layout import (IMAGES, done_among, done_marker, done_shards, format_shard_id, key_order, make_key,
+                         parse_shard_id, shard_id_of, shard_name)
 from muse.storage import Storage, source_fs
 
 SPARSE = [7, 99999, 100000, 123456, 10 ** 7]  # past 5 digits, without 100,000 shards
@@ -57,6 +57,23 @@ def test_write_read_list(any_root):
     assert done_shards(st, IMAGES) == [1]
     st.delete("images/00001_stats.json")
     assert done_shards(Storage(any_root), IMAGES) == []
+
+
+def test_done_among_lists_only_the_names_of_its_ids(any_root, monkeypatch):
+    """A task's own shards by the done rule; on GCS the listing holds only the names that share the
+    ids' prefix, not the whole folder."""
+    st = Storage(any_root)
+    for sid in [*range(25), 99999, 100000]:
+        st.write_bytes(shard_name(IMAGES, sid), b"x")
+        st.write_json(done_marker(IMAGES, sid), {})
+    st.write_bytes(shard_name(IMAGES, 25), b"x")  # no marker: not done
+    ls, returned = st.fs.ls, []
+    monkeypatch.setattr(st.fs, "ls", lambda *a, **k: returned.append(len(out := ls(*a, **k))) or out)  # fs is shared
+    assert done_among(st, IMAGES, range(20, 26)) == [20, 21, 22, 23, 24]
+    assert done_among(st, IMAGES, [99999, 100000, 100001]) == [99999, 100000]  # no common prefix: all names
+    assert done_among(st, IMAGES, [30, 31]) == [] and done_among(st, IMAGES, []) == []
+    if not st.is_local:  # "0002": 00020..00025 (11 files) of 55
+        assert returned[0] == 11, returned
 
 
 def test_done_rule_is_the_same_for_both_phases(tmp_path):

@@ -25,11 +25,12 @@ from urllib.parse import quote
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from muse.download.intact import whole_image_shards
 from muse.download.runner import DownloadError, run_img2dataset, verify_shard
 from muse.download.sources import (REGISTRY, ROW, DownloadChunk, DownloadPart, SourceError,
                                    load_registry, plan_parts, read_source)
 from muse.download.writer import build_shard, is_http
-from muse.layout import IMAGES, done_marker, done_shards, shard_name
+from muse.layout import IMAGES, done_among, done_marker, done_shards, shard_name
 from muse.storage import Storage
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "download_part", "download_chunk",
@@ -44,8 +45,9 @@ def plan_download(cfg) -> list[DownloadPart]:
 def plan_chunks(cfg) -> list[DownloadChunk]:
     """The download tasks: chunks of `download.shards_per_task` shards with unfinished shards."""
     storage = Storage.from_config(cfg)
-    parts = plan_parts(storage, cfg)
-    done = set(done_shards(storage, IMAGES))
+    # one listing of images/ for the whole plan: the ids retired by plan_parts are in no part
+    done = set(whole_image_shards(storage))
+    parts = plan_parts(storage, cfg, done)
     return [c for p in parts for c in p.chunks(cfg.download.shards_per_task)
             if not done.issuperset(c.shard_ids())]
 
@@ -74,7 +76,7 @@ def download_chunk(cfg, chunk: DownloadChunk) -> list[dict]:
     storage root (and its local copy deleted) as soon as img2dataset finishes it."""
     storage = Storage.from_config(cfg)
     part, label = chunk.part, chunk.label
-    done = set(done_shards(storage, IMAGES))
+    done = set(done_among(storage, IMAGES, chunk.shard_ids()))  # fresh (a retry), and only this chunk's names
     todo = [s for s in chunk.shard_ids() if s not in done]
     if not todo:
         return []

@@ -47,8 +47,8 @@ def whole_image_shards(storage: Storage) -> list[int]:
     """The finished image shards that are whole; the others lose their done marker (so the
     download that is planning now fetches them again) and are named on stderr. Cost: one
     listing and one concurrent batch of marker reads, whatever the number of shards."""
-    done = done_shards(storage, IMAGES)
     sizes = storage.sizes(IMAGES)
+    done = done_shards(storage, IMAGES, sizes)  # the same listing: images/ is listed once
     markers = {rel: json.loads(data) for rel, data in
                storage.read_many([done_marker(IMAGES, sid) for sid in done]).items()}
     with ThreadPoolExecutor(CHECK_THREADS) as pool:  # footers only for markers without `bytes`

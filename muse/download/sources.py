@@ -208,13 +208,15 @@ def retire(storage: Storage, entry: dict) -> None:
         storage.delete(shard_name(IMAGES, sid))
 
 
-def plan_parts(storage: Storage, cfg) -> list[DownloadPart]:
-    """Assign shard ids to new/changed files, retire stale shards; return unfinished parts."""
+def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[DownloadPart]:
+    """Assign shard ids to new/changed files, retire stale shards; return unfinished parts.
+    `done`: the finished shards, when the caller has `whole_image_shards` already."""
     reg = load_registry(storage)
     gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
     remaining = src.max_samples
     parts: list[DownloadPart] = []
-    done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
+    if done is None:
+        done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
     spec = selection_spec(src)
     for uri in expand_sources(src.paths, gp):
         if remaining == 0:

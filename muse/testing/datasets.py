@@ -13,30 +13,23 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, IMAGE_SCHEMA, IMAGES, empty_caption_record, encoded_schema,
+from muse.layout import (GRID_BASE, GRID_SUPERRES, empty_caption_record, encoded_schema,
                          format_shard_id, shard_name, t5_to_bytes, trainable_counts,
                          write_manifest)
 from muse.storage import Storage
+from muse.testing.image_shards import write_image_table
 
 
 def _write_test_images(storage: Storage, sid: int, cols: dict, rng, size: int) -> None:
     from PIL import Image
 
-    n = len(cols["key"])
     jpegs = []
-    for _ in range(n):
+    for _ in cols["key"]:
         blocks = rng.integers(0, 256, (4, 4, 3), dtype=np.uint8)
         buf = io.BytesIO()
         Image.fromarray(blocks).resize((size, size), Image.NEAREST).save(buf, format="JPEG", quality=95)
         jpegs.append(buf.getvalue())
-    table = pa.table({
-        "key": cols["key"], "caption": cols["caption"], "caption_was_null": [False] * n,
-        "url": [f"http://test/{k}.jpg" for k in cols["key"]], "image": jpegs,
-        "width": [size] * n, "height": [size] * n, "replaced": cols["replaced"], "status": ["success"] * n,
-        "error_message": [None] * n, "reason": [None] * n}, schema=IMAGE_SCHEMA)
-    buf = io.BytesIO()
-    pq.write_table(table, buf)
-    storage.write_bytes(shard_name(IMAGES, sid), buf.getvalue())
+    write_image_table(storage, sid, cols["key"], cols["caption"], jpegs, size, cols["replaced"])
 
 
 def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows: int = 24,

@@ -25,19 +25,27 @@ def jpeg(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int = 256,
-                      replaced: list | None = None) -> list[bytes]:
-    n = len(captions)
-    replaced = replaced or [False] * n
-    images = [jpeg(picture(shard_id * 1000 + i, size)) for i in range(n)]
+def write_image_table(storage: Storage, shard_id: int, keys: list, captions: list, images: list[bytes],
+                      size: int, replaced: list | None = None) -> None:
+    """The one writer of test phase-1 shards: `images` (JPEGs, size x size) as rows that all
+    succeeded, then the done marker, as a download leaves them."""
+    n = len(keys)
     table = pa.table({
-        "key": [make_key(shard_id, i, n) for i in range(n)], "caption": captions,
-        "caption_was_null": [False] * n, "url": [f"http://x/{i}.jpg" for i in range(n)], "image": images,
-        "width": [size] * n, "height": [size] * n, "replaced": replaced,
+        "key": keys, "caption": captions, "caption_was_null": [False] * n,
+        "url": [f"http://test/{k}.jpg" for k in keys], "image": images,
+        "width": [size] * n, "height": [size] * n, "replaced": replaced or [False] * n,
         "status": ["success"] * n, "error_message": [""] * n, "reason": [""] * n,
     }, schema=IMAGE_SCHEMA)
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(shard_name(IMAGES, shard_id), buf.getvalue())
     storage.write_json(done_marker(IMAGES, shard_id), {"rows_in": n})
+
+
+def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int = 256,
+                      replaced: list | None = None) -> list[bytes]:
+    """A shard of seeded pictures under `captions`; returns the JPEGs."""
+    n = len(captions)
+    images = [jpeg(picture(shard_id * 1000 + i, size)) for i in range(n)]
+    write_image_table(storage, shard_id, [make_key(shard_id, i, n) for i in range(n)], captions, images, size, replaced)
     return images
