@@ -332,10 +332,13 @@ def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
 
 
 def test_fingerprint_changes_name_shards_in_id_order():
-    """Shard names in id order (99999 before 100000, unlike string order); at most 5 named."""
-    old = {"shards": {"00001": "a", "00003": "a", "100001": "a"}, "seed": 0}
-    new = {"shards": {"00001": "b", "00003": "a", "100000": "a", "99999": "a", "00010": "a"}, "seed": 0}
-    assert fingerprint_changes(old, new) == ["shards added: 00010, 99999, 100000", "shards removed: 100001",
-                                             "shards changed: 00001"]
-    many = {"shards": {f"{i:05d}": "a" for i in range(7)}}
+    """Shard names in id order (99999 before 100000, unlike string order); at most 5 named; a
+    loader.json of the older {id: sha256} form is compared with the compact one."""
+    from muse.data import shards_fingerprint
+
+    old = {"shards": {"00001": "a", "00003": "a", "100001": "a"}, "seed": 0}          # the older form
+    new = {"shards": shards_fingerprint({1: "b", 3: "a", 100000: "a", 99999: "a"}), "seed": 0}
+    assert fingerprint_changes(old, new) == ["shards added: 99999, 100000", "shards removed: 100001",
+                                             "shards changed in ids: 00000-01023"]
+    many = {"shards": shards_fingerprint({i: "a" for i in range(7)})}
     assert fingerprint_changes({"shards": {}}, many) == ["shards added: 00000, 00001, 00002, 00003, 00004 and 2 more"]
