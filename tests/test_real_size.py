@@ -6,9 +6,9 @@ loaders users run; `muse encode` on 2 pictures; one training step at batch 1 of 
 (~632M) and of the super-res preset with the trainer's own step functions; a 2-step `generate`
 of each. Each stage runs in its own process (`python -m tests.test_real_size STAGE DIR`), so its
 peak RSS is its own and the models of one stage are gone before the next starts. The bounds are
-the figures measured on a 2-core CPU machine (bench/RESULTS.md) x ~1.5 (super-res: an estimate until
-measured): a memory regression fails. The super-res stage (~14 TFLOP a step) runs only with
-MUSE_REAL_SIZE_SUPERRES=1.
+the figures measured on a 2-core CPU machine (bench/RESULTS.md) x ~1.5: a memory regression fails.
+The super-res stage (~14 TFLOP a step: 7 minutes on one quiet core, 12.5 GB) runs only with
+MUSE_REAL_SIZE_SUPERRES=1, to keep it out of CI's time.
 """
 
 from __future__ import annotations
@@ -30,10 +30,9 @@ CAPTIONS = ["a photograph of a red fox in the snow", "a small boat on a calm lak
 T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
            "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
            "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
-# Peak RSS bounds, MB: measured on 2026-12-02 (bench/RESULTS.md) x ~1.5. superres is not measured yet: an
-# estimate (weights, gradients and AdamW moments of 700M parameters are 11.2 GB, plus the activations
-# of 4096 tokens); replace it by the measured figure x 1.5.
-PEAK_MB = {"encoders": 1800, "encode": 3500, "base": 15500, "superres": 20000}
+# Peak RSS bounds, MB: measured on 2026-12-02 (bench/RESULTS.md) x ~1.5 (superres: 12528 MB measured, the
+# weights, gradients and AdamW moments of 700M parameters being 11.2 GB of it).
+PEAK_MB = {"encoders": 1800, "encode": 3500, "base": 15500, "superres": 19000}
 
 
 def config(d: Path, kind: str = "base") -> Path:
