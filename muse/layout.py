@@ -214,12 +214,19 @@ def in_eval_slice(key: str, eval_holdout: float) -> bool:
     return eval_holdout > 0 and eval_position(key) < eval_holdout
 
 
-def trainable_mask(keys: list[str], replaced, eval_holdout: float, drop_replaced: bool) -> np.ndarray:
+def eval_positions(keys: list[str]) -> np.ndarray:
+    """`eval_position` of each key (float64, the same values)."""
+    return np.array([eval_position(k) for k in keys], dtype=np.float64)
+
+
+def trainable_mask(keys: list[str], replaced, eval_holdout: float, drop_replaced: bool,
+                   positions: np.ndarray | None = None) -> np.ndarray:
     """The rows the trainer may see: not in the eval slice, and not replaced when those are dropped
-    (the one rule, used by the loader and for the counts encode records)."""
+    (the one rule, used by the loader and for the counts encode records). `positions`: the keys'
+    `eval_positions` when the caller has them (hashed once for several fractions)."""
     keep = np.ones(len(keys), dtype=bool)
-    if eval_holdout:
-        keep &= ~np.array([in_eval_slice(k, eval_holdout) for k in keys], dtype=bool)
+    if eval_holdout > 0:  # in_eval_slice, for every key at once
+        keep &= ~((eval_positions(keys) if positions is None else positions) < eval_holdout)
     if drop_replaced:
         keep &= ~np.asarray(replaced, dtype=bool)
     return keep
@@ -245,8 +252,9 @@ def trainable_counts(keys: list[str], replaced, row_group_size: int) -> dict[str
     """{trainable_column: trainable rows of each row group} for each of TRAINABLE_SETTINGS: what the
     encoder records per shard (`train_rows` of its record) and the shard table carries."""
     out: dict[str, list[int]] = {}
+    positions = eval_positions(keys)  # each key hashed once, not once per setting
     for f, drop in TRAINABLE_SETTINGS:
-        mask = trainable_mask(keys, replaced, f, drop)
+        mask = trainable_mask(keys, replaced, f, drop, positions)
         out[trainable_column(f, drop)] = [int(mask[i:i + row_group_size].sum())
                                           for i in range(0, len(keys), row_group_size)]
     return out
