@@ -241,7 +241,7 @@ def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device)
     for i in range(0, len(rows), e.batch_size):
         hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device=device)
         ids = generate(model, hidden, mask, uncond, uncond_mask, steps=e.steps, guidance_scale=e.guidance_scale,
-                       temperature=e.temperature, generator=gen)
+                       temperature=e.temperature, generator=gen, guidance_schedule=e.guidance_schedule)
         out.append(decode_ids(vq, ids, model.config.grid_size))
     return np.concatenate(out)
 

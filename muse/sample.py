@@ -48,6 +48,18 @@ def _conditioning(hidden, attn_mask, uncond_hidden, uncond_mask, low_res_ids, gu
     return h, m, low
 
 
+def guidance_at(step: int, steps: int, scale: float, schedule: str = "constant") -> float:
+    """The guidance scale of decoding step `step` (0-based) of `steps`. "linear" rises from 1 (no
+    guidance) at the first step to `scale` at the last: the first steps decide the layout from
+    the model's own distribution, where a full scale at once broke small models' rarer shapes
+    into fragments (bench/RESULTS.md, 2026-12-02 12:16Z)."""
+    if schedule == "constant" or steps <= 1:
+        return scale
+    if schedule == "linear":
+        return 1.0 + (scale - 1.0) * step / (steps - 1)
+    raise ValueError(f"guidance_schedule must be constant or linear, got {schedule!r}")
+
+
 def _guided_logits(model, ids, cond: tuple, cache, guidance_scale, masked) -> torch.Tensor:
     """fp32 logits (M, V) at the M masked positions only: decided tokens are never resampled, so
     their rows would be memory for nothing. The guided mix runs in place on the model's output,
@@ -88,7 +100,8 @@ def _remask_by_rank(conf: torch.Tensor, n_mask: torch.Tensor, generator) -> torc
 def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden: torch.Tensor | None = None,
              uncond_mask: torch.Tensor | None = None, steps: int = 24, guidance_scale: float = 4.0,
              temperature: float = 1.0, generator: torch.Generator | None = None,
-             low_res_ids: torch.Tensor | None = None, cache_memory: bool = True) -> torch.Tensor:
+             low_res_ids: torch.Tensor | None = None, cache_memory: bool = True,
+             guidance_schedule: str = "constant") -> torch.Tensor:
     """-> token ids (B, grid*grid). hidden (B, L, D), attn_mask (B, L) bool; uncond_* (1, Lu, D), (1, Lu).
 
     `cache_memory`: the memory (projected text, the super-res model's low-res encoder) and its
@@ -105,7 +118,8 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
     cache = model.memory_cache(*cond) if cache_memory and hasattr(model, "memory_cache") else None
     for step in range(steps):
         masked = ids == c.mask_token_id                                            # (B, N)
-        logits = _guided_logits(model, ids, cond, cache, guidance_scale, masked)   # (M, V)
+        scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
+        logits = _guided_logits(model, ids, cond, cache, scale, masked)            # (M, V)
         sampled, logp = _sample_rows(logits, generator)                           # (M,), (M,)
         del logits                                                                 # before the next forward
         ratio = (step + 1) / steps
@@ -246,7 +260,7 @@ def _parameters(cfg, storage) -> dict:
         latest = checkpoint.latest(storage, cfg.train.run_name)
         ref = storage.url(latest) if latest else None
     out = {"checkpoint": ref, "steps": s.steps, "guidance_scale": s.guidance_scale,
-           "temperature": s.temperature, "seed": s.seed, "use_ema": s.use_ema}
+           "guidance_schedule": s.guidance_schedule, "temperature": s.temperature, "seed": s.seed, "use_ema": s.use_ema}
     if s.superres_checkpoint:
         out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
     return out
@@ -306,10 +320,11 @@ def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | No
     uncond, uncond_mask = pad_embeddings(m.text.encode([""]), device=device)
     gen = torch.Generator(device=device).manual_seed(s.seed)
     ids = generate(m.base, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
-                   temperature=s.temperature, generator=gen)
+                   temperature=s.temperature, generator=gen, guidance_schedule=s.guidance_schedule)
     if m.superres is not None:
         ids = generate(m.superres, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
-                       guidance_scale=scale, temperature=s.temperature, generator=gen, low_res_ids=ids)
+                       guidance_scale=scale, temperature=s.temperature, generator=gen, low_res_ids=ids,
+                       guidance_schedule=s.guidance_schedule)
     last = m.base if m.superres is None else m.superres
     return decode_ids(m.decoder, ids, last.config.grid_size)
 

@@ -1,6 +1,7 @@
 """Parallel decoding: overfit a tiny model, decode its tokens back; seeds; one batched guided forward."""
 
 import numpy as np
+import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -60,6 +61,29 @@ def test_guidance_is_one_batched_forward_per_step():
     generate(model, hidden, mask, unc, unc_mask, steps=5, guidance_scale=4.0,
              generator=torch.Generator().manual_seed(0))
     assert calls == [6] * 5  # cond + uncond stacked: batch 2B, one call per step
+
+
+def test_linear_guidance_rises_from_one_to_the_scale(monkeypatch):
+    """Each step's guided mix gets its own scale: 1 at the first step (the layout unguided), the full
+    scale at the last; the conditional and unconditional halves still go through one forward."""
+    import muse.sample as sample
+
+    model = tiny().eval()
+    hidden, mask = torch.randn(2, 4, 8), torch.ones(2, 4, dtype=torch.bool)
+    unc, unc_mask = torch.randn(1, 2, 8), torch.ones(1, 2, dtype=torch.bool)
+    seen, mix = [], sample._guided_logits
+    monkeypatch.setattr(sample, "_guided_logits", lambda m, ids, cond, cache, scale, masked:
+                        seen.append(scale) or mix(m, ids, cond, cache, scale, masked))
+    run = lambda schedule: generate(model, hidden, mask, unc, unc_mask, steps=5, guidance_scale=4.0,
+                                    generator=torch.Generator().manual_seed(0), guidance_schedule=schedule)
+    linear = run("linear")
+    assert seen == [1.0, 1.75, 2.5, 3.25, 4.0]
+    seen.clear()
+    constant = run("constant")
+    assert seen == [4.0] * 5 and not torch.equal(linear, constant)
+    assert sample.guidance_at(0, 1, 4.0, "linear") == 4.0        # one step: the full scale
+    with pytest.raises(ValueError, match="guidance_schedule"):
+        sample.guidance_at(0, 5, 4.0, "cosine")
 
 
 def test_schedule_unmasks_progressively():

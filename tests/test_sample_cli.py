@@ -52,7 +52,8 @@ def test_base_sample_writes_a_256px_png(setup):
     assert png.size == (256, 256)
     assert png.text["prompt"] == "a red circle"
     assert json.loads(png.text["parameters"]) == {"checkpoint": str(tmp / "base"), "steps": 4,
-                                                  "guidance_scale": 4.0, "temperature": 1.0, "seed": 0,
+                                                  "guidance_scale": 4.0, "guidance_schedule": "constant",
+                                                  "temperature": 1.0, "seed": 0,
                                                   "use_ema": True}
 
 

@@ -62,7 +62,7 @@ class Scene:
     background: int     # grey level
 
 
-WIDTH = (0.5, 0.65)    # of the picture
+WIDTH = (0.6, 0.75)   # of the picture
 JITTER = 0.06          # the centre moves up to this fraction of the picture from the middle (+-1 token)
 
 
