@@ -260,7 +260,8 @@ def _parameters(cfg, storage) -> dict:
         latest = checkpoint.latest(storage, cfg.train.run_name)
         ref = storage.url(latest) if latest else None
     out = {"checkpoint": ref, "steps": s.steps, "guidance_scale": s.guidance_scale,
-           "guidance_schedule": s.guidance_schedule, "temperature": s.temperature, "seed": s.seed, "use_ema": s.use_ema}
+           "guidance_schedule": s.guidance_schedule, "temperature": s.temperature, "seed": s.seed,
+           "use_ema": s.use_ema}
     if s.superres_checkpoint:
         out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
     return out

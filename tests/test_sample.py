@@ -65,7 +65,7 @@ def test_guidance_is_one_batched_forward_per_step():
 
 def test_linear_guidance_rises_from_one_to_the_scale(monkeypatch):
     """Each step's guided mix gets its own scale: 1 at the first step (the layout unguided), the full
-    scale at the last; the conditional and unconditional halves still go through one forward."""
+    scale at the last; the constant schedule keeps the scale, and the two decode differently."""
     import muse.sample as sample
 
     model = tiny().eval()
