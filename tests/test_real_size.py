@@ -31,8 +31,10 @@ T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_l
            "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
            "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
 # Peak RSS bounds, MB: measured on 2026-12-02 (bench/RESULTS.md) x ~1.5 (superres: 12528 MB measured, the
-# weights, gradients and AdamW moments of 700M parameters being 11.2 GB of it).
-PEAK_MB = {"encoders": 1800, "encode": 3500, "base": 15500, "superres": 19000}
+# weights, gradients and AdamW moments of 700M parameters being 11.2 GB of it). Writing the encoders
+# peaked at 1179 MB in one run and 1823 MB in a later fresh-clone CI run (the VQGAN's 585 MB of fp32
+# weights once more): its bound is the larger x 1.5.
+PEAK_MB = {"encoders": 2700, "encode": 3500, "base": 15500, "superres": 19000}
 
 
 def config(d: Path, kind: str = "base") -> Path:
