@@ -226,6 +226,10 @@ class TrainConfig(_Section):
         return self
 
 
+# How the guidance scale moves over the decoding steps (`muse.sample.guidance_at`): sample and eval share it
+GuidanceSchedule = Literal["constant", "linear"]
+
+
 class SampleConfig(_Section):
     prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
     prompts_file: Optional[str] = None
@@ -234,7 +238,7 @@ class SampleConfig(_Section):
     steps: int = Field(24, ge=1)
     superres_steps: int = Field(8, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
-    guidance_schedule: Literal["constant", "linear"] = Field(
+    guidance_schedule: GuidanceSchedule = Field(
         "constant", description="linear: the scale rises from 1 at the first decoding step to guidance_scale "
         "at the last (the layout is drawn unguided, the details guided)")
     temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
@@ -254,7 +258,7 @@ class EvalConfig(_Section):
         "or a local torch.export file (.pt2) mapping uint8 [B,3,H,W] to features [B,D]")
     steps: int = Field(24, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
-    guidance_schedule: Literal["constant", "linear"] = "constant"
+    guidance_schedule: GuidanceSchedule = "constant"
     temperature: float = Field(1.0, ge=0)
     batch_size: int = Field(16, ge=1)
     seed: int = 0

@@ -22,11 +22,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import get_args
 
 import numpy as np
 import torch
 
-from muse.config import resolve_device
+from muse.config import GuidanceSchedule, resolve_device
 from muse.masking import pad_embeddings, pad_to
 
 
@@ -52,12 +53,12 @@ def guidance_at(step: int, steps: int, scale: float, schedule: str = "constant")
     """The guidance scale of decoding step `step` (0-based) of `steps`. "linear" rises from 1 (no
     guidance) at the first step to `scale` at the last: the first steps decide the layout from
     the model's own distribution, where a full scale at once broke small models' rarer shapes
-    into fragments (bench/RESULTS.md, 2026-12-02 12:16Z)."""
+    into fragments (bench/RESULTS.md, 2026-12-02 11:20-12:45Z)."""
+    if schedule not in get_args(GuidanceSchedule):
+        raise ValueError(f"guidance_schedule must be one of {get_args(GuidanceSchedule)}, got {schedule!r}")
     if schedule == "constant" or steps <= 1:
         return scale
-    if schedule == "linear":
-        return 1.0 + (scale - 1.0) * step / (steps - 1)
-    raise ValueError(f"guidance_schedule must be constant or linear, got {schedule!r}")
+    return 1.0 + (scale - 1.0) * step / (steps - 1)
 
 
 def _guided_logits(model, ids, cond: tuple, cache, guidance_scale, masked) -> torch.Tensor:
