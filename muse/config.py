@@ -137,12 +137,13 @@ class EncodeConfig(_Section):
 # The one home of the transformer sizes: `model.preset` picks one, `model.*` overrides it,
 # and the model classes' own defaults (muse/models/base.py MuseConfig) are the base preset.
 MODEL_PRESETS = {
-    "tiny": dict(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0),
-    # ~0.6M parameters (the demo, `make demo`): what 2 CPU cores train to adherence in minutes
-    "demo": dict(hidden_size=128, depth=3, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0),
-    "small": dict(hidden_size=512, depth=8, num_heads=8, mlp_ratio=4.0, mlp="gelu", dropout=0.0),
+    "tiny": dict(hidden_size=32, depth=2, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0, downsample=1),
+    # ~0.7M parameters (the demo, `make demo`): what 2 CPU cores train to adherence in minutes;
+    # downsample 2: its layers run on 8x8 merged tokens, ~3.5x the samples/s of 16x16 (bench/RESULTS.md)
+    "demo": dict(hidden_size=128, depth=3, num_heads=4, mlp_ratio=2.0, mlp="gelu", dropout=0.0, downsample=2),
+    "small": dict(hidden_size=512, depth=8, num_heads=8, mlp_ratio=4.0, mlp="gelu", dropout=0.0, downsample=1),
     # ~632M parameters with an 8192 codebook and 768-d text (the paper's base size)
-    "base": dict(hidden_size=1536, depth=16, num_heads=16, mlp_ratio=4.0, mlp="gelu", dropout=0.0),
+    "base": dict(hidden_size=1536, depth=16, num_heads=16, mlp_ratio=4.0, mlp="gelu", dropout=0.0, downsample=1),
 }
 
 
@@ -156,10 +157,20 @@ class ModelConfig(_Section):
     mlp_ratio: Optional[float] = Field(None, gt=0)
     mlp: Optional[Literal["gelu", "geglu"]] = None
     dropout: Optional[float] = Field(None, ge=0, lt=1)
+    downsample: Optional[Literal[1, 2, 4]] = Field(
+        None, description="base model: each downsample x downsample block of tokens is one transformer position "
+        "(aMUSEd's UVit2DModel downsample); 1 = every token")
     codebook_size: int = Field(8192, ge=2)
     text_dim: int = Field(768, ge=1, description="T5 hidden size of the encoded data")
     low_res_depth: int = Field(2, ge=0, description="superres: self-attention layers over the embedded 16x16 "
                                "low-res tokens before they join the cross-attention memory (0: embedding only)")
+
+    @model_validator(mode="after")
+    def _downsample(self) -> "ModelConfig":
+        if self.kind == "superres" and self.downsample not in (None, 1):
+            raise ValueError(f"model.downsample {self.downsample} is a base-model option: the super-res model "
+                             "attends within patches already (set model.downsample: null or 1)")
+        return self
 
 
 class WandbConfig(_Section):

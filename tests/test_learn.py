@@ -73,7 +73,8 @@ def test_shapes_vq_reconstructs_the_world_and_is_cached(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_a_short_run_beats_chance(tmp_path):
     """The demo's VQ (trained once per machine, ~2.5 min), 480 rows, 300 steps: colour well above
-    chance (1/6; 0.4 is over 4 standard deviations above it at n=42)."""
+    chance (1/6; 0.6 is over 7 standard deviations above it at n=42). Measured with the demo
+    preset's 2x2 merged tokens: 98% at guidance 1, 93% at 1.5."""
     config, images = demo.prepare(tmp_path, rows=480)
     # the demo's VQ draws the world well enough for the targets (a VQ that decoded green as teal
     # capped colour at 79%): the scorer on its reconstructions, measured when it was trained
@@ -90,6 +91,6 @@ def test_a_short_run_beats_chance(tmp_path):
     scale = max(results)
     guided = results[scale]["train_pairs"]
     assert scale > 1 and guided["n"] == 42
-    assert guided["colour"] >= 0.4, {k: v["train_pairs"] for k, v in results.items()}
+    assert guided["colour"] >= 0.6, {k: v["train_pairs"] for k, v in results.items()}
     saved = json.loads((tmp_path / "data" / "samples" / "adherence.json").read_text())
     assert saved[f"{scale:g}"]["train_pairs"] == guided

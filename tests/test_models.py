@@ -7,6 +7,7 @@ import pytest
 from muse.config import MODEL_PRESETS, ModelConfig
 from muse.models import (MultiAxisAttention, MuseSuperRes, MuseTransformer, build_model, load_pretrained,
                          model_config)
+from muse.models.base import MuseConfig
 from muse.models.superres import MuseSuperResConfig
 
 torch.set_num_threads(1)
@@ -28,9 +29,10 @@ def batch(model, B=3, L=5, seed=0):
     return ids, hidden, mask, low
 
 
-@pytest.mark.parametrize("kind, n", [("base", 256), ("superres", 4096)])
-def test_shapes_and_dtypes(kind, n):
-    m = tiny(kind)
+@pytest.mark.parametrize("kind, n, kw", [("base", 256, {}), ("base", 256, {"downsample": 2}),
+                                        ("superres", 4096, {})])
+def test_shapes_and_dtypes(kind, n, kw):
+    m = tiny(kind, **kw)
     ids, hidden, mask, low = batch(m)
     logits = m(ids, hidden, mask, low)
     assert logits.shape == (3, n, 64) and logits.dtype == torch.float32
@@ -123,9 +125,9 @@ def test_superres_needs_even_heads():
         MuseSuperRes(MuseSuperResConfig(hidden_size=24, depth=1, num_heads=3))
 
 
-@pytest.mark.parametrize("kind", ["base", "superres"])
-def test_save_load_round_trip_exact(tmp_path, kind):
-    m = tiny(kind).eval()
+@pytest.mark.parametrize("kind, kw", [("base", {}), ("base", {"downsample": 2}), ("superres", {})])
+def test_save_load_round_trip_exact(tmp_path, kind, kw):
+    m = tiny(kind, **kw).eval()
     m.save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").exists() and (tmp_path / "m" / "config.json").exists()
     m2 = load_pretrained(tmp_path / "m").eval()
@@ -166,14 +168,14 @@ def test_mlp_has_a_residual():
     assert torch.allclose(blk(x, mem, mm), h, atol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["base", "superres"])
-def test_flops_per_sample_match_the_flop_counter(kind):
+@pytest.mark.parametrize("kind, kw", [("base", {}), ("base", {"downsample": 2}), ("superres", {})])
+def test_flops_per_sample_match_the_flop_counter(kind, kw):
     """num_flops_per_sample (behind the logged MFU) against what torch counts for one training
     step: cross-attention K/V at the memory length, text_proj at the text length, no lookups."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
-    m = tiny(kind)
+    m = tiny(kind, **kw)
     c = m.config
     ids, hidden, mask, low = batch(m, B=2, L=c.text_len_for_flops)
     mask[:] = True
@@ -195,3 +197,48 @@ def test_superres_saved_before_the_low_res_encoder_still_loads(tmp_path):
     (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     loaded = load_pretrained(tmp_path / "m")
     assert loaded.config.low_res_depth == 0 and len(loaded.low_res_layers) == 0
+
+
+def test_downsample_follows_the_token_grid():
+    """downsample 2: position (i, j) is made of tokens (2i + a, 2j + b), and its head output
+    for sub-block (a, b) is token (2i + a, 2j + b)'s logits: the layout a sampler's ids assume."""
+    m = tiny(downsample=2).eval()
+    C, K, g = m.config.hidden_size, m.config.codebook_size, 8
+    ids = torch.randint(0, K, (1, 256), generator=torch.Generator().manual_seed(0))
+    emb = m.tok_emb(ids).view(16, 16, C)
+    with torch.no_grad():
+        for a in (0, 1):
+            for b in (0, 1):
+                sub = 2 * a + b  # the merge Linear reads [(0,0), (0,1), (1,0), (1,1)] x C
+                m.merge.weight.zero_()
+                m.merge.bias.zero_()
+                m.merge.weight[:, sub * C:(sub + 1) * C] = torch.eye(C)
+                merged = m._merge(m.tok_emb(ids)).view(g, g, C)
+                assert torch.equal(merged, emb[a::2, b::2])
+        # a head whose bias marks the sub-block: token (r, c) must get the mark of (r % 2, c % 2)
+        m.head.weight.zero_()
+        m.head.bias.copy_(torch.arange(4).repeat_interleave(K).float())
+        logits = m(ids, torch.randn(1, 3, m.config.text_dim), torch.ones(1, 3, dtype=torch.bool))
+    rows, cols = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    assert torch.equal(logits[0, :, 0], (2 * (rows % 2) + cols % 2).flatten().float())
+
+
+def test_downsample_is_checked():
+    with pytest.raises(ValueError, match="downsample"):
+        ModelConfig(kind="superres", preset="tiny", downsample=2)
+    with pytest.raises(ValueError, match="downsample 4 must be >= 1 and divide grid_size 6"):
+        MuseTransformer(MuseConfig(hidden_size=32, depth=1, num_heads=4, grid_size=6, downsample=4))
+    # superres with the demo preset (downsample 2 for the base model) keeps every token
+    assert model_config(ModelConfig(kind="superres", preset="demo")).downsample == 1
+
+
+def test_base_saved_before_downsample_still_loads(tmp_path):
+    """A config.json without `downsample` (written before it existed) is a model over every token."""
+    import json
+
+    m = tiny().eval()
+    m.save_pretrained(tmp_path / "m")
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    del cfg["downsample"]
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
+    assert load_pretrained(tmp_path / "m").config.downsample == 1

@@ -21,12 +21,13 @@ __all__ = ["MuseConfig", "MuseTransformer", "MuseSuperResConfig", "MuseSuperRes"
 def model_config(model_cfg) -> MuseConfig:
     """The model dataclass config from `cfg.model` (a config.ModelConfig): preset + overrides."""
     values = dict(MODEL_PRESETS[model_cfg.preset])
-    for key in ("hidden_size", "depth", "num_heads", "mlp_ratio", "mlp", "dropout"):
+    for key in ("hidden_size", "depth", "num_heads", "mlp_ratio", "mlp", "dropout", "downsample"):
         v = getattr(model_cfg, key)
         if v is not None:
             values[key] = v
     values.update(codebook_size=model_cfg.codebook_size, text_dim=model_cfg.text_dim)
     if model_cfg.kind == "superres":
+        values.pop("downsample")  # every 64x64 token is a position (ModelConfig refuses another value)
         return MuseSuperResConfig(**values, low_res_depth=model_cfg.low_res_depth)
     return MuseConfig(**values)
 

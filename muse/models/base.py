@@ -1,8 +1,13 @@
 """Muse base transformer: 16x16 VQ tokens (256px) conditioned on a T5 sequence.
 
-    ids (B, 256) --embed + 2-D pos--> x (B, 256, C)
+    ids (B, 256) --embed--> (B, 256, C) --merge d x d blocks, + 2-D pos--> x (B, 256/d², C)
     text (B, L, text_dim) --Linear + LN--> memory (B, L, C)
     depth x Block(self-attn, cross-attn(memory), MLP) --LN, Linear--> logits (B, 256, codebook)
+
+`downsample` d (aMUSEd's UVit2DModel `downsample`): each d x d block of token embeddings is
+concatenated and projected to one position, and the head predicts the block's d² tokens from
+it. d = 1 (the presets but `demo`) is the paper's model; d = 2 runs the layers on 64 positions,
+~3.5x the training samples/s on 2 CPU cores at the demo's size (bench/RESULTS.md).
 
 The mask token is an extra input id (`mask_token_id == codebook_size`) that the head
 never predicts. Weights are saved diffusers-style: `config.json` + `model.safetensors`.
@@ -35,6 +40,7 @@ class MuseConfig:
     mlp_ratio: float = _BASE["mlp_ratio"]
     mlp: str = _BASE["mlp"]
     dropout: float = _BASE["dropout"]
+    downsample: int = _BASE["downsample"]
     codebook_size: int = ModelConfig.model_fields["codebook_size"].default
     text_dim: int = ModelConfig.model_fields["text_dim"].default
     grid_size: int = 16
@@ -48,11 +54,18 @@ class MuseConfig:
     def num_tokens(self) -> int:
         return self.grid_size * self.grid_size
 
+    @property
+    def num_positions(self) -> int:
+        """The transformer's sequence length: one position per downsample x downsample tokens."""
+        return (self.grid_size // self.downsample) ** 2
+
     def validate(self) -> None:
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} not divisible by num_heads {self.num_heads}")
         if self.mlp not in ("gelu", "geglu"):
             raise ValueError(f"mlp must be gelu or geglu, got {self.mlp!r}")
+        if self.downsample < 1 or self.grid_size % self.downsample:
+            raise ValueError(f"downsample {self.downsample} must be >= 1 and divide grid_size {self.grid_size}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -103,7 +116,9 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         config.validate()
         self.config = c = config
         self.tok_emb = nn.Embedding(c.codebook_size + 1, c.hidden_size)  # +1: the mask token
-        self.pos_emb = Grid2DPositions(c.grid_size, c.hidden_size)
+        if c.downsample > 1:
+            self.merge = nn.Linear(c.downsample ** 2 * c.hidden_size, c.hidden_size)
+        self.pos_emb = Grid2DPositions(c.grid_size // c.downsample, c.hidden_size)
         self.text_proj = nn.Linear(c.text_dim, c.hidden_size)
         self.text_norm = nn.LayerNorm(c.hidden_size)
         self._add_memory_modules(c)
@@ -111,7 +126,7 @@ class MuseTransformer(PretrainedMixin, nn.Module):
                                           self_attn=self._self_attention(c))
                                     for _ in range(c.depth))
         self.norm_out = nn.LayerNorm(c.hidden_size)
-        self.head = nn.Linear(c.hidden_size, c.codebook_size)
+        self.head = nn.Linear(c.hidden_size, c.downsample ** 2 * c.codebook_size)
         self.apply(_init_weights)
 
     # Subclass hooks, called in __init__ at the place their modules belong: the registration
@@ -139,12 +154,29 @@ class MuseTransformer(PretrainedMixin, nn.Module):
                 memory_cache: MemoryCache | None = None) -> torch.Tensor:
         """`memory_cache`: `self.memory_cache(...)` of the conditioning, computed before; the
         conditioning arguments are then unused. Training computes it here: one code path."""
-        x = self.tok_emb(input_ids) + self.pos_emb()                          # (B, N, C)
+        x = self._merge(self.tok_emb(input_ids)) + self.pos_emb()              # (B, P, C)
         if memory_cache is None:
             memory_cache = self.memory_cache(encoder_hidden_states, encoder_attention_mask, low_res_ids)
         for block, kv in zip(self.blocks, memory_cache.kv):
             x = block(x, None, memory_cache.mask, kv)
-        return self.head(self.norm_out(x))                                     # (B, N, codebook)
+        return self._split(self.head(self.norm_out(x)))                        # (B, N, codebook)
+
+    def _merge(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) token embeddings -> (B, P, C): each d x d block concatenated, projected."""
+        d, g = self.config.downsample, self.config.grid_size // self.config.downsample
+        if d == 1:
+            return x
+        B, _, C = x.shape
+        blocks = x.view(B, g, d, g, d, C).permute(0, 1, 3, 2, 4, 5).reshape(B, g * g, d * d * C)
+        return self.merge(blocks)
+
+    def _split(self, logits: torch.Tensor) -> torch.Tensor:
+        """(B, P, d² K) -> (B, N, K): each position's d² predictions back to their tokens, row-major."""
+        d, g = self.config.downsample, self.config.grid_size // self.config.downsample
+        if d == 1:
+            return logits
+        B = logits.shape[0]
+        return logits.view(B, g, g, d, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, g * d * g * d, -1)
 
     def num_flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) per sample, counted as the matmuls are run.
@@ -166,7 +198,7 @@ class MuseTransformer(PretrainedMixin, nn.Module):
                 forward += flops
                 input_grads += 0 if name == "text_proj" else flops
         keys = self._keys_per_query() + self._memory_len()
-        attention = 4 * c.depth * c.hidden_size * c.num_tokens * keys + self._memory_attention_flops()
+        attention = 4 * c.depth * c.hidden_size * c.num_positions * keys + self._memory_attention_flops()
         # attention's backward: 2x its forward, both inputs
         return 3 * attention + forward + forward + input_grads
 
@@ -176,10 +208,10 @@ class MuseTransformer(PretrainedMixin, nn.Module):
             return self.config.text_len_for_flops
         if name.endswith(".cross.kv"):
             return self._memory_len()
-        return self.config.num_tokens
+        return self.config.num_positions
 
     def _keys_per_query(self) -> float:
-        return self.config.num_tokens
+        return self.config.num_positions
 
     def _memory_len(self) -> int:
         return self.config.text_len_for_flops

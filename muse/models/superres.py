@@ -41,6 +41,8 @@ class MuseSuperResConfig(MuseConfig):
 
     def validate(self) -> None:
         super().validate()
+        if self.downsample != 1:
+            raise ValueError(f"the super-res model has no downsample (got {self.downsample}): it attends within patches")
         if self.grid_size % self.patch_size:
             raise ValueError(f"grid_size {self.grid_size} not divisible by patch_size {self.patch_size}")
         if self.num_heads < 2 or self.num_heads % 2:
