@@ -84,16 +84,16 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             "encode.batch_size=64", "encode.row_group_size=64", "encode.device=cpu",
             "model.preset=demo",
             f"model.codebook_size={encoders['codebook_size']}", f"model.text_dim={encoders['text_dim']}",
-            # the demo preset merges 2x2 tokens per position (model.downsample): ~320 samples/s on 2
-            # cores at batch 32, so 3,000 steps are ~5 min (900 steps over every token were the same
-            # time and drew no stars: bench/RESULTS.md)
+            # the demo preset merges 2x2 tokens per position (model.downsample): ~300 samples/s on 2
+            # cores at batch 32, so 2,500 steps are ~4.5 min and the first run (the VQ trained too)
+            # stays under 8 (900 steps over every token took 5 and drew no stars: bench/RESULTS.md)
             "train.run_name=demo", f"train.batch_size={16 if quick else 32}", "train.grad_accum=1",
-            f"train.max_steps={40 if quick else 3000}", "train.warmup_steps=50", "train.lr=3e-3",
+            f"train.max_steps={40 if quick else 2500}", "train.warmup_steps=50", "train.lr=3e-3",
             "train.weight_decay=0.0", "train.label_smoothing=0.0", "train.num_workers=0",
             "train.shuffle_buffer=256", "train.loader_streams=1", "train.checkpoint_every=1000",
             "train.log_every=50", "train.nproc_per_node=1", "train.device=cpu", "train.mixed_precision=false",
             f"sample.prompts=[{', '.join(prompts)}]", "sample.steps=16",
-            # guidance 1.5: on the 3,000-step model "both right" 86% / 85% (2 seeds) against 83% / 79%
+            # guidance 1.5: on a 3,000-step model "both right" 86% / 85% (2 seeds) against 83% / 79%
             # unguided, colour kept at 100%; 4 put specks in the shapes (colour 82-88%), 2 cost colour
             # (96-98%), and a linear ramp to 2 gained less (bench/RESULTS.md)
             "sample.guidance_scale=1.5",
