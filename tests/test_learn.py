@@ -84,7 +84,7 @@ def test_a_short_run_beats_chance(tmp_path):
     assert vq_stats["recon_colour"] >= 0.9 and vq_stats["recon_shape"] >= 0.9, vq_stats
     with ImageServer(images) as srv:
         demo.write_urls(tmp_path, srv.url())
-        # batch 16 (the demo trains at 32): half the samples keep this test at ~2.5 min
+        # batch 16 (the demo trains at 32): half the demo's samples per step keep this test short
         assert muse(["run", "--config", str(config), "--set", "train.max_steps=300",
                      "--set", "train.batch_size=16"]) == 0
     results = demo.score(config, per_pair=2)

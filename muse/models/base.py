@@ -176,7 +176,7 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         if d == 1:
             return logits
         B = logits.shape[0]
-        return logits.view(B, g, g, d, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, g * d * g * d, -1)
+        return logits.view(B, g, g, d, d, -1).permute(0, 1, 3, 2, 4, 5).reshape(B, self.config.num_tokens, -1)
 
     def num_flops_per_sample(self) -> float:
         """Training FLOPs (forward + backward) per sample, counted as the matmuls are run.
