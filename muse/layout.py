@@ -65,11 +65,12 @@ samples/sample.png; the demo adds samples/adherence*).
 
 Schema versions, one per on-disk format; a reader refuses any other (`check_version`) with an
 error naming the file; no reader keeps a branch for a format no release wrote:
+    images/ (shards, markers, _SOURCES.json; in _SOURCES.json)        IMAGES_VERSION
     encoded data (shards, records, _ENCODERS.json, _MANIFEST.json)  SCHEMA_VERSION
-    a checkpoint (loader.json; trainer.pt and the weights go with it) CHECKPOINT_VERSION
-    a model's config.json (`save_pretrained`)                        MODEL_CONFIG_VERSION
-Image shards (images/) are img2dataset's format plus IMAGE_SCHEMA; their markers must record
-`bytes` (muse/download/intact.py).
+    a checkpoint (in loader.json; trainer.pt and the weights go with it) CHECKPOINT_VERSION
+    a model's config.json (`save_pretrained`, `_schema_version`)     MODEL_CONFIG_VERSION
+An image shard's marker must record `bytes` (muse/download/intact.py); one that does not is
+fetched again.
 """
 
 from __future__ import annotations
@@ -90,6 +91,7 @@ import pyarrow.parquet as pq
 from muse.storage import Storage
 
 SCHEMA_VERSION = "1"     # encoded data: bump when a reader of the old files would misread them
+IMAGES_VERSION = 1       # images/: shards, markers and the source registry (in _SOURCES.json)
 CHECKPOINT_VERSION = 1   # checkpoints (in loader.json)
 MODEL_CONFIG_VERSION = 1  # a model's config.json (`_schema_version`)
 GRID_BASE = 16      # 256px / f16

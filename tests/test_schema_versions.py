@@ -23,6 +23,17 @@ def _tiny():
     return build_model(ModelConfig(preset="tiny", codebook_size=64, text_dim=16))
 
 
+@pytest.mark.parametrize("version", [0, 2, None])
+def test_image_registry_of_another_version_is_refused(tmp_path, version):
+    from muse.download.sources import SourceError, load_registry
+
+    st = Storage(str(tmp_path / "root"))
+    assert load_registry(st) == {"schema_version": layout.IMAGES_VERSION, "next_shard": 0, "sources": {}}
+    st.write_json(layout.REGISTRY, {"next_shard": 0, "sources": {}} | ({"schema_version": version} if version is not None else {}))
+    with pytest.raises(SourceError, match=rf"_SOURCES.json: schema version {version!r}.*delete .*images and download"):
+        load_registry(st)
+
+
 @pytest.mark.parametrize("version", ["0", "2", None])
 def test_encoded_manifest_of_another_version_is_refused(tmp_path, version):
     st = Storage(str(tmp_path / "root"))
