@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from muse import checkpoint
+from muse.layout import loss_curve_file
 from muse.storage import Storage
 
 THUMB = 96  # px, longest side: a few KB of JPEG per picture
@@ -43,7 +44,7 @@ def metrics_table(record: dict) -> list[str]:
 def pictures(storage: Storage, run: str, samples: list[str], prompts: list[str]) -> list[str]:
     """One row per picture: label (its prompt), thumbnail, link. The grid is labelled as such."""
     labels = [f"loss curve of {run}"] + prompts[:len(samples)]
-    refs = [f"{checkpoint.run_dir(run)}/loss.png"] + list(samples)
+    refs = [loss_curve_file(run)] + list(samples)
     if len(samples) > len(prompts):
         labels += ["grid: " + " / ".join(prompts)]
     rows = ["| picture | | file |", "|---|---|---|"]

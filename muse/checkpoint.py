@@ -1,12 +1,11 @@
 """Training checkpoints on the storage root (local or gs://), atomic, last K kept.
 
-    checkpoints/<run>/step-00000100/model.safetensors, config.json   the model's own format
-                                    model_ema.safetensors  the EMA weights (train.ema; see muse/ema.py)
-                                    trainer.pt    optimizer, scheduler, scaler, RNG, counters
-                                    loader.json   loader state of every rank + what it is valid for
-                                    pipeline.yaml resolved config
-    checkpoints/<run>/LATEST        "step-00000100", written after every file above
+    checkpoints/<run>/step-00000100/  model.safetensors, config.json, model_ema.safetensors,
+                                      trainer.pt, loader.json, pipeline.yaml
+    checkpoints/<run>/LATEST          "step-00000100", written after every file above
     checkpoints/<run>/metrics.jsonl, loss.png
+(each name and what it holds: muse/layout.py, "The run folder"; loader.json records
+CHECKPOINT_VERSION and a checkpoint of another version is refused).
 
 A directory without LATEST pointing at it is never read, so a run killed while saving
 resumes from the previous checkpoint. `trainer.pt` holds only tensors and plain types and
@@ -24,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from muse.layout import (CHECKPOINT_VERSION, EMA_FILE, LOADER_FILE, MODEL_FILES, RUN_CONFIG, STEP_PREFIX,
+                         TRAINER_FILE, check_version, latest_file, loss_curve_file, metrics_file, run_dir,
+                         step_dir)
 from muse.storage import Storage
-
-MODEL_FILES = ("model.safetensors", "config.json")
-EMA_FILE = "model_ema.safetensors"  # same keys as model.safetensors: config.json + it is a model
 
 
 class CheckpointError(RuntimeError):
@@ -51,17 +50,9 @@ class TrainState:
     fingerprint: dict | None = None   # what `loader` is valid for (data.loader_fingerprint); loader.json
 
 
-def run_dir(run_name: str) -> str:
-    return f"checkpoints/{run_name}"
-
-
-def step_dir(run_name: str, step: int) -> str:
-    return f"{run_dir(run_name)}/step-{step:08d}"
-
-
 def latest(storage: Storage, run_name: str) -> str | None:
     """Relative dir of the newest complete checkpoint of a run, or None."""
-    rel = f"{run_dir(run_name)}/LATEST"
+    rel = latest_file(run_name)
     if not storage.exists(rel):
         return None
     return f"{run_dir(run_name)}/{storage.read_bytes(rel).decode().strip()}"
@@ -86,10 +77,11 @@ def save(storage: Storage, run_name: str, model, state: TrainState, config_yaml:
     loader, fingerprint = trainer.pop("loader"), trainer.pop("fingerprint")
     buf = io.BytesIO()
     torch.save(trainer, buf)
-    storage.write_bytes(f"{rel}/trainer.pt", buf.getvalue())
-    storage.write_json(f"{rel}/loader.json", {"ranks": loader, "fingerprint": fingerprint})
-    storage.write_text(f"{rel}/pipeline.yaml", config_yaml)
-    storage.write_text(f"{run_dir(run_name)}/LATEST", rel.rsplit("/", 1)[1] + "\n")
+    storage.write_bytes(f"{rel}/{TRAINER_FILE}", buf.getvalue())
+    storage.write_json(f"{rel}/{LOADER_FILE}", {"schema_version": CHECKPOINT_VERSION, "ranks": loader,
+                                                "fingerprint": fingerprint})
+    storage.write_text(f"{rel}/{RUN_CONFIG}", config_yaml)
+    storage.write_text(latest_file(run_name), rel.rsplit("/", 1)[1] + "\n")
     _prune(storage, run_name, keep)
     return rel
 
@@ -98,7 +90,7 @@ def _prune(storage: Storage, run_name: str, keep: int) -> None:
     storage.invalidate()
     base = storage.path(run_dir(run_name))
     names = sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in storage.fs.ls(base, detail=False))
-    steps = [n for n in names if n.startswith("step-")]
+    steps = [n for n in names if n.startswith(STEP_PREFIX)]
     for name in steps[:-keep]:
         storage.delete(f"{run_dir(run_name)}/{name}", recursive=True)
 
@@ -113,8 +105,8 @@ def resolve(storage: Storage, run_name: str, resume: str) -> str | None:
     if rel is None:
         raise ValueError(f"--resume {resume}: not under the storage root {storage.url('')}")
     rel = rel.strip("/")
-    if not storage.exists(f"{rel}/trainer.pt"):
-        raise FileNotFoundError(f"--resume {resume}: no checkpoint there ({storage.url(rel)}/trainer.pt missing)")
+    if not storage.exists(f"{rel}/{TRAINER_FILE}"):
+        raise FileNotFoundError(f"--resume {resume}: no checkpoint there ({storage.url(rel)}/{TRAINER_FILE} missing)")
     return rel
 
 
@@ -150,18 +142,26 @@ def load_model(storage: Storage, rel: str, ema: bool = False):
 
 
 def load_state(storage: Storage, rel: str) -> TrainState:
-    """The TrainState of a checkpoint (trainer.pt + loader.json); CheckpointError if unreadable."""
+    """The TrainState of a checkpoint (trainer.pt + loader.json + model_ema.safetensors if there);
+    CheckpointError if unreadable or of another CHECKPOINT_VERSION."""
+    loader_rel = f"{rel}/{LOADER_FILE}"
     try:
-        trainer = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/trainer.pt")), map_location="cpu",
+        loader_json = storage.read_json(loader_rel)
+    except Exception as e:
+        raise _unreadable(storage, rel, LOADER_FILE, e) from e
+    check_version(loader_json.get("schema_version") if isinstance(loader_json, dict) else None, CHECKPOINT_VERSION, storage.url(loader_rel),
+                  "resume from a checkpoint this code wrote (--resume DIR) or start over (--resume none)",
+                  CheckpointError)
+    try:
+        trainer = torch.load(io.BytesIO(storage.read_bytes(f"{rel}/{TRAINER_FILE}")), map_location="cpu",
                              weights_only=True)
-        loader_json = storage.read_json(f"{rel}/loader.json")
-        loader, fingerprint = loader_json["ranks"], loader_json.get("fingerprint")  # None: written before it
-        if has_ema(storage, rel):  # older checkpoints kept the EMA list in trainer.pt
+        loader, fingerprint = loader_json["ranks"], loader_json["fingerprint"]
+        if has_ema(storage, rel):
             from safetensors.torch import load as load_safetensors
 
             trainer["ema"] = load_safetensors(storage.read_bytes(f"{rel}/{EMA_FILE}"))
     except Exception as e:
-        raise _unreadable(storage, rel, "trainer.pt/loader.json/model_ema.safetensors", e) from e
+        raise _unreadable(storage, rel, f"{TRAINER_FILE}/{LOADER_FILE}/{EMA_FILE}", e) from e
     known = {f.name for f in dataclasses.fields(TrainState)}
     known -= {"loader", "fingerprint"}
     return TrainState(**{k: v for k, v in trainer.items() if k in known}, loader=loader, fingerprint=fingerprint)
@@ -175,12 +175,12 @@ def _unreadable(storage: Storage, rel: str, files: str, e: Exception) -> Checkpo
 def write_metrics(storage: Storage, run_name: str, records: list[dict]) -> None:
     """metrics.jsonl (whole file: GCS has no append) and the loss curve PNG."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)
-    storage.write_text(f"{run_dir(run_name)}/metrics.jsonl", text)
-    storage.write_bytes(f"{run_dir(run_name)}/loss.png", loss_png(records))
+    storage.write_text(metrics_file(run_name), text)
+    storage.write_bytes(loss_curve_file(run_name), loss_png(records))
 
 
 def read_metrics(storage: Storage, run_name: str) -> list[dict]:
-    rel = f"{run_dir(run_name)}/metrics.jsonl"
+    rel = metrics_file(run_name)
     if not storage.exists(rel):
         return []
     return [json.loads(line) for line in storage.read_bytes(rel).decode().splitlines() if line]

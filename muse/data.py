@@ -137,7 +137,7 @@ FINGERPRINT_BLOCK = 1024  # shard ids per block digest: a change is named to wit
 def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
                        world_size: int, replaced_rows: str, grad_accum: int = 1) -> dict:
     """What a saved loader state is valid for: the manifest's shards (`shards_fingerprint`) and the
-    settings that fix the sample order. Saved with the loader state; see `fingerprint_changes`."""
+    settings that fix the sample order. Saved with the loader state; see `loader_changes`."""
     shards = {int(s["id"]): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r" for s in manifest["shards"]}
     return {"shards": shards_fingerprint(shards), "loader_version": LOADER_VERSION, "seed": seed,
             "loader_streams": streams, "batch_size": batch_size, "grad_accum": grad_accum,
@@ -170,10 +170,8 @@ def _ids_of(ranges: str) -> set[int]:
     return out
 
 
-def _shard_changes(saved: dict, now: dict) -> list[str]:
-    """`shards_fingerprint`s -> phrases; `saved` may be the id -> sha256 map of older checkpoints."""
-    if "blocks" not in saved:  # loader.json written before the compact form: {"00042": sha256, ...}
-        saved = shards_fingerprint({parse_shard_id(k) or 0: v for k, v in saved.items()})
+def shards_changes(saved: dict, now: dict) -> list[str]:
+    """What differs between two `shards_fingerprint`s, one phrase each ([] = the same)."""
     if saved["sha256"] == now["sha256"]:
         return []
     old, new = _ids_of(saved["ids"]), _ids_of(now["ids"])
@@ -190,9 +188,9 @@ def _shard_changes(saved: dict, now: dict) -> list[str]:
     return out or [f"shards changed ({saved['count']} -> {now['count']} shards)"]
 
 
-def fingerprint_changes(saved: dict, now: dict) -> list[str]:
+def loader_changes(saved: dict, now: dict) -> list[str]:
     """What differs between two `loader_fingerprint`s, one phrase each ([] = the same)."""
-    out = _shard_changes(saved.get("shards", {}), now["shards"])
+    out = shards_changes(saved["shards"], now["shards"])
     for key, value in now.items():
         if key != "shards" and saved.get(key) != value:
             name = {"world_size": "world size", "loader_version": "loader version"}.get(key, f"train.{key}")

@@ -37,11 +37,9 @@ def state_dict(model: torch.nn.Module, ema: list[torch.Tensor]) -> dict[str, tor
     return {k: v.detach().contiguous().cpu() for k, v in out.items()}
 
 
-def from_state_dict(model: torch.nn.Module, saved: dict | list, device) -> list[torch.Tensor]:
-    """The trainer's list back from a saved state dict (or the list older checkpoints kept in
-    trainer.pt); a parameter it lacks is an error naming it."""
-    if isinstance(saved, list):
-        return [e.to(device) for e in saved]
+def from_state_dict(model: torch.nn.Module, saved: dict, device) -> list[torch.Tensor]:
+    """The trainer's list back from a saved state dict (model_ema.safetensors); a parameter it
+    lacks is an error naming it."""
     missing = [n for n, _ in model.named_parameters() if n not in saved]
     if missing:
         raise KeyError(f"model_ema.safetensors lacks parameters {missing[:5]}")

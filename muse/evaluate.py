@@ -36,7 +36,7 @@ import torch
 from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
-from muse.layout import dataset_dir, empty_caption, read_manifest, shard_name
+from muse.layout import dataset_dir, empty_caption, eval_results, read_manifest, shard_name, step_of
 from muse.masking import pad_embeddings
 from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, png_bytes
 from muse.storage import Storage
@@ -212,7 +212,7 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
     """The rows' phase-1 images (same shard id), decoded RGB and resized to size x size."""
     import pyarrow.parquet as pq
 
-    from muse.encode.shards import decode_picture
+    from muse.pictures import decode_picture
 
     out: dict[str, np.ndarray] = {}
     for sid in sorted({r["shard_id"] for r in rows}):
@@ -247,18 +247,6 @@ def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device)
 
 
 # ----------------------------------------------------------------------------- muse eval
-
-def _step_of(ref: str | None) -> int | None:
-    m = re.search(r"step-(\d+)$", (ref or "").rstrip("/"))
-    return int(m.group(1)) if m else None
-
-
-def results_rel(run_name: str, step_or_name: int | str) -> str:
-    """`checkpoints/<run>/eval/step-NNNNNNNN` (or `.../eval/<name>`) under the root: where run_eval
-    writes its `.json` and `.png`."""
-    name = f"step-{step_or_name:08d}" if isinstance(step_or_name, int) else step_or_name
-    return f"{checkpoint.run_dir(run_name)}/eval/{name}"
-
 
 def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples: int | None = None,
              model=None, step: int | None = None, device=None, metrics: list[MetricFn] | None = None) -> dict:
@@ -322,7 +310,7 @@ def _load_checkpoint(storage: Storage, checkpoint_ref: str | None, run: str, ste
     """-> (model, step, where): `where` is the checkpoint's URL, recorded with the results."""
     where = checkpoint_ref or checkpoint.latest(storage, run)
     model = load_checkpoint_model(storage, checkpoint_ref, run, use_ema)  # says "no checkpoint" when there is none
-    step = _step_of(where) if step is None else step
+    step = step_of(where) if step is None else step
     rel = storage.relative(where)
     return model, step, (storage.url(rel) if rel is not None else where)
 
@@ -330,7 +318,7 @@ def _load_checkpoint(storage: Storage, checkpoint_ref: str | None, run: str, ste
 def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, captions: list[str]) -> None:
     """checkpoints/<run>/eval/step-N.json + a captioned grid .png (text chunks like a sample's)."""
     step, where, result = record["step"], record["checkpoint"], record["metrics"]
-    rel = results_rel(run, step if step is not None else re.sub(r"[^\w.-]", "_", where.rstrip("/").rsplit("/", 1)[-1]))
+    rel = eval_results(run, step if step is not None else re.sub(r"[^\w.-]", "_", where.rstrip("/").rsplit("/", 1)[-1]))
     name = rel.rsplit("/", 1)[1]
     storage.write_json(f"{rel}.json", record)
     shown = captions[:GRID_IMAGES]  # like a sample grid: captions under the pictures and in the text chunks
@@ -341,5 +329,5 @@ def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, c
           + f" ({len(captions)} rows) -> {storage.url(rel + '.json')}", flush=True)
 
 
-__all__ = ["run_eval", "results_rel", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",
+__all__ = ["run_eval", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",
            "frechet_distance", "IN_TRAINING_SAMPLES"]

@@ -40,6 +40,37 @@ Phase 2, `encoded/<version>/NNNNN.parquet`:
     vq64    fixed_size_list<int16>[4096]  64x64 ids, row-major (only with encode.superres)
 Both are zstd-compressed with a fixed row-group size; the file's key-value metadata
 holds `muse.schema_version` and `muse.info` (JSON: model ids, dims, grid sizes).
+
+The run folder (names below: `run_dir`, `step_dir`, ...; written by checkpoint.py, tracking.py,
+evaluate.py, train_callbacks.py):
+
+    checkpoints/<run>/step-NNNNNNNN/  one checkpoint (`step_dir`; NNNNNNNN: the step, 8 digits)
+        model.safetensors, config.json  the model's own format (MODEL_FILES; config.json holds
+                                        `_schema_version`, MODEL_CONFIG_VERSION)
+        model_ema.safetensors           the EMA weights (EMA_FILE, train.ema; see muse/ema.py)
+        trainer.pt                      optimizer, scheduler, scaler, RNG, counters (TRAINER_FILE)
+        loader.json                     loader state of every rank + what it is valid for, and
+                                        `schema_version` (LOADER_FILE, CHECKPOINT_VERSION)
+        pipeline.yaml                   the resolved config (RUN_CONFIG)
+    checkpoints/<run>/LATEST          "step-NNNNNNNN", written after every file above (`latest_file`)
+    checkpoints/<run>/metrics.jsonl   one JSON record per logged step (`metrics_file`)
+    checkpoints/<run>/loss.png        the loss curve (`loss_curve_file`)
+    checkpoints/<run>/tb/             TensorBoard event files (`tb_dir`)
+    checkpoints/<run>/eval/step-NNNNNNNN.json, .png   `muse eval` results (`eval_results`)
+    checkpoints/<run>/samples/step-NNNNNNNN.png       samples taken while training (`training_sample`)
+
+Elsewhere under the root: `<folder>/_config.yaml` (CONFIG_COPY) beside images/ and each
+encoded/<version>/ (`Storage.write_config`), and what `sample.out` names (default
+samples/sample.png; the demo adds samples/adherence*).
+
+Schema versions, one per on-disk format; a reader refuses any other (`check_version`) with an
+error naming the file; no reader keeps a branch for a format no release wrote:
+    images/ (shards, markers, _SOURCES.json; in _SOURCES.json)        IMAGES_VERSION
+    encoded data (shards, records, _ENCODERS.json, _MANIFEST.json)  SCHEMA_VERSION
+    a checkpoint (in loader.json; trainer.pt and the weights go with it) CHECKPOINT_VERSION
+    a model's config.json (`save_pretrained`, `_schema_version`)     MODEL_CONFIG_VERSION
+An image shard's marker must record `bytes` (muse/download/intact.py); one that does not is
+fetched again.
 """
 
 from __future__ import annotations
@@ -49,6 +80,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import time
 from collections.abc import Iterable
 
@@ -58,7 +90,10 @@ import pyarrow.parquet as pq
 
 from muse.storage import Storage
 
-SCHEMA_VERSION = "1"
+SCHEMA_VERSION = "1"     # encoded data: bump when a reader of the old files would misread them
+IMAGES_VERSION = 1       # images/: shards, markers and the source registry (in _SOURCES.json)
+CHECKPOINT_VERSION = 1   # checkpoints (in loader.json)
+MODEL_CONFIG_VERSION = 1  # a model's config.json (`_schema_version`)
 GRID_BASE = 16      # 256px / f16
 GRID_SUPERRES = 64  # 512px / f8
 
@@ -80,6 +115,14 @@ IMAGE_COLUMNS = IMAGE_SCHEMA.names
 
 class DataError(RuntimeError):
     """Encoded data that cannot be trained on; the message says which file and what to do."""
+
+
+def check_version(found, expected, where: str, fix: str, error: type[Exception] | None = None) -> None:
+    """Refuse a file of another schema version than the one this code writes: `error` (DataError
+    by default) naming `where` (the file's URL) and saying what to do (`fix`)."""
+    if found != expected:
+        raise (error or DataError)(f"{where}: schema version {found!r}, this code reads only {expected!r} "
+                                   f"(None: written before versions were recorded): {fix}")
 
 
 # ----------------------------------------------------------------------------- names and done rule
@@ -158,6 +201,69 @@ def done_among(storage: Storage, phase: str, ids: Iterable[int]) -> list[int]:
         return []
     start = os.path.commonprefix([format_shard_id(min(wanted)), format_shard_id(max(wanted))])
     return [s for s in done_shards(storage, phase, storage.list(phase, name_prefix=start)) if s in wanted]
+
+
+# ----------------------------------------------------------------------------- the run folder
+
+CHECKPOINTS = "checkpoints"
+STEP_PREFIX = "step-"
+LATEST = "LATEST"
+MODEL_FILES = ("model.safetensors", "config.json")
+EMA_FILE = "model_ema.safetensors"  # same keys as model.safetensors: config.json + it is a model
+TRAINER_FILE = "trainer.pt"
+LOADER_FILE = "loader.json"
+RUN_CONFIG = "pipeline.yaml"
+CONFIG_COPY = "_config.yaml"  # Storage.write_config's name (storage.py cannot import this module)
+
+
+def run_dir(run_name: str) -> str:
+    """checkpoints/<run>: everything a training run writes."""
+    return f"{CHECKPOINTS}/{run_name}"
+
+
+def step_name(step: int) -> str:
+    """The one spelling of a step in names: 100 -> "step-00000100"."""
+    return f"{STEP_PREFIX}{step:08d}"
+
+
+def step_of(ref: str | None) -> int | None:
+    """The step a checkpoint folder or result is named after (".../step-00000100" -> 100), or None."""
+    m = re.search(rf"{STEP_PREFIX}(\d+)$", (ref or "").rstrip("/"))
+    return int(m.group(1)) if m else None
+
+
+def step_dir(run_name: str, step: int) -> str:
+    return f"{run_dir(run_name)}/{step_name(step)}"
+
+
+def latest_file(run_name: str) -> str:
+    """The pointer to the newest complete checkpoint (its folder name), written after it."""
+    return f"{run_dir(run_name)}/{LATEST}"
+
+
+def metrics_file(run_name: str) -> str:
+    return f"{run_dir(run_name)}/metrics.jsonl"
+
+
+def loss_curve_file(run_name: str) -> str:
+    return f"{run_dir(run_name)}/loss.png"
+
+
+def tb_dir(run_name: str) -> str:
+    """The run's TensorBoard folder."""
+    return f"{run_dir(run_name)}/tb"
+
+
+def eval_results(run_name: str, step_or_name: int | str) -> str:
+    """`checkpoints/<run>/eval/step-NNNNNNNN` (or `.../eval/<name>`): where `muse eval` writes its
+    `.json` and `.png`."""
+    name = step_name(step_or_name) if isinstance(step_or_name, int) else step_or_name
+    return f"{run_dir(run_name)}/eval/{name}"
+
+
+def training_sample(run_name: str, step: int) -> str:
+    """The picture `train.sample_every` writes at `step`."""
+    return f"{run_dir(run_name)}/samples/{step_name(step)}.png"
 
 
 # ----------------------------------------------------------------------------- phase 2 rows
@@ -306,25 +412,25 @@ def _shard_records(table: pa.Table) -> list[dict]:
 
 def read_manifest(storage: Storage, ds: str) -> dict:
     """The manifest with its shard records under "shards": two reads whatever the shard count.
-    A manifest that lists its shards inline (the JSON-only format written before the shard
-    table, or one edited by hand) is used as it is."""
+    A manifest edited by hand to list its shards inline (e.g. a subset) is used as it is.
+    DataError for a manifest of another SCHEMA_VERSION."""
     rel = f"{ds}/{MANIFEST}"
     if not storage.exists(rel):
         raise DataError(f"no encoded dataset: {storage.url(rel)} does not exist; run `muse encode` "
                         "with the same encode settings first (the dataset version is a hash of them)")
     manifest = storage.read_json(rel)
-    if "shards" in manifest or "shard_table" not in manifest:
+    check_version(manifest.get("schema_version"), SCHEMA_VERSION, storage.url(rel),
+                  f"encode the dataset again with this code (delete {storage.url(ds)}, then `muse encode`)")
+    if "shards" in manifest:
         return manifest
     table = read_shard_table(storage, ds, manifest, list(SHARD_RECORD_SCHEMA.names))
     return {**manifest, "shards": _shard_records(table)}
 
 
-def read_shard_table(storage: Storage, ds: str, manifest: dict, columns: list[str]) -> pa.Table | None:
+def read_shard_table(storage: Storage, ds: str, manifest: dict, columns: list[str]) -> pa.Table:
     """Some columns of the manifest's shard table (rows by id; those it lacks are left out), checked
-    against the header's sha256; None for a manifest that lists its shards inline."""
-    ref = manifest.get("shard_table")
-    if ref is None:
-        return None
+    against the header's sha256."""
+    ref = manifest["shard_table"]
     table_rel = f"{ds}/{ref['path']}"
     try:
         data = storage.read_bytes(table_rel)

@@ -5,7 +5,7 @@ pipeline writes goes through `Storage`, with paths relative to the root:
 
     images/00042.parquet            phase 1 shards (+ images/00042_stats.json; names: muse/layout.py)
     encoded/<version>/00042.parquet phase 2 shards (+ encoded/<version>/_MANIFEST.json)
-    checkpoints/<run>/step-000100/  training checkpoints
+    checkpoints/<run>/step-00000100/  training checkpoints (every name under the root: muse/layout.py)
 
 Writes are atomic: bytes are built in memory and land with one `pipe_file` (GCS objects
 appear only when the upload completes) or a temp file + `os.replace` locally. We never

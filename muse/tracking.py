@@ -1,6 +1,6 @@
 """Run tracking: TensorBoard event files for every run, Weights & Biases when configured.
 
-    checkpoints/<run_name>/tb/events.out.tfevents.*   one file per (re)start of the run
+    checkpoints/<run_name>/tb/events.out.tfevents.*   one file per (re)start of the run (`layout.tb_dir`)
 
 `Tracker.start(cfg, storage, rank, step)` gives rank 0 a real tracker and every other rank
 a no-op one, so the training loop calls it unconditionally. Events are written with
@@ -28,14 +28,9 @@ from pathlib import Path
 
 import numpy as np
 
-from muse.checkpoint import run_dir
 from muse.config import ConfigError
+from muse.layout import tb_dir
 from muse.storage import Storage
-
-
-def tb_dir(run_name: str) -> str:
-    """The run's TensorBoard folder, relative to the storage root."""
-    return f"{run_dir(run_name)}/tb"
 
 
 def require(cfg) -> None:

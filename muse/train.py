@@ -39,7 +39,7 @@ import torch.distributed as dist
 from muse import checkpoint, ema, tracking
 from muse.checkpoint import CheckpointError, TrainState
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import (DataError, StreamingDataset, fingerprint_changes, loader_fingerprint, verify_shards,
+from muse.data import (DataError, StreamingDataset, loader_changes, loader_fingerprint, verify_shards,
                        worker_init)
 from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.lifecycle import exit_with_parent, run_owned
@@ -369,7 +369,7 @@ def check_data_change(cfg: PipelineConfig, manifest: dict, st: TrainState, where
                              shuffle_buffer=t.shuffle_buffer, world_size=d.world, replaced_rows=t.replaced_rows,
                              grad_accum=t.grad_accum)
     saved, st.fingerprint = st.fingerprint, now
-    changes = fingerprint_changes(saved, now) if st.loader and saved else []  # older checkpoints: unchecked
+    changes = loader_changes(saved, now) if st.loader and saved else []
     if not changes:
         return None
     if t.on_data_change == "stop":

@@ -15,6 +15,7 @@ import torch.distributed as dist
 
 from muse import checkpoint
 from muse.config import PipelineConfig
+from muse.layout import eval_results, training_sample
 from muse.storage import Storage
 
 
@@ -48,7 +49,7 @@ def sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage, tracker
 
         data = cfg.model_dump(mode="json")
         data["sample"].update(checkpoint=storage.url(rel),
-                              out=storage.url(f"{checkpoint.run_dir(cfg.train.run_name)}/samples/step-{step:08d}.png"))
+                              out=storage.url(training_sample(cfg.train.run_name, step)))
         written = run_sample(PipelineConfig.model_validate(data))
         if tracker is not None:
             track_png(tracker, step, "samples", storage, storage.relative(written[-1]))
@@ -63,7 +64,7 @@ def eval_best_effort(cfg: PipelineConfig, step: int, model, device, storage: Sto
     exactly as without it. The tracker gets the metrics as `eval/<name>` and the result grid as
     `eval/samples`."""
     try:
-        from muse.evaluate import IN_TRAINING_SAMPLES, results_rel, run_eval
+        from muse.evaluate import IN_TRAINING_SAMPLES, run_eval
 
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             metrics = run_eval(cfg, model=model, step=step, device=device,
@@ -75,7 +76,7 @@ def eval_best_effort(cfg: PipelineConfig, step: int, model, device, storage: Sto
     if tracker is not None:
         tracker.scalars(step, metrics, prefix="eval")
         try:
-            track_png(tracker, step, "eval/samples", storage, results_rel(cfg.train.run_name, step) + ".png")
+            track_png(tracker, step, "eval/samples", storage, eval_results(cfg.train.run_name, step) + ".png")
         except Exception as e:  # the metrics are in; a missing picture is not worth more
             print(f"step {step}: eval grid not tracked ({type(e).__name__}: {e})", flush=True)
     return metrics

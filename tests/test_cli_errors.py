@@ -171,10 +171,12 @@ def test_a_cached_model_loads_when_the_hub_is_unreachable(tmp_path):
 
 def test_train_resume_from_a_missing_checkpoint(tmp_path):
     from muse.config import load_config
+    from muse.layout import SCHEMA_VERSION
     from muse.storage import Storage
 
     path = config(tmp_path)
     storage = Storage.from_config(load_config(path))
-    storage.write_json(f"encoded/{load_config(path).encode.version()}/_MANIFEST.json", {})  # only its presence is checked
+    storage.write_json(f"encoded/{load_config(path).encode.version()}/_MANIFEST.json",  # its presence and version
+                       {"schema_version": SCHEMA_VERSION, "shards": []})                 # are all that is checked
     one_line_error(muse(tmp_path, "train", "--config", path, "--resume", "checkpoints/muse/step-00000100"),
                    "muse train: --resume checkpoints/muse/step-00000100: no checkpoint there", "trainer.pt missing")

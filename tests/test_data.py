@@ -12,7 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from muse import checkpoint
-from muse.data import (DataError, StreamingDataset, Unit, fingerprint_changes, in_eval_slice, list_units,
+from muse.data import (DataError, StreamingDataset, Unit, in_eval_slice, list_units, loader_changes,
                        loader_fingerprint, verify_shards, worker_init)
 from muse.layout import MANIFEST, SHARD_TABLE, read_manifest
 from muse.testing.datasets import write_test_dataset
@@ -95,22 +95,15 @@ def test_missing_manifest_and_missing_shard_are_clear(tmp_path):
         _take(root, 1, streams=2)
 
 
-def test_manifest_shard_table_and_the_json_only_format(tmp_path):
-    """The shard table is read with the header (two reads for any shard count); a manifest
-    written before it (shards inline in the JSON) still reads; a table that does not match its
-    header (finalized again while read) is named."""
+def test_manifest_shard_table(tmp_path):
+    """The shard table is read with the header (two reads for any shard count); a table that is
+    missing or does not match its header (finalized again while read) is named."""
     st = Storage(str(tmp_path / "root"))
     written = write_test_dataset(st, DIR, shards=3, rows=8, row_group_size=4)
     header = st.read_json(f"{DIR}/{MANIFEST}")
     assert "shards" not in header and header["shard_table"]["shards"] == 3
     assert read_manifest(st, DIR) == written
-    old = {k: v for k, v in written.items() if k != "shard_table"}
-    st.write_json(f"{DIR}/{MANIFEST}", old)
     st.delete(f"{DIR}/{SHARD_TABLE}")
-    assert read_manifest(st, DIR) == old
-    assert [u.path for u in StreamingDataset(st.uri, DIR, batch_size=2, streams=1).units][::2] == [
-        f"{DIR}/{i:05d}.parquet" for i in range(3)]
-    st.write_json(f"{DIR}/{MANIFEST}", header)
     with pytest.raises(DataError, match="_SHARDS.parquet.*missing"):
         read_manifest(st, DIR)
     st.write_bytes(f"{DIR}/{SHARD_TABLE}", b"PAR1 other")
@@ -251,26 +244,14 @@ def test_fingerprint_is_compact_at_scale_and_names_what_changed():
     ids = list(range(30_000)) + [150_000, 150_001]
     now = _fingerprint(ids)
     assert len(json.dumps(now)) < 2_000 and now["shards"]["ids"] == "0-29999,150000-150001"
-    assert fingerprint_changes(now, _fingerprint(ids)) == []
-    assert fingerprint_changes(now, _fingerprint(ids + [230_000])) == ["shards added: 230000"]
-    assert fingerprint_changes(now, _fingerprint([i for i in ids if i not in (7, 8)])) == [
+    assert loader_changes(now, _fingerprint(ids)) == []
+    assert loader_changes(now, _fingerprint(ids + [230_000])) == ["shards added: 230000"]
+    assert loader_changes(now, _fingerprint([i for i in ids if i not in (7, 8)])) == [
         "shards removed: 00007, 00008"]
-    assert fingerprint_changes(now, _fingerprint(ids, changed={5000, 150_001})) == [
+    assert loader_changes(now, _fingerprint(ids, changed={5000, 150_001})) == [
         "shards changed in ids: 04096-05119, 149504-150527"]
-    assert fingerprint_changes(now, _fingerprint(ids[1:], changed={5000})) == [
+    assert loader_changes(now, _fingerprint(ids[1:], changed={5000})) == [
         "shards removed: 00000", "shards changed in ids: 04096-05119"]
-
-
-def test_fingerprints_of_older_checkpoints_still_compare():
-    """loader.json written before the compact form holds {id: sha256}: it is read and compared."""
-    ids = [0, 1, 2, 123_456]
-    old = _fingerprint(ids) | {"shards": {f"{i:05d}": f"{i:064x}" for i in ids}}
-    assert fingerprint_changes(old, _fingerprint(ids)) == []
-    # a change in a block that also gained or lost ids is not named apart (the block's digest mixes both)
-    assert fingerprint_changes(old, _fingerprint(ids + [3], changed={1})) == ["shards added: 00003"]
-    assert fingerprint_changes(old, _fingerprint(ids[:3], changed={1})) == [
-        "shards removed: 123456", "shards changed in ids: 00000-01023"]
-    assert fingerprint_changes(old, _fingerprint(ids) | {"seed": 1}) == ["train.seed 0 -> 1"]
 
 
 def test_units_are_arrays_at_laion_scale_and_match_the_footers(tmp_path):
@@ -325,20 +306,19 @@ def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
     now = loader_fingerprint(manifest, seed=0, streams=2, batch_size=4, shuffle_buffer=8, world_size=1,
                              replaced_rows="keep", grad_accum=2)
     old = {k: v for k, v in now.items() if k not in ("loader_version", "grad_accum")}
-    assert fingerprint_changes(old, now) == ["loader version None -> 2", "train.grad_accum None -> 2"]
+    assert loader_changes(old, now) == ["loader version None -> 2", "train.grad_accum None -> 2"]
     ds = StreamingDataset(root, DIR, batch_size=4, streams=2)
     with pytest.raises(DataError, match="older loader.*on_data_change=new_pass"):
         ds.load_state({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
 
 
-def test_fingerprint_changes_name_shards_in_id_order():
-    """Shard names in id order (99999 before 100000, unlike string order); at most 5 named; a
-    loader.json of the older {id: sha256} form is compared with the compact one."""
+def test_loader_changes_name_shards_in_id_order():
+    """Shard names in id order (99999 before 100000, unlike string order); at most 5 named."""
     from muse.data import shards_fingerprint
 
-    old = {"shards": {"00001": "a", "00003": "a", "100001": "a"}, "seed": 0}          # the older form
+    old = {"shards": shards_fingerprint({1: "a", 3: "a", 100001: "a"}), "seed": 0}
     new = {"shards": shards_fingerprint({1: "b", 3: "a", 100000: "a", 99999: "a"}), "seed": 0}
-    assert fingerprint_changes(old, new) == ["shards added: 99999, 100000", "shards removed: 100001",
+    assert loader_changes(old, new) == ["shards added: 99999, 100000", "shards removed: 100001",
                                              "shards changed in ids: 00000-01023"]
     many = {"shards": shards_fingerprint({i: "a" for i in range(7)})}
-    assert fingerprint_changes({"shards": {}}, many) == ["shards added: 00000, 00001, 00002, 00003, 00004 and 2 more"]
+    assert loader_changes({"shards": shards_fingerprint({})}, many) == ["shards added: 00000, 00001, 00002, 00003, 00004 and 2 more"]

@@ -180,15 +180,13 @@ def test_muse_download_fetches_only_selected_rows(server, tmp_path, capsys):
 
 
 def test_without_filters_the_registry_is_as_before(server, tmp_path):
-    """No selection: no column is read for it, and a registry written before filters existed stays valid."""
+    """No selection: no column is read for it."""
     src = write_list(tmp_path / "urls.parquet", laion_table(server.url("")).slice(0, 3))
     cfg = load_config(config_file(tmp_path, src))
     run_download(cfg)
     st = Storage(cfg.storage.root)
     reg = st.read_json(REGISTRY)
     assert reg["sources"][str(src)]["selection"] is None
-    del reg["sources"][str(src)]["selection"]  # as an older muse wrote it
-    st.write_json(REGISTRY, reg)
     assert plan_download(cfg) == []
 
 

@@ -186,19 +186,6 @@ def test_flops_per_sample_match_the_flop_counter(kind, kw):
     assert abs(m.num_flops_per_sample() / counted - 1) < 0.02, (m.num_flops_per_sample(), counted)
 
 
-def test_superres_saved_before_the_low_res_encoder_still_loads(tmp_path):
-    """A config.json without `low_res_depth` (written before the encoder existed) is depth 0."""
-    import json
-
-    old = tiny("superres", low_res_depth=0).eval()
-    old.save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    del cfg["low_res_depth"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    loaded = load_pretrained(tmp_path / "m")
-    assert loaded.config.low_res_depth == 0 and len(loaded.low_res_layers) == 0
-
-
 def test_downsample_follows_the_token_grid():
     """downsample 2: position (i, j) is made of tokens (2i + a, 2j + b), and its head output
     for sub-block (a, b) is token (2i + a, 2j + b)'s logits: the layout a sampler's ids assume."""
@@ -230,15 +217,3 @@ def test_downsample_is_checked():
         MuseTransformer(MuseConfig(hidden_size=32, depth=1, num_heads=4, grid_size=6, downsample=4))
     # superres with the demo preset (downsample 2 for the base model) keeps every token
     assert model_config(ModelConfig(kind="superres", preset="demo")).downsample == 1
-
-
-def test_base_saved_before_downsample_still_loads(tmp_path):
-    """A config.json without `downsample` (written before it existed) is a model over every token."""
-    import json
-
-    m = tiny().eval()
-    m.save_pretrained(tmp_path / "m")
-    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
-    del cfg["downsample"]
-    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
-    assert load_pretrained(tmp_path / "m").config.downsample == 1

@@ -95,7 +95,7 @@ def read_tb(storage: Storage, run_name: str, tmp: Path):
     """The run's TensorBoard events, downloaded through Storage (so gs:// works), loaded in full."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from muse.tracking import tb_dir
+    from muse.layout import tb_dir
 
     local = tmp / f"tb-{run_name}"
     local.mkdir(parents=True, exist_ok=True)

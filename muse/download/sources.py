@@ -5,7 +5,8 @@ expanded) to a fingerprint (size + md5/etag/mtime), the rows taken from it, and 
 contiguous range of global shard ids. A new file gets the next free ids; a changed file's
 old shards are retired (stats deleted first, so the shard reads as incomplete at once) and
 it gets fresh ids; an unchanged file whose shards are all present is skipped. Files
-removed from `source.paths` keep their shards.
+removed from `source.paths` keep their shards. The registry records `schema_version`
+(`layout.IMAGES_VERSION`, the version of everything under images/); another one is refused.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import pyarrow.parquet as pq
 
 from muse.download.filters import FilterError, Selection, select_rows, selection_spec
 from muse.download.intact import whole_image_shards
-from muse.layout import IMAGE_COLUMNS, IMAGES, REGISTRY, done_marker, shard_name
+from muse.layout import IMAGE_COLUMNS, IMAGES, IMAGES_VERSION, REGISTRY, check_version, done_marker, shard_name
 from muse.storage import Storage, source_fs
 
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
@@ -196,9 +197,14 @@ def select(uri: str, src_cfg, gcs_project: str | None = None, limit: int | None 
 # ----------------------------------------------------------------------------- registry
 
 def load_registry(storage: Storage) -> dict:
+    """images/_SOURCES.json (a new one when there is none); SourceError when of another version."""
     if storage.exists(REGISTRY):
-        return storage.read_json(REGISTRY)
-    return {"next_shard": 0, "sources": {}}
+        reg = storage.read_json(REGISTRY)
+        check_version(reg.get("schema_version"), IMAGES_VERSION, storage.url(REGISTRY),
+                      f"download into a new storage.root, or delete {storage.url(IMAGES)} and download again",
+                      SourceError)
+        return reg
+    return {"schema_version": IMAGES_VERSION, "next_shard": 0, "sources": {}}
 
 
 def retire(storage: Storage, entry: dict) -> None:
@@ -224,8 +230,8 @@ def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[Down
         fp = fingerprint(uri, gp)
         entry = reg["sources"].get(uri)
         # a changed selection (source.filters, ...) is a changed file: new shard ids, no mixing
-        unchanged = entry is not None and entry["fingerprint"] == fp and entry.get("selection") == spec
-        if unchanged and remaining is None and entry.get("max_samples") is None:
+        unchanged = entry is not None and entry["fingerprint"] == fp and entry["selection"] == spec
+        if unchanged and remaining is None and entry["max_samples"] is None:
             sel = None
             rows = entry["rows"]
         else:

@@ -59,7 +59,7 @@ def fingerprint(name_or_path: str, subfolder: str | None, revision: str | None, 
     return f"hub:{name_or_path}@{hub_commit(name_or_path, subfolder, revision)}"
 
 
-def fingerprint_changes(recorded: dict, current: dict) -> list[str]:
+def encoder_changes(recorded: dict, current: dict) -> list[str]:
     """One phrase per model whose fingerprint differs, naming its config key ([] = the same weights)."""
     return [f"encode.{k}: recorded {recorded.get(k)}, loaded now {current.get(k)}"
             for k in sorted(set(recorded) | set(current)) if recorded.get(k) != current.get(k)]

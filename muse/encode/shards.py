@@ -28,14 +28,14 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from PIL import Image
 
 from muse.config import resolve_device
-from muse.encode.fingerprint import fingerprint, fingerprint_changes
+from muse.encode.fingerprint import encoder_changes, fingerprint
 from muse.encode.loading import LOAD_LOCK
-from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, dataset_dir, done_marker,
-                         done_shards, empty_caption_record, encoded_schema, format_shard_id, shard_name,
-                         t5_to_bytes, trainable_counts, write_manifest)
+from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, check_version, dataset_dir,
+                         done_marker, done_shards, empty_caption_record, encoded_schema, format_shard_id,
+                         shard_name, t5_to_bytes, trainable_counts, write_manifest)
+from muse.pictures import decode_picture
 from muse.storage import Storage
 
 
@@ -107,14 +107,6 @@ def _runtime(dev) -> dict:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     return {"device": name, "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                                          "transformers": transformers.__version__}}
-
-
-def decode_picture(jpeg: bytes, size: int) -> np.ndarray:
-    """JPEG bytes -> uint8 (size, size, 3): the one resize rule, shared by encode and eval's real images."""
-    img = Image.open(io.BytesIO(jpeg)).convert("RGB")
-    if img.size != (size, size):
-        img = img.resize((size, size), Image.BICUBIC, reducing_gap=None)
-    return np.asarray(img)
 
 
 def _batches(table: pa.Table, batch_size: int, base_px: int, superres: bool, depth: int, where: str):
@@ -231,14 +223,15 @@ def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
 def encoder_facts_to_write(enc: Encoders, e, storage: Storage, ds: str) -> dict | None:
     """The `_ENCODERS.json` to write when the version has none; None when it has one that records
     the weights loaded now. EncodeError when it records other weights: adding shards would mix
-    two encoders' values in one dataset (a folder rebuilt in place, an unpinned hub id that moved)."""
+    two encoders' values in one dataset (a folder rebuilt in place, an unpinned hub id that moved),
+    or when it is of another SCHEMA_VERSION."""
     rel = f"{ds}/{ENCODERS}"
     if not storage.exists(rel):
         return _encoder_facts(enc, e)
-    recorded = storage.read_json(rel)["info"].get("fingerprints")
-    if recorded is None:  # written before fingerprints were recorded: nothing to compare with
-        return None
-    changes = fingerprint_changes(recorded, enc.fingerprints)
+    info = storage.read_json(rel)["info"]
+    check_version(info.get("schema_version"), SCHEMA_VERSION, storage.url(rel),
+                  f"delete {storage.url(ds)} and encode it again with this code", EncodeError)
+    changes = encoder_changes(info["fingerprints"], enc.fingerprints)
     if changes:
         raise EncodeError(
             f"{storage.url(rel)}: dataset version {ds.rsplit('/', 1)[-1]} was encoded with other weights than "

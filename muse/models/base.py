@@ -10,7 +10,9 @@ it. d = 1 (the presets but `demo`) is the paper's model; d = 2 runs the layers o
 ~3.5x the training samples/s on 2 CPU cores at the demo's size (bench/RESULTS.md).
 
 The mask token is an extra input id (`mask_token_id == codebook_size`) that the head
-never predicts. Weights are saved diffusers-style: `config.json` + `model.safetensors`.
+never predicts. Weights are saved diffusers-style: `config.json` + `model.safetensors`; config.json
+holds every config field, `_class_name` and `_schema_version` (`layout.MODEL_CONFIG_VERSION`), and a
+config.json of another version, or one that lacks a field, is refused.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import torch.nn as nn
 from safetensors.torch import load_file, save_file
 
 from muse.config import MODEL_PRESETS, ModelConfig
+from muse.layout import MODEL_CONFIG_VERSION, check_version
 from muse.models.layers import Block, Grid2DPositions
 
 _BASE = MODEL_PRESETS["base"]
@@ -72,10 +75,13 @@ class MuseConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "MuseConfig":
+        """Every field, as `to_dict` wrote it: an unknown or a missing key is an error."""
         known = {f.name for f in fields(cls)}
-        unknown = set(d) - known
+        unknown, missing = set(d) - known, known - set(d)
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown config keys {sorted(unknown)}")
+        if missing:
+            raise ValueError(f"{cls.__name__}: config keys missing {sorted(missing)}")
         return cls(**d)
 
 
@@ -93,8 +99,9 @@ class PretrainedMixin:
     def save_pretrained(self, directory: str | Path) -> None:
         d = Path(directory)
         d.mkdir(parents=True, exist_ok=True)
-        (d / "config.json").write_text(json.dumps({"_class_name": type(self).__name__, **self.config.to_dict()},
-                                                  indent=2))
+        (d / "config.json").write_text(json.dumps({"_class_name": type(self).__name__,
+                                                   "_schema_version": MODEL_CONFIG_VERSION,
+                                                   **self.config.to_dict()}, indent=2))
         save_file({k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()},
                   str(d / "model.safetensors"))
 
@@ -102,6 +109,8 @@ class PretrainedMixin:
     def from_pretrained(cls, directory: str | Path, map_location: str = "cpu"):
         d = Path(directory)
         cfg = json.loads((d / "config.json").read_text())
+        check_version(cfg.pop("_schema_version", None), MODEL_CONFIG_VERSION, str(d / "config.json"),
+                      "save the model again with this code (or train it again)", ValueError)
         cfg.pop("_class_name", None)
         model = cls(cls.config_class.from_dict(cfg))
         model.load_state_dict(load_file(str(d / "model.safetensors"), device=map_location))

@@ -34,11 +34,6 @@ class MuseSuperResConfig(MuseConfig):
     patch_size: int = 8
     low_res_depth: int = ModelConfig.model_fields["low_res_depth"].default
 
-    @classmethod
-    def from_dict(cls, d: dict) -> "MuseSuperResConfig":
-        # a config.json written before the low-res encoder existed has no such key: it was depth 0
-        return super().from_dict({"low_res_depth": 0, **d})
-
     def validate(self) -> None:
         super().validate()
         if self.downsample != 1:

@@ -39,7 +39,7 @@ def write_image_table(storage: Storage, shard_id: int, keys: list, captions: lis
     buf = io.BytesIO()
     pq.write_table(table, buf)
     storage.write_bytes(shard_name(IMAGES, shard_id), buf.getvalue())
-    storage.write_json(done_marker(IMAGES, shard_id), {"rows_in": n})
+    storage.write_json(done_marker(IMAGES, shard_id), {"rows_in": n, "bytes": len(buf.getvalue())})
 
 
 def write_image_shard(storage: Storage, shard_id: int, captions: list, size: int = 256,
