@@ -16,13 +16,14 @@ import torch.nn.functional as F
 def key_padding_to_sdpa(mask: torch.Tensor) -> torch.Tensor:
     """[B, L] bool (True = real token) -> [B, 1, 1, L] bool for SDPA (True = attend).
 
-    A row with no real token would make softmax NaN; let it see its first key instead.
+    A row with no real token would make softmax NaN; let it see its first key instead. Pure
+    tensor ops, no `if`: a branch on `empty.any()` would sync the GPU with the host and break
+    a `torch.compile` graph. The model builds this once per forward (`MemoryCache.mask`).
     """
     mask = mask.bool()
-    empty = ~mask.any(dim=1)
-    if empty.any():
-        mask = mask.clone()
-        mask[empty, 0] = True
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    mask = mask | (first & ~mask.any(dim=1, keepdim=True))
     return mask[:, None, None, :]
 
 
@@ -63,11 +64,14 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`kv`: this layer's `project_memory(memory)`, computed before (then `memory` is unused)."""
+        """`memory_mask`: (B, L) bool padding mask, or its `key_padding_to_sdpa` (B, 1, 1, L), which
+        the model builds once per forward for all its blocks. `kv`: this layer's
+        `project_memory(memory)`, computed before (then `memory` is unused)."""
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)             # (B, H, N, Dh)
         k, v = kv if kv is not None else self.project_memory(memory)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_to_sdpa(memory_mask),
+        attn_mask = memory_mask if memory_mask.dim() == 4 else key_padding_to_sdpa(memory_mask)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask,
                                              dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
