@@ -108,3 +108,35 @@ def test_test_configs_pin_the_cpu(tmp_path):
     from tests.train_helpers import tiny_config
 
     assert load_config(tiny_config(tmp_path, str(tmp_path / "root"))).train.device == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["base", "superres"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_device_memory_equals_a_real_measurement(kind, checkpointing):
+    """The meta device's count of saved activations is what a real (CPU) forward saves (to
+    0.1%: the CPU's fused kernel keeps the bool key mask as floats, 3 bytes more per key)."""
+    from muse.memory import activation_bytes_per_sample
+
+    cfg = ModelConfig(kind=kind, preset="tiny", codebook_size=64, text_dim=16)
+    meta = activation_bytes_per_sample(cfg, 8, torch.float32, checkpointing)
+    real = activation_bytes_per_sample(cfg, 8, torch.float32, checkpointing, device="cpu")
+    assert real > 0 and abs(meta - real) <= 1e-3 * real
+    if checkpointing:
+        assert meta < activation_bytes_per_sample(cfg, 8, torch.float32, False)
+
+
+def test_batch_plan_keeps_the_global_batch_and_fits():
+    from muse.memory import GiB, activation_bytes_per_sample, plan_batch
+
+    cfg = ModelConfig(kind="superres", preset="small")
+    per = activation_bytes_per_sample(cfg)
+    plan = plan_batch(cfg, 512, 24 * GiB, ema=True)
+    assert plan.per_sample_bytes == per
+    assert plan.micro_batch * plan.grad_accum == 512
+    used = plan.state_bytes + plan.micro_batch * per
+    assert used <= plan.budget_bytes < used + 2 * plan.micro_batch * per  # the next divisor would not fit
+    assert "grad_accum" in plan.explain()
+    ckpt = plan_batch(cfg, 512, 24 * GiB, ema=True, checkpointing=True)
+    assert ckpt.micro_batch > plan.micro_batch
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        plan_batch(ModelConfig(kind="superres", preset="base"), 512, 16 * GiB, ema=True)
