@@ -140,3 +140,42 @@ def test_batch_plan_keeps_the_global_batch_and_fits():
     assert ckpt.micro_batch > plan.micro_batch
     with pytest.raises(ValueError, match="activation_checkpointing"):
         plan_batch(ModelConfig(kind="superres", preset="base"), 512, 16 * GiB, ema=True)
+
+
+def test_mfu_peaks_match_gpu_names_exactly():
+    from muse.gpus import mfu_text, peak_flops
+
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L40") == 181e12  # not an L4
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") is None and peak_flops("") is None
+    assert mfu_text(None) == "MFU unknown" and mfu_text(0.4123) == "MFU 41.2%"
+
+
+def test_cpu_trains_in_fp32():
+    from muse.gpus import amp_dtype
+
+    assert amp_dtype(torch.device("cpu"), mixed_precision=True) is None
+
+
+@pytest.mark.slow  # ~40 s: every row of the GPU check at tiny sizes
+def test_gpu_check_runs_at_tiny_sizes_on_cpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--tiny"], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("  ")[0]: line for line in out.stdout.splitlines() if not line.startswith("#")}
+    for what in ("encode T5 + VQGAN f16", "VQ encode", "train base eager", "train base compiled",
+                 "train superres eager", "generate 12 steps 256px b1", "generate 12 steps 256px b8"):
+        line = next((v for k, v in rows.items() if k.startswith(what)), None)
+        assert line is not None, (what, out.stdout)
+        rate = float(line[44:60].split()[0])
+        assert rate > 0, line
+    assert "ids agree with fp32" in out.stdout
