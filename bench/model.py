@@ -12,7 +12,7 @@ and FLOPs ratio. The last line is the step-time ratio (goal <= 1.05).
 
     python bench/model.py            # small preset on CPU
     python bench/model.py --tiny     # seconds (smoke test)
-    python bench/model.py --gpu      # base preset (~632M) in bf16 on CUDA, with MFU
+    python bench/model.py --gpu      # base preset (~632M) in bf16 on CUDA at batch 8, with MFU
     python bench/model.py --superres-attention   # only the multi-axis vs full attention lines
 """
 
@@ -30,12 +30,11 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from muse.config import ModelConfig
+from muse.gpus import mfu_text, peak_flops
 from muse.masking import mask_tokens, masked_loss
 from muse.models import build_model
 from muse.models.layers import SelfAttention
 from muse.sample import generate
-
-H100_BF16_PEAK = 989e12  # dense bf16 FLOP/s, SXM
 
 
 class RefBlock(nn.Module):
@@ -177,6 +176,31 @@ def generation_flops(cached, per_step) -> float:
     return counts[0] / counts[1]
 
 
+def meta_training_flops(mc: ModelConfig, full: bool, batch: int) -> float:
+    """Forward + backward FLOPs of one super-res training batch, counted on the meta device:
+    no memory, so the base preset's full-attention twin (a 4096 x 4096 score matrix per head and
+    layer) is counted on any machine. The fused attention kernel that the meta device runs
+    (`muse.models.layers.attention`) is counted with torch's own SDPA formulas."""
+    from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
+
+    aten = torch.ops.aten
+    fused = {aten._scaled_dot_product_flash_attention_for_cpu:
+             lambda q, k, v, *_, out_shape=None, **__: sdpa_flop_count(q, k, v),
+             aten._scaled_dot_product_flash_attention_for_cpu_backward:
+             lambda g, q, k, v, *_, out_shape=None, **__: sdpa_backward_flop_count(g, q, k, v)}
+    with torch.device("meta"):
+        torch.manual_seed(0)
+        model = build_model(mc)
+        model = full_attention_twin(model) if full else model
+        c = model.config
+        ids = torch.zeros(batch, c.grid_size ** 2, dtype=torch.long)
+        low = torch.zeros(batch, c.low_res_grid_size ** 2, dtype=torch.long)
+        hidden, mask = torch.zeros(batch, 77, c.text_dim), torch.ones(batch, 77, dtype=torch.bool)
+        with FlopCounterMode(display=False, custom_mapping=fused) as counter:
+            model(ids, hidden, mask, low_res_ids=low).float().sum().backward()
+    return counter.get_total_flops()
+
+
 def full_attention_twin(model: nn.Module) -> nn.Module:
     """The same super-res model with full self-attention in every block. Multi-axis and full
     attention have the same qkv/proj weights, so the twin computes with the same parameters and
@@ -193,9 +217,6 @@ def full_attention_twin(model: nn.Module) -> nn.Module:
 def superres_attention(device, dtype, mc: ModelConfig, batch: int, repeats: int, sync) -> dict:
     """Training samples/s of the super-res model with multi-axis vs full self-attention
     (interleaved, best of `repeats`), and the ratio of their FLOPs as torch counts them."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-    from torch.utils.flop_counter import FlopCounterMode
-
     torch.manual_seed(0)
     models = {"multi_axis": build_model(mc).to(device)}
     models["full"] = full_attention_twin(models["multi_axis"])
@@ -223,11 +244,7 @@ def superres_attention(device, dtype, mc: ModelConfig, batch: int, repeats: int,
     for _ in range(repeats - 1):  # interleaved: a burst of load hits both sides
         for k, f in steps.items():
             best[k] = min(best[k], timeit(f, 0, 1, sync))
-    flops = {}
-    for k, m in models.items():  # the math kernel: its matmuls are what the counter sees
-        with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
-            m(targets, hidden, mask, low_res_ids=low).float().sum().backward()
-        flops[k] = counter.get_total_flops()
+    flops = {k: meta_training_flops(mc, full=(k == "full"), batch=batch) for k in models}
     return {"samples_per_s": {k: batch / t for k, t in best.items()}, "flops": flops, "config": c}
 
 
@@ -244,8 +261,8 @@ def print_superres_attention(device, dtype, mc: ModelConfig, batch: int, repeats
 def superres_size(args) -> tuple[ModelConfig, int]:
     """The super-res model the attention comparison runs: the base preset on GPU; on CPU, narrow
     sizes that 2 cores train at 4096 tokens in seconds (attention weighs more there than at 1536)."""
-    if args.gpu:
-        return ModelConfig(kind="superres", preset="base"), 8
+    if args.gpu:  # batch 4: two ~0.7B models + AdamW and 4 x ~4.5 GiB of activations fit 80 GB (muse.memory)
+        return ModelConfig(kind="superres", preset="base"), 4
     if args.tiny:
         return ModelConfig(kind="superres", preset="tiny", depth=1, low_res_depth=1, codebook_size=1024), 1
     return ModelConfig(kind="superres", preset="small", hidden_size=256, depth=2, num_heads=8, low_res_depth=1), 1
@@ -268,8 +285,8 @@ def main(argv=None) -> None:
         print_superres_attention(device, torch.bfloat16 if args.gpu else None, sr_mc, sr_attn_batch,
                                  2 if args.tiny else args.repeats, sync)
         return
-    if args.gpu:
-        preset, overrides, batch = "base", {}, 32
+    if args.gpu:  # two ~632M models + AdamW (~20 GB) and 8 x ~0.3 GiB of activations each: fits an L4
+        preset, overrides, batch = "base", {}, 8
     elif args.tiny:
         preset, overrides, batch = "tiny", {}, 2
     else:  # "small" cut to a size 2 CPU cores time in seconds
@@ -342,8 +359,10 @@ def main(argv=None) -> None:
             cells.append(timeit(latency(ours, vq, hidden, mask, b, steps, dtype, device), 1, 1 if args.tiny else 2, sync))
         print(f"{f'  {steps} steps (s)':<36}{cells[0]:>10.3f}{cells[1]:>10.3f}")
     if args.gpu:
-        mfu = ours.num_flops_per_sample() * batch / t_ours / H100_BF16_PEAK
-        print(f"MFU (vs {H100_BF16_PEAK / 1e12:.0f} TFLOP/s bf16): {100 * mfu:.1f}%")
+        peak = peak_flops(torch.cuda.get_device_name())
+        print(f"{torch.cuda.get_device_name()}: " + mfu_text(ours.num_flops_per_sample() * batch / t_ours / peak
+                                                            if peak else None))
+    del ours, ref, opt_o, opt_r  # the super-res models below need the memory
     sr_batch, sr_codebook = (2, 64) if args.tiny else (8, 8192)
     peak = superres_sampling_peak(device, sr_batch, sr_codebook)
     print(f"super-res sampling peak memory, batch {sr_batch}, {sr_codebook} codes: {peak:.2f} GiB")

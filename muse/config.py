@@ -200,6 +200,8 @@ class TrainConfig(_Section):
     ema: bool = False
     ema_decay: float = Field(0.9999, gt=0, lt=1)
     compile: bool = False
+    activation_checkpointing: bool = Field(False, description="recompute each block in the backward "
+                                           "pass: ~1/3 more compute, a fraction of the activation memory")
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(2048, ge=1, description="rows per loader stream")

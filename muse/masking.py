@@ -39,13 +39,17 @@ def mask_tokens(ids: torch.Tensor, mask_token_id: int, generator: torch.Generato
 
 def masked_loss(logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor,
                 label_smoothing: float = 0.1, weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean cross-entropy over masked positions; `weights` (B,) scales each example."""
-    per_token = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none",
-                                label_smoothing=label_smoothing)                # (B, N)
-    w = mask.to(per_token.dtype)
+    """Mean cross-entropy over masked positions; `weights` (B,) scales each example.
+
+    logits (B, N, V) in any dtype. Only the masked rows are gathered and upcast to fp32: the
+    loss never materialises an fp32 copy of the whole (B, N, V) tensor (at the base preset,
+    B=16, N=256, V=8192 that copy alone is 134 MB, and ~1/3 of the rows are unmasked on average).
+    """
+    rows = F.cross_entropy(logits[mask].float(), targets[mask], reduction="none",
+                           label_smoothing=label_smoothing)                    # (M,)
     if weights is not None:
-        w = w * weights.to(per_token.dtype)[:, None]
-    return (per_token * w).sum() / mask.sum().clamp(min=1)
+        rows = rows * weights.float()[:, None].expand_as(mask)[mask]
+    return rows.sum() / mask.sum().clamp(min=1)
 
 
 def pad_to(x: torch.Tensor, length: int, dim: int) -> torch.Tensor:

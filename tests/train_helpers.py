@@ -27,7 +27,9 @@ def tiny_config(tmp: Path, root: str, **train) -> Path:
                   "codebook_size": 64, "text_dim": 16},
         "train": {"run_name": "t", "batch_size": 4, "grad_accum": 2, "max_steps": 8, "lr": 3e-3,
                   "warmup_steps": 2, "num_workers": 0, "shuffle_buffer": 16, "loader_streams": 2,
-                  "checkpoint_every": 4, "log_every": 1, "cond_dropout": 0.1, **train},
+                  "checkpoint_every": 4, "log_every": 1, "cond_dropout": 0.1,
+                  # `auto` on a 1-GPU machine sends the 2-process tests to set_device(cuda:1)
+                  "device": "cpu", **train},
     }
     path = tmp / "pipeline.yaml"
     path.write_text(yaml.safe_dump(data))

@@ -24,11 +24,12 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
+from torch.utils.checkpoint import checkpoint
 from safetensors.torch import load_file, save_file
 
 from muse.config import MODEL_PRESETS, ModelConfig
 from muse.layout import MODEL_CONFIG_VERSION, check_version
-from muse.models.layers import Block, Grid2DPositions
+from muse.models.layers import Block, Grid2DPositions, key_padding_to_sdpa
 
 _BASE = MODEL_PRESETS["base"]
 
@@ -87,7 +88,7 @@ class MuseConfig:
 
 class MemoryCache(NamedTuple):
     """The conditioning as the blocks use it (`MuseTransformer.memory_cache`)."""
-    mask: torch.Tensor                                  # (B, L) bool, True = real memory token
+    mask: torch.Tensor                                  # (B, 1, 1, L) bool for SDPA, True = attend
     kv: list[tuple[torch.Tensor, torch.Tensor]]         # per block: keys, values (B, H, L, Dh)
 
 
@@ -137,6 +138,9 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         self.norm_out = nn.LayerNorm(c.hidden_size)
         self.head = nn.Linear(c.hidden_size, c.downsample ** 2 * c.codebook_size)
         self.apply(_init_weights)
+        # Recompute each block's activations in the backward pass instead of keeping them
+        # (`train.activation_checkpointing`): a runtime switch, not part of the saved config.
+        self.activation_checkpointing = False
 
     # Subclass hooks, called in __init__ at the place their modules belong: the registration
     # order fixes the seeded initialisation, so a subclass adds modules here, not afterwards.
@@ -156,7 +160,7 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         cross-attention keys/values. None of it depends on the image tokens, so `generate`
         computes it once per call instead of once per decoding step."""
         memory, mask = self.memory(encoder_hidden_states, encoder_attention_mask, low_res_ids)
-        return MemoryCache(mask, [block.cross.project_memory(memory) for block in self.blocks])
+        return MemoryCache(key_padding_to_sdpa(mask), [block.cross.project_memory(memory) for block in self.blocks])
 
     def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor | None = None,
                 encoder_attention_mask: torch.Tensor | None = None, low_res_ids: torch.Tensor | None = None,
@@ -167,7 +171,10 @@ class MuseTransformer(PretrainedMixin, nn.Module):
         if memory_cache is None:
             memory_cache = self.memory_cache(encoder_hidden_states, encoder_attention_mask, low_res_ids)
         for block, kv in zip(self.blocks, memory_cache.kv):
-            x = block(x, None, memory_cache.mask, kv)
+            if self.activation_checkpointing and self.training and torch.is_grad_enabled():
+                x = checkpoint(block, x, None, memory_cache.mask, kv, use_reentrant=False)
+            else:
+                x = block(x, None, memory_cache.mask, kv)
         return self._split(self.head(self.norm_out(x)))                        # (B, N, codebook)
 
     def _merge(self, x: torch.Tensor) -> torch.Tensor:

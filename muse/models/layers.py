@@ -1,6 +1,6 @@
 """Transformer building blocks shared by the base and super-resolution models.
 
-All attention goes through `F.scaled_dot_product_attention`, so a GPU picks its fused
+All attention goes through `F.scaled_dot_product_attention` (`attention`), so a GPU picks its fused
 kernels (flash / memory-efficient); projections are fused (one QKV matmul, one KV matmul
 for the text). Blocks are pre-norm with a residual around every sub-layer: self-attention,
 cross-attention to the conditioning memory, MLP. (Two peers drop the MLP residual.)
@@ -16,14 +16,29 @@ import torch.nn.functional as F
 def key_padding_to_sdpa(mask: torch.Tensor) -> torch.Tensor:
     """[B, L] bool (True = real token) -> [B, 1, 1, L] bool for SDPA (True = attend).
 
-    A row with no real token would make softmax NaN; let it see its first key instead.
+    A row with no real token would make softmax NaN; let it see its first key instead. Pure
+    tensor ops, no `if`: a branch on `empty.any()` would sync the GPU with the host and break
+    a `torch.compile` graph. The model builds this once per forward (`MemoryCache.mask`).
     """
     mask = mask.bool()
-    empty = ~mask.any(dim=1)
-    if empty.any():
-        mask = mask.clone()
-        mask[empty, 0] = True
+    first = torch.zeros_like(mask)
+    first[:, 0] = True
+    mask = mask | (first & ~mask.any(dim=1, keepdim=True))
     return mask[:, None, None, :]
+
+
+def attention(q, k, v, attn_mask: torch.Tensor | None = None, dropout_p: float = 0.0) -> torch.Tensor:
+    """`F.scaled_dot_product_attention`, the one call every attention layer makes.
+
+    On the meta device (`muse.memory` counts saved activations there) SDPA has only its math
+    kernel, which keeps the (B, H, N, L) attention matrix for backward; a GPU's fused kernels
+    keep q, k, v, the output and a logsumexp. Run the fused kernel's meta implementation there
+    so the count is what a GPU will hold.
+    """
+    if q.device.type == "meta":
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q, k, v, dropout_p, attn_mask=attn_mask)[0]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p)
 
 
 class SelfAttention(nn.Module):
@@ -39,7 +54,7 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, N, C = x.shape
         q, k, v = self.qkv(x).view(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)  # (B, H, N, Dh)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
+        out = attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 
@@ -63,12 +78,14 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None, memory_mask: torch.Tensor,
                 kv: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
-        """`kv`: this layer's `project_memory(memory)`, computed before (then `memory` is unused)."""
+        """`memory_mask`: (B, L) bool padding mask, or its `key_padding_to_sdpa` (B, 1, 1, L), which
+        the model builds once per forward for all its blocks. `kv`: this layer's
+        `project_memory(memory)`, computed before (then `memory` is unused)."""
         B, N, C = x.shape
         q = self.q(x).view(B, N, self.num_heads, self.head_dim).transpose(1, 2)             # (B, H, N, Dh)
         k, v = kv if kv is not None else self.project_memory(memory)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=key_padding_to_sdpa(memory_mask),
-                                             dropout_p=self.dropout if self.training else 0.0)
+        attn_mask = memory_mask if memory_mask.dim() == 4 else key_padding_to_sdpa(memory_mask)
+        out = attention(q, k, v, attn_mask, self.dropout if self.training else 0.0)
         return self.proj(out.transpose(1, 2).reshape(B, N, C))
 
 

@@ -19,11 +19,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from muse.config import ModelConfig
 from muse.models.base import MuseConfig, MuseTransformer
-from muse.models.layers import Block, Grid2DPositions
+from muse.models.layers import Block, Grid2DPositions, attention
 
 
 @dataclass
@@ -65,11 +64,11 @@ class MultiAxisAttention(nn.Module):
         qkv = self.qkv(x).view(B, n, P, n, P, 3, H, Dh)
         # block heads: one sequence per patch (pr, pc), ordered by in-patch position (ir, ic)
         blk = qkv[..., :hb, :].permute(5, 0, 1, 3, 6, 2, 4, 7).reshape(3, B * n * n, hb, P * P, Dh)
-        ob = F.scaled_dot_product_attention(blk[0], blk[1], blk[2], dropout_p=drop)
+        ob = attention(blk[0], blk[1], blk[2], dropout_p=drop)
         ob = ob.view(B, n, n, hb, P, P, Dh).permute(0, 1, 4, 2, 5, 3, 6)      # (B, pr, ir, pc, ic, hb, Dh)
         # grid heads: one sequence per in-patch position (ir, ic), ordered by patch (pr, pc)
         grd = qkv[..., hb:, :].permute(5, 0, 2, 4, 6, 1, 3, 7).reshape(3, B * P * P, H - hb, n * n, Dh)
-        og = F.scaled_dot_product_attention(grd[0], grd[1], grd[2], dropout_p=drop)
+        og = attention(grd[0], grd[1], grd[2], dropout_p=drop)
         og = og.view(B, P, P, H - hb, n, n, Dh).permute(0, 4, 1, 5, 2, 3, 6)  # (B, pr, ir, pc, ic, hg, Dh)
         out = torch.cat([ob, og], dim=-2).reshape(B, N, C)                     # heads back in order
         return self.proj(out)

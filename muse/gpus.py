@@ -1,0 +1,51 @@
+"""What we know of a GPU by its name: dense peak FLOP/s for MFU and the precision to train in.
+
+Names are matched exactly as `torch.cuda.get_device_name()` reports them (after stripping an
+"NVIDIA " prefix), never by substring: "L40S" and "L40" are not an "L4", an "H100 PCIe" or
+"H100 NVL" is not an SXM H100. A GPU not in the table gets no MFU ("MFU unknown"), never a
+wrong one. Figures: NVIDIA's datasheets, dense (no 2:4 sparsity) bf16 tensor-core FLOP/s,
+fp16 for the cards without bf16.
+"""
+
+from __future__ import annotations
+
+import torch
+
+PEAK_FLOPS = {
+    "H100 80GB HBM3": 989e12,        # SXM5
+    "H100 PCIe": 756e12,
+    "H100 NVL": 835e12,
+    "H200": 989e12,                  # SXM
+    "H200 NVL": 835e12,
+    "A100-SXM4-80GB": 312e12,
+    "A100-SXM4-40GB": 312e12,
+    "A100-PCIE-40GB": 312e12,
+    "A100 80GB PCIe": 312e12,
+    "L4": 121e12,
+    "L40S": 362e12,
+    "L40": 181e12,
+    "A10": 125e12,
+    "A10G": 70e12,
+    "Tesla T4": 65e12,               # fp16 (no bf16)
+    "Tesla V100-SXM2-16GB": 125e12,  # fp16 (no bf16)
+    "Tesla V100-SXM2-32GB": 125e12,
+}
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense peak FLOP/s of the GPU named `device_name`, or None when it is not known."""
+    name = device_name.strip()
+    return PEAK_FLOPS.get(name) or PEAK_FLOPS.get(name.removeprefix("NVIDIA ").strip())
+
+
+def mfu_text(mfu: float | None) -> str:
+    return "MFU unknown" if mfu is None else f"MFU {100 * mfu:.1f}%"
+
+
+def amp_dtype(device: torch.device, mixed_precision: bool) -> torch.dtype | None:
+    """bf16 autocast on GPUs with native bf16 (Ampere and later); fp16 (with a GradScaler) on
+    T4/V100, where bf16 is only emulated and slower than fp32; None (fp32) on the CPU or
+    when mixed precision is off."""
+    if not mixed_precision or device.type != "cuda":
+        return None
+    return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else torch.float16

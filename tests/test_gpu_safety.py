@@ -1,0 +1,181 @@
+"""What a GPU run needs and the CPU can show (issue 25): no host syncs or graph breaks in the
+forward pass, no full-size fp32 copy of the logits in the loss, activation checkpointing that
+changes memory and nothing else, tests pinned to the CPU."""
+
+import pytest
+import torch
+
+from muse.config import ModelConfig
+from muse.masking import masked_loss
+from muse.models import build_model
+from muse.models.layers import key_padding_to_sdpa
+
+torch.set_num_threads(1)
+
+
+def tiny(kind="base"):
+    torch.manual_seed(0)
+    return build_model(ModelConfig(kind=kind, preset="tiny", codebook_size=64, text_dim=16))
+
+
+def batch(model, B=3, L=5, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    ids = torch.randint(0, c.codebook_size + 1, (B, c.grid_size ** 2), generator=g)
+    hidden = torch.randn(B, L, c.text_dim, generator=g)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[0, 2:] = False
+    mask[1, :] = False  # an empty caption row: it must still see one key, not NaN
+    low = torch.randint(0, c.codebook_size, (B, 256), generator=g) if c.kind == "superres" else None
+    return ids, hidden, mask, low
+
+
+def saved_tensor_sizes(fn) -> list[int]:
+    """numel of every tensor autograd saves for the backward pass while `fn` runs."""
+    sizes = []
+
+    def pack(t):
+        sizes.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sizes
+
+
+def test_key_padding_mask_has_no_data_dependent_branch():
+    """fullgraph compile refuses a Python `if` on a tensor value (a host sync on a GPU)."""
+    mask = torch.tensor([[True, True, False], [False, False, False]])
+    compiled = torch.compile(key_padding_to_sdpa, fullgraph=True, backend="eager")
+    out = compiled(mask)
+    assert out.shape == (2, 1, 1, 3)
+    assert out[0, 0, 0].tolist() == [True, True, False]
+    assert out[1, 0, 0].tolist() == [True, False, False]  # the empty row sees its first key
+    assert torch.equal(out, key_padding_to_sdpa(mask))
+
+
+@pytest.mark.parametrize("kind", ["base", "superres"])
+def test_empty_caption_rows_stay_finite(kind):
+    m = tiny(kind)
+    ids, hidden, mask, low = batch(m)
+    assert torch.isfinite(m(ids, hidden, mask, low)).all()
+
+
+def test_loss_upcasts_only_the_masked_rows():
+    g = torch.Generator().manual_seed(1)
+    B, N, V = 4, 64, 50
+    logits = torch.randn(B, N, V, generator=g).to(torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (B, N), generator=g)
+    mask = torch.rand(B, N, generator=g) < 0.25
+    weights = torch.tensor([1.0, 0.5, 2.0, 0.0])
+    loss, sizes = saved_tensor_sizes(lambda: masked_loss(logits, targets, mask, 0.1, weights))
+    assert loss.dtype == torch.float32
+    assert max(sizes) <= int(mask.sum()) * V < B * N * V  # nothing of the whole (B, N, V) is kept
+    # the same number as the dense formula in fp32
+    dense = torch.nn.functional.cross_entropy(logits.detach().float().transpose(1, 2), targets,
+                                              reduction="none", label_smoothing=0.1)
+    expected = (dense * mask * weights[:, None]).sum() / mask.sum()
+    assert torch.allclose(loss.detach(), expected, rtol=1e-5)
+    loss.backward()
+    assert logits.grad[~mask].abs().sum() == 0 and logits.grad[mask].abs().sum() > 0
+
+
+@pytest.mark.parametrize("kind", ["base", "superres"])
+def test_activation_checkpointing_changes_memory_not_numbers(kind):
+    m = tiny(kind).train()
+    ids, hidden, mask, low = batch(m)
+
+    def step():
+        m.zero_grad()
+        out = m(ids, hidden, mask, low)
+        return out
+
+    out_plain, plain = saved_tensor_sizes(step)
+    out_plain.square().mean().backward()
+    grads = [p.grad.clone() for p in m.parameters()]
+    m.activation_checkpointing = True
+    out_ckpt, ckpt = saved_tensor_sizes(step)
+    out_ckpt.square().mean().backward()
+    assert torch.equal(out_plain, out_ckpt)
+    for g_plain, p in zip(grads, m.parameters()):
+        assert torch.allclose(g_plain, p.grad, atol=1e-7), "checkpointing changed a gradient"
+    assert sum(ckpt) < 0.6 * sum(plain), (sum(ckpt), sum(plain))
+
+
+def test_test_configs_pin_the_cpu(tmp_path):
+    """On a 1-GPU machine `train.device: auto` made the 2-process tests call set_device(cuda:1)."""
+    from muse.config import load_config
+    from tests.train_helpers import tiny_config
+
+    assert load_config(tiny_config(tmp_path, str(tmp_path / "root"))).train.device == "cpu"
+
+
+@pytest.mark.parametrize("kind", ["base", "superres"])
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_device_memory_equals_a_real_measurement(kind, checkpointing):
+    """The meta device's count of saved activations is what a real (CPU) forward saves (to
+    0.1%: the CPU's fused kernel keeps the bool key mask as floats, 3 bytes more per key)."""
+    from muse.memory import activation_bytes_per_sample
+
+    cfg = ModelConfig(kind=kind, preset="tiny", codebook_size=64, text_dim=16)
+    meta = activation_bytes_per_sample(cfg, 8, torch.float32, checkpointing)
+    real = activation_bytes_per_sample(cfg, 8, torch.float32, checkpointing, device="cpu")
+    assert real > 0 and abs(meta - real) <= 1e-3 * real
+    if checkpointing:
+        assert meta < activation_bytes_per_sample(cfg, 8, torch.float32, False)
+
+
+def test_batch_plan_keeps_the_global_batch_and_fits():
+    from muse.memory import GiB, activation_bytes_per_sample, plan_batch
+
+    cfg = ModelConfig(kind="superres", preset="small")
+    per = activation_bytes_per_sample(cfg)
+    plan = plan_batch(cfg, 512, 24 * GiB, ema=True)
+    assert plan.per_sample_bytes == per
+    assert plan.micro_batch * plan.grad_accum == 512
+    used = plan.state_bytes + plan.micro_batch * per
+    assert used <= plan.budget_bytes < used + 2 * plan.micro_batch * per  # the next divisor would not fit
+    assert "grad_accum" in plan.explain()
+    ckpt = plan_batch(cfg, 512, 24 * GiB, ema=True, checkpointing=True)
+    assert ckpt.micro_batch > plan.micro_batch
+    with pytest.raises(ValueError, match="activation_checkpointing"):
+        plan_batch(ModelConfig(kind="superres", preset="base"), 512, 16 * GiB, ema=True)
+
+
+def test_mfu_peaks_match_gpu_names_exactly():
+    from muse.gpus import mfu_text, peak_flops
+
+    assert peak_flops("NVIDIA L4") == 121e12
+    assert peak_flops("NVIDIA L40S") == 362e12 and peak_flops("NVIDIA L40") == 181e12  # not an L4
+    assert peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA H100 NVL") == 835e12
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops("NVIDIA GeForce RTX 4090") is None and peak_flops("") is None
+    assert mfu_text(None) == "MFU unknown" and mfu_text(0.4123) == "MFU 41.2%"
+
+
+def test_cpu_trains_in_fp32():
+    from muse.gpus import amp_dtype
+
+    assert amp_dtype(torch.device("cpu"), mixed_precision=True) is None
+
+
+@pytest.mark.slow  # ~40 s: every row of the GPU check at tiny sizes
+def test_gpu_check_runs_at_tiny_sizes_on_cpu():
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run(["bash", "bench/gpu_check.sh", "--tiny"], cwd=repo, capture_output=True, text=True,
+                         env={**os.environ, "PYTHON": sys.executable, "OMP_NUM_THREADS": "2"}, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    rows = {line.split("  ")[0]: line for line in out.stdout.splitlines() if not line.startswith("#")}
+    for what in ("encode T5 + VQGAN f16", "VQ encode", "train base eager", "train base compiled",
+                 "train superres eager", "generate 12 steps 256px b1", "generate 12 steps 256px b8"):
+        line = next((v for k, v in rows.items() if k.startswith(what)), None)
+        assert line is not None, (what, out.stdout)
+        rate = float(line[44:60].split()[0])
+        assert rate > 0, line
+    assert "ids agree with fp32" in out.stdout
