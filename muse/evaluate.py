@@ -14,7 +14,7 @@ The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of 
      `FrechetInceptionDistance` with the extractor of `eval.fid_features`);
    - `clip_score`: mean over rows of max(100 x cos(CLIP image, CLIP caption), 0), as
      torchmetrics' CLIPScore, with `eval.clip_model` (transformers `CLIPModel`);
-   - whatever the functions in `EXTRA_METRICS` return.
+   - whatever the functions registered in `EXTRA_METRICS` (`register_metric`) return.
 4. writes `checkpoints/<run>/eval/step-NNNNNNNN.json` (metrics, counts, settings, checkpoint)
    and `step-NNNNNNNN.png` (a grid of the first 16 pictures, each caption under its picture and
    in the PNG's `prompt` chunk, the settings in its `parameters` chunk) on the storage root.
@@ -45,22 +45,20 @@ IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few doz
 GRID_IMAGES = 16
 
 # Extra metrics: each gets the generated pictures, uint8 [B, H, W, 3], and their captions, and
-# returns {name: float}; the results are merged into the metrics (a prompt-adherence scorer
-# plugs in here). Append to this list, or pass `metrics=` to run_eval.
+# returns {name: float}; the results are merged into the metrics. The library registers none:
+# a caller (the demo registers its shapes-adherence scorer: testing/demo.py) adds its own
+# with `register_metric`, or passes `metrics=` to run_eval. Registration is per process: the
+# in-training evaluations (`train.eval_every`) run in the trainer's processes.
 MetricFn = Callable[[np.ndarray, list], dict]
 
-
-def shapes_adherence(images: np.ndarray, captions: list) -> dict:
-    """Prompt adherence on the shapes world (the demo's data); nothing for captions it cannot read."""
-    from muse.testing.shapes import adherence, parse_caption
-
-    if not any(parse_caption(c) for c in captions):
-        return {}
-    r = adherence(images, captions)["all"]
-    return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
+EXTRA_METRICS: list[MetricFn] = []
 
 
-EXTRA_METRICS: list[MetricFn] = [shapes_adherence]
+def register_metric(fn: MetricFn) -> MetricFn:
+    """Add `fn` to every later `run_eval` of this process (once; usable as a decorator)."""
+    if fn not in EXTRA_METRICS:
+        EXTRA_METRICS.append(fn)
+    return fn
 
 
 class EvalError(RuntimeError):
@@ -341,5 +339,5 @@ def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, c
           + f" ({len(captions)} rows) -> {storage.url(rel + '.json')}", flush=True)
 
 
-__all__ = ["run_eval", "results_rel", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",
+__all__ = ["run_eval", "results_rel", "EXTRA_METRICS", "register_metric", "EvalError", "Clip", "fid_extractor", "make_fid",
            "frechet_distance", "IN_TRAINING_SAMPLES"]

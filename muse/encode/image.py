@@ -195,7 +195,7 @@ def openmuse_config(cls, config: dict, where: str = "config.json") -> dict:
 def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:
     """Quantized latents (B, C, h, w) -> pictures (B, 3, h*f, w*f), RGB in [0, 1] before clamping.
 
-    Differentiable: `muse.testing.shapes_vq` trains through it, `VQTokenizer.decode` decodes ids."""
+    Differentiable: the demo's VQ trainer (testing/shapes_vq.py) trains through it, `VQTokenizer.decode` decodes ids."""
     if type(model).__name__ == "PaellaVQModel":
         return model.decode(quant, force_not_quantize=True).sample
     return model.decoder(model.post_quant_conv(quant), None)

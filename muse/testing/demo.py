@@ -9,7 +9,9 @@
 - a pipeline config: the config's defaults (what `pipeline.yaml` lists) with the one list of
   overrides in `demo_overrides`, written resolved to `<output>/pipeline.yaml`;
 - `score(config)`: every colour x shape prompt sampled at guidance 1 and at the configured
-  scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids.
+  scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids;
+- `register_metrics()`: the same scorer as a `muse eval` metric (`shapes_adherence`), registered
+  by the demo, so the library itself never imports this package.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
 `quick=True` is the same on 48 rows with a VQ trained for seconds (the tests' subset).
 """
@@ -103,14 +105,31 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
     return sets
 
 
+def shapes_adherence(images, captions: list) -> dict:
+    """A `muse eval` metric: prompt adherence on the shapes world; nothing for captions it cannot read."""
+    if not any(shapes.parse_caption(c) for c in captions):
+        return {}
+    r = shapes.adherence(images, captions)["all"]
+    return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
+
+
+def register_metrics() -> None:
+    """Every `muse eval` of this process (`run_eval`) also reports `shapes_adherence`."""
+    from muse.evaluate import register_metric
+
+    register_metric(shapes_adherence)
+
+
 def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tuple[Path, Path]:
-    """Images, encoders, config (without the URL list, which needs the server's port).
+    """Images, encoders, config (without the URL list, which needs the server's port); registers
+    the demo's eval metric (`register_metrics`).
 
     -> (config path, images folder)."""
     from muse.config import load_config
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
     from muse.testing.tiny import TEXT_DIM
 
+    register_metrics()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     items = make_images(out / "images", rows or (48 if quick else ROWS))
