@@ -241,40 +241,43 @@ class TrainConfig(_Section):
 GuidanceSchedule = Literal["constant", "linear"]
 
 
-class SampleConfig(_Section):
-    prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
-    prompts_file: Optional[str] = None
-    checkpoint: Optional[str] = Field(None, description="base checkpoint dir; null: latest of train.run_name")
-    superres_checkpoint: Optional[str] = None
+class DecodeConfig(_Section):
+    """How pictures are decoded (`muse.sample.generate_images`): the keys `sample` and `eval` share."""
     steps: int = Field(24, ge=1)
-    superres_steps: int = Field(8, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
     guidance_schedule: GuidanceSchedule = Field(
         "constant", description="linear: the scale rises from 1 at the first decoding step to guidance_scale "
         "at the last (the layout is drawn unguided, the details guided)")
     temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
     seed: int = 0
-    out: str = "samples/sample.png"
     device: str = "auto"
     use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
                           "when they have them; false: the raw weights")
 
 
-class EvalConfig(_Section):
-    """`muse eval`: FID and CLIP score on the eval slice (train.eval_holdout) of the encoded data."""
+class SampleConfig(DecodeConfig):
+    """`muse sample`: the decoding keys of DecodeConfig, and what to sample and where it goes."""
+    prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
+    prompts_file: Optional[str] = None
+    checkpoint: Optional[str] = Field(None, description="base checkpoint dir; null: latest of train.run_name")
+    superres_checkpoint: Optional[str] = None
+    superres_steps: int = Field(8, ge=1)
+    # One seeded generator runs through the batches in turn: a picture depends on the seed, the
+    # prompt list and batch_size (when there are more prompts than batch_size).
+    batch_size: int = Field(8, ge=1, description="prompts decoded at once (T5, base, super-res and VQ decode): "
+                            "bounds the GPU memory of a long prompt list")
+    out: str = "samples/sample.png"
+
+
+class EvalConfig(DecodeConfig):
+    """`muse eval`: FID and CLIP score on the eval slice (train.eval_holdout) of the encoded data, decoded
+    with the keys of DecodeConfig."""
     max_samples: int = Field(1000, ge=2, description="eval rows generated and scored (FID needs >= 2)")
     clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIPModel hub id or local folder")
     fid_features: str = Field(
         "inception", description="inception (torch-fidelity), clip (eval.clip_model image features), "
         "or a local torch.export file (.pt2) mapping uint8 [B,3,H,W] to features [B,D]")
-    steps: int = Field(24, ge=1)
-    guidance_scale: float = Field(4.0, ge=0)
-    guidance_schedule: GuidanceSchedule = "constant"
-    temperature: float = Field(1.0, ge=0)
     batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    device: str = "auto"
-    use_ema: bool = Field(True, description="the checkpoint's EMA weights when it has them; false: raw")
 
 
 class ScheduleConfig(_Section):

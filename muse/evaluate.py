@@ -37,8 +37,7 @@ from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
 from muse.layout import dataset_dir, empty_caption, read_manifest, shard_name
-from muse.masking import pad_embeddings
-from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, png_bytes
+from muse.sample import SamplingModels, generate_images, load_checkpoint_model, load_decoder, make_grid, png_bytes
 from muse.storage import Storage
 
 IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few dozen rows, seconds on a GPU
@@ -231,19 +230,6 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
     return np.stack([out[r["key"]] for r in rows])
 
 
-def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device) -> np.ndarray:
-    """Pictures from the rows' stored T5 embeddings, `e.batch_size` at a time, one seeded generator."""
-    uncond, uncond_mask = pad_embeddings([empty], device=device)
-    gen = torch.Generator(device=device).manual_seed(e.seed)
-    out = []
-    for i in range(0, len(rows), e.batch_size):
-        hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device=device)
-        ids = generate(model, hidden, mask, uncond, uncond_mask, steps=e.steps, guidance_scale=e.guidance_scale,
-                       temperature=e.temperature, generator=gen, guidance_schedule=e.guidance_schedule)
-        out.append(decode_ids(vq, ids, model.config.grid_size))
-    return np.concatenate(out)
-
-
 # ----------------------------------------------------------------------------- muse eval
 
 def _step_of(ref: str | None) -> int | None:
@@ -267,16 +253,16 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     instead. Returns the metrics dict ({"fid", "clip_score", + extra metrics}).
     """
     t0 = time.time()
-    e, run = cfg.eval, cfg.train.run_name
+    eval_cfg, run = cfg.eval, cfg.train.run_name
     if cfg.model.kind != "base":
         raise EvalError("muse eval covers the base model (model.kind=base); evaluate the superres model "
                         "through the base run that feeds it")
     _check_slice(cfg)
     storage = Storage.from_config(cfg)
-    device = torch.device(device) if device is not None else resolve_device(e.device)
-    max_samples = max_samples or e.max_samples
+    device = torch.device(device) if device is not None else resolve_device(eval_cfg.device)
+    max_samples = max_samples or eval_cfg.max_samples
     if model is None:
-        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step, e.use_ema)
+        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step, eval_cfg.use_ema)
     else:
         where = "in-training weights"
     was_training = model.training
@@ -286,28 +272,29 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
 
     def clip() -> Clip:
         if not clip_cache:
-            clip_cache.append(Clip(e.clip_model, device))
+            clip_cache.append(Clip(eval_cfg.clip_model, device))
         return clip_cache[0]
 
-    fid = make_fid(fid_extractor(e.fid_features, clip, device), device)  # fail before generating
+    fid = make_fid(fid_extractor(eval_cfg.fid_features, clip, device), device)  # fail before generating
     clip()
     rows, skipped = eval_rows(cfg, storage, max_samples)
     manifest = read_manifest(storage, dataset_dir(cfg))
     vq = load_decoder(cfg.encode, device)
     try:
-        fake = generate_images(model, vq, rows, empty_caption(manifest), e, device)
+        fake = generate_images(SamplingModels(None, model, None, vq), [r["t5"] for r in rows],
+                               empty_caption(manifest), eval_cfg, device, eval_cfg.batch_size)
     finally:
         model.train(was_training)
     real = real_images(storage, rows, fake.shape[1])
     captions = [r["caption"] for r in rows]
-    result = {"fid": frechet_distance(real, fake, fid, e.batch_size),
-              "clip_score": clip().score(fake, captions, e.batch_size)}
+    result = {"fid": frechet_distance(real, fake, fid, eval_cfg.batch_size),
+              "clip_score": clip().score(fake, captions, eval_cfg.batch_size)}
     for fn in EXTRA_METRICS + list(metrics or []):
         result.update({k: float(v) for k, v in fn(fake, captions).items()})
 
     record = {"step": step, "checkpoint": where, "metrics": result,
               "counts": {"samples": len(rows), "skipped_replaced": skipped, "max_samples": max_samples},
-              "settings": {**e.model_dump(mode="json"), "max_samples": max_samples,
+              "settings": {**eval_cfg.model_dump(mode="json"), "max_samples": max_samples,
                            "eval_holdout": cfg.train.eval_holdout, "dataset": dataset_dir(cfg),
                            "device": str(device)},
               "seconds": round(time.time() - t0, 2)}
