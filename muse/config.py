@@ -95,6 +95,21 @@ class DownloadConfig(_Section):
                                     "runs at once (each is one img2dataset run of processes x threads)")
 
 
+class ModelRef(BaseModel):
+    """One pretrained model as the config names it, built by `EncodeConfig.text_ref` / `vq_ref` /
+    `superres_vq_ref` from the section's flat keys: a hub id or local folder (`path`), a `subfolder`
+    in it, the hub `revision` (commit, tag or branch; None: the newest), the weights' `format`, and
+    `key`, the config key that names it (errors say which key to change). The loaders take one
+    (`TextEncoder.from_ref`, `muse.encode.image.vq_from_ref` / `paella_from_ref`), and so does
+    the preflight, so no caller unpacks, or drops, one of the fields."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key: str
+    path: str
+    subfolder: Optional[str] = None
+    revision: Optional[str] = None
+    format: Literal["transformers", "diffusers", "open-muse"] = "transformers"
+
+
 class EncodeConfig(_Section):
     text_model: str = "google/t5-v1_1-base"
     text_max_length: int = Field(77, ge=1, le=512)
@@ -120,6 +135,25 @@ class EncodeConfig(_Section):
     shards_per_task: int = Field(64, ge=1, description="shards per encode task")
     max_parallel_shards: Optional[int] = Field(None, ge=1, description="shards encoded at once by the flow; "
                                                "null: one per visible GPU, 1 on CPU")
+
+    @property
+    def text_ref(self) -> ModelRef:
+        return ModelRef(key="encode.text_model", path=self.text_model, revision=self.text_revision)
+
+    @property
+    def vq_ref(self) -> ModelRef:
+        return ModelRef(key="encode.vq_model", path=self.vq_model, subfolder=self.vq_subfolder,
+                        revision=self.vq_revision, format=self.vq_format)
+
+    @property
+    def superres_vq_ref(self) -> ModelRef:
+        return ModelRef(key="encode.superres_vq_model", path=self.superres_vq_model,
+                        subfolder=self.superres_vq_subfolder, revision=self.superres_vq_revision,
+                        format=self.superres_vq_format)
+
+    def encoder_refs(self) -> list[ModelRef]:
+        """The models the encode phase loads: T5, the VQ, and the super-res VQ with `superres`."""
+        return [self.text_ref, self.vq_ref] + ([self.superres_vq_ref] if self.superres else [])
 
     def version(self) -> str:
         """Dataset version: a short hash of everything that changes the encoded values and is known

@@ -277,13 +277,11 @@ def _parameters(cfg, storage, n_prompts: int) -> dict:
 
 def load_decoder(encode_cfg, device, superres: bool = False):
     """The VQ decoder of the encode section: VQGAN f16 (base) or PaellaVQ f8 (superres)."""
-    from muse.encode.image import load_paella, load_vq
+    from muse.encode.image import paella_from_ref, vq_from_ref
 
-    enc = encode_cfg
     if superres:
-        return load_paella(enc.superres_vq_model, enc.superres_vq_subfolder, enc.superres_vq_format, str(device),
-                           revision=enc.superres_vq_revision)
-    return load_vq(enc.vq_model, enc.vq_subfolder, enc.vq_format, str(device), revision=enc.vq_revision)
+        return paella_from_ref(encode_cfg.superres_vq_ref, str(device))
+    return vq_from_ref(encode_cfg.vq_ref, str(device))
 
 
 def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
@@ -311,9 +309,8 @@ def load_models(cfg, storage) -> SamplingModels:
     sr = None
     if s.superres_checkpoint:
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
-    text = TextEncoder.from_pretrained(encode_cfg.text_model, max_length=encode_cfg.text_max_length,
-                                       dtype=encode_cfg.text_dtype, revision=encode_cfg.text_revision,
-                                       device=str(device))
+    text = TextEncoder.from_ref(encode_cfg.text_ref, max_length=encode_cfg.text_max_length,
+                                dtype=encode_cfg.text_dtype, device=str(device))
     return SamplingModels(text, base, sr, load_decoder(encode_cfg, device, superres=sr is not None))
 
 
@@ -347,7 +344,7 @@ def sample_images(cfg, prompts: list[str], storage, guidance_scale: float | None
     prompt. `models` from `load_models(cfg, storage)` to reuse them across calls; loaded here otherwise."""
     s = cfg.sample
     m = models or load_models(cfg, storage)
-    embeddings = [e for i in range(0, len(prompts), s.batch_size) for e in m.text.encode(prompts[i:i + s.batch_size])]
+    embeddings = [emb for i in range(0, len(prompts), s.batch_size) for emb in m.text.encode(prompts[i:i + s.batch_size])]
     empty = m.text.encode([""])[0]
     return generate_images(m, embeddings, empty, s, resolve_device(s.device), s.batch_size,
                            guidance_scale=guidance_scale, superres_steps=s.superres_steps)
