@@ -344,7 +344,9 @@ def sample_images(cfg, prompts: list[str], storage, guidance_scale: float | None
     prompt. `models` from `load_models(cfg, storage)` to reuse them across calls; loaded here otherwise."""
     s = cfg.sample
     m = models or load_models(cfg, storage)
-    embeddings = [emb for i in range(0, len(prompts), s.batch_size) for emb in m.text.encode(prompts[i:i + s.batch_size])]
+    embeddings = []
+    for i in range(0, len(prompts), s.batch_size):  # T5 too sees batch_size prompts at a time
+        embeddings += m.text.encode(prompts[i:i + s.batch_size])
     empty = m.text.encode([""])[0]
     return generate_images(m, embeddings, empty, s, resolve_device(s.device), s.batch_size,
                            guidance_scale=guidance_scale, superres_steps=s.superres_steps)

@@ -1,8 +1,8 @@
 """Caption -> T5 encoder hidden states (real tokens only, EOS included, no padding).
 
 `TextEncoder.from_pretrained` takes a hub id (`google/t5-v1_1-base`) or a local folder
-holding a `T5EncoderModel` and its tokenizer; `TextEncoder.from_ref` the config's `ModelRef`. T5 overflows in fp16, so only fp32 and
-bf16 are offered.
+holding a `T5EncoderModel` and its tokenizer; `TextEncoder.from_ref` the config's `ModelRef`.
+T5 overflows in fp16, so only fp32 and bf16 are offered.
 """
 
 from __future__ import annotations
