@@ -101,7 +101,7 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             # choice temperature 1 (was 4.5): more colours right, shapes the same (bench/RESULTS.md,
             # "2026-12-02 (03:00-03:40Z), "it learns": what shape misses, sampler settings")
             "sample.temperature=1.0", "sample.out=samples/demo.png", "sample.device=cpu",
-            # every prompt of `score` (112) in one batch, as bench/RESULTS.md measured the table: a
+            # every prompt of `score` (96) in one batch, as bench/RESULTS.md measured the table: a
             # smaller batch draws other pictures from the one generator (and CPU memory is no limit)
             f"sample.batch_size={len(shapes.all_prompts(4))}"]
     return sets
