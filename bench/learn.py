@@ -1,7 +1,7 @@
 """Does it learn? The demo's pipeline on the shapes world, timed per phase and scored.
 
 Runs download -> encode -> train -> sample through `muse` itself (no Prefect) on the
-demo's 1,200 pictures, then `muse.demo.score`: every colour x shape prompt sampled at
+demo's 1,200 pictures, then `muse.testing.demo.score`: every colour x shape prompt sampled at
 guidance 1 and at the configured scale and judged by the deterministic shapes scorer.
 Prints the phases' wall times, the VQ tokenizer's PSNR and codebook use, the adherence
 table (training pairs and held-out pairs), and last the ratio of guided to unguided
@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from muse import demo
+from muse.testing import demo
 from muse.cli import main as muse
 from muse.config import load_config
 from muse.testing.imageserver import ImageServer

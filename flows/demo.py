@@ -6,7 +6,7 @@
 Makes 1,200 coloured-shape pictures and serves them on 127.0.0.1, builds a tiny T5 and
 trains a VQ tokenizer on the shapes (once per machine), writes `<output>/pipeline.yaml`,
 runs download -> encode -> train -> sample, then scores every colour x shape prompt
-(`muse.demo.score`) and prints the adherence table and where everything is.
+(`muse.testing.demo.score`) and prints the adherence table and where everything is.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def main(argv=None) -> int:
-    from muse import demo
+    from muse.testing import demo
     from muse.testing.imageserver import ImageServer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

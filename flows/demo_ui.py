@@ -88,7 +88,7 @@ async def trigger_and_wait(config: str, wait: bool):
 
 
 def main(argv=None) -> int:
-    from muse import demo
+    from muse.testing import demo
     from muse.testing.imageserver import ImageServer
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

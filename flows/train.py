@@ -43,10 +43,10 @@ def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
 def report_task(config_path: str, overrides: list[str], samples: list[str] | None = None) -> str:
     """Markdown artifact `training-summary`: last metrics, eval metrics, the loss curve and the
     samples as labelled links with small thumbnails (pictures stay under the storage root)."""
-    from muse.sample import _prompts
+    from muse.sample import read_prompts
 
     cfg = cfg_from(config_path, overrides)
-    md = summary_markdown(cfg, samples, _prompts(cfg) if samples else [])
+    md = summary_markdown(cfg, samples, read_prompts(cfg) if samples else [])
     create_markdown_artifact(key="training-summary", markdown=md, description=f"run {cfg.train.run_name}")
     return md
 

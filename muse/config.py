@@ -95,6 +95,21 @@ class DownloadConfig(_Section):
                                     "runs at once (each is one img2dataset run of processes x threads)")
 
 
+class ModelRef(BaseModel):
+    """One pretrained model as the config names it, built by `EncodeConfig.text_ref` / `vq_ref` /
+    `superres_vq_ref` from the section's flat keys: a hub id or local folder (`path`), a `subfolder`
+    in it, the hub `revision` (commit, tag or branch; None: the newest), the weights' `format`, and
+    `key`, the config key that names it (errors say which key to change). The loaders take one
+    (`TextEncoder.from_ref`, `muse.encode.image.vq_from_ref` / `paella_from_ref`), and so does
+    the preflight, so no caller unpacks, or drops, one of the fields."""
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    key: str
+    path: str
+    subfolder: Optional[str] = None
+    revision: Optional[str] = None
+    format: Literal["transformers", "diffusers", "open-muse"] = "transformers"
+
+
 class EncodeConfig(_Section):
     text_model: str = "google/t5-v1_1-base"
     text_max_length: int = Field(77, ge=1, le=512)
@@ -120,6 +135,25 @@ class EncodeConfig(_Section):
     shards_per_task: int = Field(64, ge=1, description="shards per encode task")
     max_parallel_shards: Optional[int] = Field(None, ge=1, description="shards encoded at once by the flow; "
                                                "null: one per visible GPU, 1 on CPU")
+
+    @property
+    def text_ref(self) -> ModelRef:
+        return ModelRef(key="encode.text_model", path=self.text_model, revision=self.text_revision)
+
+    @property
+    def vq_ref(self) -> ModelRef:
+        return ModelRef(key="encode.vq_model", path=self.vq_model, subfolder=self.vq_subfolder,
+                        revision=self.vq_revision, format=self.vq_format)
+
+    @property
+    def superres_vq_ref(self) -> ModelRef:
+        return ModelRef(key="encode.superres_vq_model", path=self.superres_vq_model,
+                        subfolder=self.superres_vq_subfolder, revision=self.superres_vq_revision,
+                        format=self.superres_vq_format)
+
+    def encoder_refs(self) -> list[ModelRef]:
+        """The models the encode phase loads: T5, the VQ, and the super-res VQ with `superres`."""
+        return [self.text_ref, self.vq_ref] + ([self.superres_vq_ref] if self.superres else [])
 
     def version(self) -> str:
         """Dataset version: a short hash of everything that changes the encoded values and is known
@@ -243,40 +277,43 @@ class TrainConfig(_Section):
 GuidanceSchedule = Literal["constant", "linear"]
 
 
-class SampleConfig(_Section):
-    prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
-    prompts_file: Optional[str] = None
-    checkpoint: Optional[str] = Field(None, description="base checkpoint dir; null: latest of train.run_name")
-    superres_checkpoint: Optional[str] = None
+class DecodeConfig(_Section):
+    """How pictures are decoded (`muse.sample.generate_images`): the keys `sample` and `eval` share."""
     steps: int = Field(24, ge=1)
-    superres_steps: int = Field(8, ge=1)
     guidance_scale: float = Field(4.0, ge=0)
     guidance_schedule: GuidanceSchedule = Field(
         "constant", description="linear: the scale rises from 1 at the first decoding step to guidance_scale "
         "at the last (the layout is drawn unguided, the details guided)")
     temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
     seed: int = 0
-    out: str = "samples/sample.png"
     device: str = "auto"
     use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
                           "when they have them; false: the raw weights")
 
 
-class EvalConfig(_Section):
-    """`muse eval`: FID and CLIP score on the eval slice (train.eval_holdout) of the encoded data."""
+class SampleConfig(DecodeConfig):
+    """`muse sample`: the decoding keys of DecodeConfig, and what to sample and where it goes."""
+    prompts: list[str] = Field(default_factory=lambda: ["a photograph of a red fox in the snow"])
+    prompts_file: Optional[str] = None
+    checkpoint: Optional[str] = Field(None, description="base checkpoint dir; null: latest of train.run_name")
+    superres_checkpoint: Optional[str] = None
+    superres_steps: int = Field(8, ge=1)
+    # One seeded generator runs through the batches in turn: a picture depends on the seed, the
+    # prompt list and batch_size (when there are more prompts than batch_size).
+    batch_size: int = Field(8, ge=1, description="prompts decoded at once (T5, base, super-res and VQ decode): "
+                            "bounds the GPU memory of a long prompt list")
+    out: str = "samples/sample.png"
+
+
+class EvalConfig(DecodeConfig):
+    """`muse eval`: FID and CLIP score on the eval slice (train.eval_holdout) of the encoded data, decoded
+    with the keys of DecodeConfig."""
     max_samples: int = Field(1000, ge=2, description="eval rows generated and scored (FID needs >= 2)")
     clip_model: str = Field("openai/clip-vit-base-patch32", description="CLIPModel hub id or local folder")
     fid_features: str = Field(
         "inception", description="inception (torch-fidelity), clip (eval.clip_model image features), "
         "or a local torch.export file (.pt2) mapping uint8 [B,3,H,W] to features [B,D]")
-    steps: int = Field(24, ge=1)
-    guidance_scale: float = Field(4.0, ge=0)
-    guidance_schedule: GuidanceSchedule = "constant"
-    temperature: float = Field(1.0, ge=0)
     batch_size: int = Field(16, ge=1)
-    seed: int = 0
-    device: str = "auto"
-    use_ema: bool = Field(True, description="the checkpoint's EMA weights when it has them; false: raw")
 
 
 class ScheduleConfig(_Section):

@@ -14,7 +14,7 @@ The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of 
      `FrechetInceptionDistance` with the extractor of `eval.fid_features`);
    - `clip_score`: mean over rows of max(100 x cos(CLIP image, CLIP caption), 0), as
      torchmetrics' CLIPScore, with `eval.clip_model` (transformers `CLIPModel`);
-   - whatever the functions in `EXTRA_METRICS` return.
+   - whatever the functions registered in `EXTRA_METRICS` (`register_metric`) return.
 4. writes `checkpoints/<run>/eval/step-NNNNNNNN.json` (metrics, counts, settings, checkpoint)
    and `step-NNNNNNNN.png` (a grid of the first 16 pictures, each caption under its picture and
    in the PNG's `prompt` chunk, the settings in its `parameters` chunk) on the storage root.
@@ -37,30 +37,27 @@ from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
 from muse.layout import dataset_dir, empty_caption, eval_results, read_manifest, shard_name, step_of
-from muse.masking import pad_embeddings
-from muse.sample import decode_ids, generate, load_checkpoint_model, load_decoder, make_grid, png_bytes
+from muse.sample import SamplingModels, generate_images, load_checkpoint_model, load_decoder, make_grid, png_bytes
 from muse.storage import Storage
 
 IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few dozen rows, seconds on a GPU
 GRID_IMAGES = 16
 
 # Extra metrics: each gets the generated pictures, uint8 [B, H, W, 3], and their captions, and
-# returns {name: float}; the results are merged into the metrics (a prompt-adherence scorer
-# plugs in here). Append to this list, or pass `metrics=` to run_eval.
+# returns {name: float}; the results are merged into the metrics. The library registers none:
+# a caller (the demo registers its shapes-adherence scorer: testing/demo.py) adds its own
+# with `register_metric`, or passes `metrics=` to run_eval. Registration is per process: the
+# in-training evaluations (`train.eval_every`) run in the trainer's processes.
 MetricFn = Callable[[np.ndarray, list], dict]
 
-
-def shapes_adherence(images: np.ndarray, captions: list) -> dict:
-    """Prompt adherence on the shapes world (the demo's data); nothing for captions it cannot read."""
-    from muse.testing.shapes import adherence, parse_caption
-
-    if not any(parse_caption(c) for c in captions):
-        return {}
-    r = adherence(images, captions)["all"]
-    return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
+EXTRA_METRICS: list[MetricFn] = []
 
 
-EXTRA_METRICS: list[MetricFn] = [shapes_adherence]
+def register_metric(fn: MetricFn) -> MetricFn:
+    """Add `fn` to every later `run_eval` of this process (once; usable as a decorator)."""
+    if fn not in EXTRA_METRICS:
+        EXTRA_METRICS.append(fn)
+    return fn
 
 
 class EvalError(RuntimeError):
@@ -233,19 +230,6 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
     return np.stack([out[r["key"]] for r in rows])
 
 
-def generate_images(model, vq, rows: list[dict], empty: torch.Tensor, e, device) -> np.ndarray:
-    """Pictures from the rows' stored T5 embeddings, `e.batch_size` at a time, one seeded generator."""
-    uncond, uncond_mask = pad_embeddings([empty], device=device)
-    gen = torch.Generator(device=device).manual_seed(e.seed)
-    out = []
-    for i in range(0, len(rows), e.batch_size):
-        hidden, mask = pad_embeddings([r["t5"] for r in rows[i:i + e.batch_size]], device=device)
-        ids = generate(model, hidden, mask, uncond, uncond_mask, steps=e.steps, guidance_scale=e.guidance_scale,
-                       temperature=e.temperature, generator=gen, guidance_schedule=e.guidance_schedule)
-        out.append(decode_ids(vq, ids, model.config.grid_size))
-    return np.concatenate(out)
-
-
 # ----------------------------------------------------------------------------- muse eval
 
 def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples: int | None = None,
@@ -257,16 +241,16 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     instead. Returns the metrics dict ({"fid", "clip_score", + extra metrics}).
     """
     t0 = time.time()
-    e, run = cfg.eval, cfg.train.run_name
+    eval_cfg, run = cfg.eval, cfg.train.run_name
     if cfg.model.kind != "base":
         raise EvalError("muse eval covers the base model (model.kind=base); evaluate the superres model "
                         "through the base run that feeds it")
     _check_slice(cfg)
     storage = Storage.from_config(cfg)
-    device = torch.device(device) if device is not None else resolve_device(e.device)
-    max_samples = max_samples or e.max_samples
+    device = torch.device(device) if device is not None else resolve_device(eval_cfg.device)
+    max_samples = max_samples or eval_cfg.max_samples
     if model is None:
-        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step, e.use_ema)
+        model, step, where = _load_checkpoint(storage, checkpoint_ref, run, step, eval_cfg.use_ema)
     else:
         where = "in-training weights"
     was_training = model.training
@@ -276,28 +260,29 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
 
     def clip() -> Clip:
         if not clip_cache:
-            clip_cache.append(Clip(e.clip_model, device))
+            clip_cache.append(Clip(eval_cfg.clip_model, device))
         return clip_cache[0]
 
-    fid = make_fid(fid_extractor(e.fid_features, clip, device), device)  # fail before generating
+    fid = make_fid(fid_extractor(eval_cfg.fid_features, clip, device), device)  # fail before generating
     clip()
     rows, skipped = eval_rows(cfg, storage, max_samples)
     manifest = read_manifest(storage, dataset_dir(cfg))
     vq = load_decoder(cfg.encode, device)
     try:
-        fake = generate_images(model, vq, rows, empty_caption(manifest), e, device)
+        fake = generate_images(SamplingModels(None, model, None, vq), [r["t5"] for r in rows],
+                               empty_caption(manifest), eval_cfg, device, eval_cfg.batch_size)
     finally:
         model.train(was_training)
     real = real_images(storage, rows, fake.shape[1])
     captions = [r["caption"] for r in rows]
-    result = {"fid": frechet_distance(real, fake, fid, e.batch_size),
-              "clip_score": clip().score(fake, captions, e.batch_size)}
+    result = {"fid": frechet_distance(real, fake, fid, eval_cfg.batch_size),
+              "clip_score": clip().score(fake, captions, eval_cfg.batch_size)}
     for fn in EXTRA_METRICS + list(metrics or []):
         result.update({k: float(v) for k, v in fn(fake, captions).items()})
 
     record = {"step": step, "checkpoint": where, "metrics": result,
               "counts": {"samples": len(rows), "skipped_replaced": skipped, "max_samples": max_samples},
-              "settings": {**e.model_dump(mode="json"), "max_samples": max_samples,
+              "settings": {**eval_cfg.model_dump(mode="json"), "max_samples": max_samples,
                            "eval_holdout": cfg.train.eval_holdout, "dataset": dataset_dir(cfg),
                            "device": str(device)},
               "seconds": round(time.time() - t0, 2)}
@@ -329,5 +314,5 @@ def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, c
           + f" ({len(captions)} rows) -> {storage.url(rel + '.json')}", flush=True)
 
 
-__all__ = ["run_eval", "EXTRA_METRICS", "EvalError", "Clip", "fid_extractor", "make_fid",
+__all__ = ["run_eval", "EXTRA_METRICS", "register_metric", "EvalError", "Clip", "fid_extractor", "make_fid",
            "frechet_distance", "IN_TRAINING_SAMPLES"]

@@ -134,19 +134,18 @@ def prompts_file(path: str | None) -> None:
 
 # ----------------------------------------------------------------------------- models
 
-def models(cfg, phase: str) -> list[tuple[str, str, str | None]]:
-    """(config key, hub id or folder, subfolder) of every encoder `phase` loads."""
+def models(cfg, phase: str) -> list:
+    """The `muse.config.ModelRef` of every pretrained model `phase` loads, revision included: the
+    cache holds a model at a commit, so the check looks for the one the load will ask for."""
+    from muse.config import ModelRef
+
     e = cfg.encode
-    vq = ("encode.vq_model", e.vq_model, e.vq_subfolder)
     if phase == "encode":
-        sr = [("encode.superres_vq_model", e.superres_vq_model, e.superres_vq_subfolder)] if e.superres else []
-        return [("encode.text_model", e.text_model, None), vq, *sr]
+        return e.encoder_refs()
     if phase == "sample":
-        if cfg.sample.superres_checkpoint:
-            vq = ("encode.superres_vq_model", e.superres_vq_model, e.superres_vq_subfolder)
-        return [("encode.text_model", e.text_model, None), vq]
+        return [e.text_ref, e.superres_vq_ref if cfg.sample.superres_checkpoint else e.vq_ref]
     if phase == "eval":
-        return [("eval.clip_model", cfg.eval.clip_model, None), vq]
+        return [ModelRef(key="eval.clip_model", path=cfg.eval.clip_model), e.vq_ref]
     return []
 
 
@@ -155,8 +154,8 @@ def check_models(cfg, phases: list[str]) -> None:
     from muse.hub import hub_kwargs
 
     for phase in phases:
-        for key, name, subfolder in models(cfg, phase):
-            hub_kwargs(name, key, subfolder)
+        for ref in models(cfg, phase):
+            hub_kwargs(ref.path, ref.key, ref.subfolder, ref.revision)
 
 
 # ----------------------------------------------------------------------------- commands

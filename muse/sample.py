@@ -12,7 +12,9 @@ inputs in ONE batched forward. The conditioning memory never changes while decod
 cross-attention keys/values (and the super-res low-res encoder) run once per call. Every random draw comes from the given generator, so a
 seed reproduces an image exactly.
 
-`run_sample(cfg)` is `muse sample`: T5 -> base -> optional super-res -> VQ decode -> PNG.
+`generate_images` is the one path from caption embeddings to pictures (base -> optional super-res
+-> VQ decode, in batches), for `muse sample` (`sample_images`: T5 first) and `muse eval` (stored
+embeddings). `run_sample(cfg)` is `muse sample`: prompts -> pictures -> PNG.
 """
 
 from __future__ import annotations
@@ -53,7 +55,8 @@ def guidance_at(step: int, steps: int, scale: float, schedule: str = "constant")
     """The guidance scale of decoding step `step` (0-based) of `steps`. "linear" rises from 1 (no
     guidance) at the first step to `scale` at the last: the first steps decide the layout from
     the model's own distribution, where a full scale at once broke small models' rarer shapes
-    into fragments (bench/RESULTS.md, 2026-12-02 11:20-12:45Z)."""
+    into fragments (measured: bench/RESULTS.md, "2026-12-02 11:20-12:45Z, "it learns": why stars
+    fail, a guidance schedule")."""
     if schedule not in get_args(GuidanceSchedule):
         raise ValueError(f"guidance_schedule must be one of {get_args(GuidanceSchedule)}, got {schedule!r}")
     if schedule == "constant" or steps <= 1:
@@ -239,7 +242,8 @@ def _write(storage, out: str, data: bytes) -> str:
     return out
 
 
-def _prompts(cfg) -> list[str]:
+def read_prompts(cfg) -> list[str]:
+    """The prompts `muse sample` draws: `sample.prompts_file` (one a line) when set, else `sample.prompts`."""
     s = cfg.sample
     if s.prompts_file:
         lines = [ln.strip() for ln in Path(s.prompts_file).read_text().splitlines()]
@@ -250,9 +254,10 @@ def _prompts(cfg) -> list[str]:
     return list(s.prompts)
 
 
-def _parameters(cfg, storage) -> dict:
+def _parameters(cfg, storage, n_prompts: int) -> dict:
     """The generation settings stored in every PNG's `parameters` chunk. The images of one run
-    share one generator, so an image is reproduced by the same seed AND the same prompt list."""
+    share one generator, so an image is reproduced by the same seed AND the same prompt list
+    (and batch_size, recorded when the prompts filled more than one batch)."""
     from muse import checkpoint
 
     s = cfg.sample
@@ -265,17 +270,18 @@ def _parameters(cfg, storage) -> dict:
            "use_ema": s.use_ema}
     if s.superres_checkpoint:
         out.update(superres_checkpoint=s.superres_checkpoint, superres_steps=s.superres_steps)
+    if n_prompts > s.batch_size:
+        out.update(batch_size=s.batch_size)
     return out
 
 
-def load_decoder(e, device, superres: bool = False):
-    """The VQ decoder of the encode section `e`: VQGAN f16 (base) or PaellaVQ f8 (superres)."""
-    from muse.encode.image import load_paella, load_vq
+def load_decoder(encode_cfg, device, superres: bool = False):
+    """The VQ decoder of the encode section: VQGAN f16 (base) or PaellaVQ f8 (superres)."""
+    from muse.encode.image import paella_from_ref, vq_from_ref
 
     if superres:
-        return load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format, str(device),
-                           revision=e.superres_vq_revision)
-    return load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(device), revision=e.vq_revision)
+        return paella_from_ref(encode_cfg.superres_vq_ref, str(device))
+    return vq_from_ref(encode_cfg.vq_ref, str(device))
 
 
 def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
@@ -286,7 +292,7 @@ def decode_ids(vq, ids: torch.Tensor, grid: int) -> np.ndarray:
 @dataclass
 class SamplingModels:
     """Everything `generate_images` runs, loaded once (the demo samples at two guidance scales)."""
-    text: object                     # muse.encode.text.TextEncoder
+    text: object | None              # muse.encode.text.TextEncoder (None: the caller has the embeddings)
     base: torch.nn.Module
     superres: torch.nn.Module | None
     decoder: object                  # the VQTokenizer that decodes the last model's ids
@@ -296,39 +302,54 @@ def load_models(cfg, storage) -> SamplingModels:
     """T5, the base (and super-res) checkpoints and the VQ decoder that `cfg.sample` names."""
     from muse.encode.text import TextEncoder
 
-    s, e = cfg.sample, cfg.encode
+    s, encode_cfg = cfg.sample, cfg.encode
     device = resolve_device(s.device)
     # the checkpoints first: a missing one is named before T5 spends time (or the hub) loading
     base = load_checkpoint_model(storage, s.checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
     sr = None
     if s.superres_checkpoint:
         sr = load_checkpoint_model(storage, s.superres_checkpoint, cfg.train.run_name, s.use_ema).to(device).eval()
-    text = TextEncoder.from_pretrained(e.text_model, max_length=e.text_max_length, dtype=e.text_dtype,
-                                       revision=e.text_revision,
-                                       device=str(device))
-    return SamplingModels(text, base, sr, load_decoder(e, device, superres=sr is not None))
+    text = TextEncoder.from_ref(encode_cfg.text_ref, max_length=encode_cfg.text_max_length,
+                                dtype=encode_cfg.text_dtype, device=str(device))
+    return SamplingModels(text, base, sr, load_decoder(encode_cfg, device, superres=sr is not None))
 
 
-def generate_images(cfg, prompts: list[str], storage, guidance_scale: float | None = None,
-                    models: SamplingModels | None = None) -> np.ndarray:
-    """T5 -> base -> optional super-res -> VQ decode: uint8 images (B, H, W, 3), one per prompt.
-
-    `models` from `load_models(cfg, storage)` to reuse them across calls; loaded here otherwise."""
-    s = cfg.sample
-    scale = s.guidance_scale if guidance_scale is None else guidance_scale
-    device = resolve_device(s.device)
-    m = models or load_models(cfg, storage)
-    hidden, mask = pad_embeddings(m.text.encode(prompts), device=device)
-    uncond, uncond_mask = pad_embeddings(m.text.encode([""]), device=device)
-    gen = torch.Generator(device=device).manual_seed(s.seed)
-    ids = generate(m.base, hidden, mask, uncond, uncond_mask, steps=s.steps, guidance_scale=scale,
-                   temperature=s.temperature, generator=gen, guidance_schedule=s.guidance_schedule)
-    if m.superres is not None:
-        ids = generate(m.superres, hidden, mask, uncond, uncond_mask, steps=s.superres_steps,
-                       guidance_scale=scale, temperature=s.temperature, generator=gen, low_res_ids=ids,
-                       guidance_schedule=s.guidance_schedule)
+def generate_images(models: SamplingModels, embeddings: list, empty, decode, device, batch_size: int,
+                    guidance_scale: float | None = None, superres_steps: int = 8) -> np.ndarray:
+    """Caption embeddings (one T5 [L_i, D] each; `empty`: the empty caption's, for guidance) -> uint8
+    images (B, H, W, 3): base -> optional super-res -> VQ decode, `batch_size` captions at a time
+    (what bounds the memory), one generator seeded by `decode.seed` running through the batches.
+    `decode`: the DecodeConfig (cfg.sample or cfg.eval); `guidance_scale` overrides its scale."""
+    m, d = models, decode
+    scale = d.guidance_scale if guidance_scale is None else guidance_scale
+    uncond, uncond_mask = pad_embeddings([empty], device=device)
+    gen = torch.Generator(device=device).manual_seed(d.seed)
     last = m.base if m.superres is None else m.superres
-    return decode_ids(m.decoder, ids, last.config.grid_size)
+    out = []
+    for i in range(0, len(embeddings), batch_size):
+        hidden, mask = pad_embeddings(embeddings[i:i + batch_size], device=device)
+        ids = generate(m.base, hidden, mask, uncond, uncond_mask, steps=d.steps, guidance_scale=scale,
+                       temperature=d.temperature, generator=gen, guidance_schedule=d.guidance_schedule)
+        if m.superres is not None:
+            ids = generate(m.superres, hidden, mask, uncond, uncond_mask, steps=superres_steps,
+                           guidance_scale=scale, temperature=d.temperature, generator=gen, low_res_ids=ids,
+                           guidance_schedule=d.guidance_schedule)
+        out.append(decode_ids(m.decoder, ids, last.config.grid_size))
+    return np.concatenate(out)
+
+
+def sample_images(cfg, prompts: list[str], storage, guidance_scale: float | None = None,
+                  models: SamplingModels | None = None) -> np.ndarray:
+    """`muse sample`'s pictures: T5 -> `generate_images` with `cfg.sample`, uint8 (B, H, W, 3), one per
+    prompt. `models` from `load_models(cfg, storage)` to reuse them across calls; loaded here otherwise."""
+    s = cfg.sample
+    m = models or load_models(cfg, storage)
+    embeddings = []
+    for i in range(0, len(prompts), s.batch_size):  # T5 too sees batch_size prompts at a time
+        embeddings += m.text.encode(prompts[i:i + s.batch_size])
+    empty = m.text.encode([""])[0]
+    return generate_images(m, embeddings, empty, s, resolve_device(s.device), s.batch_size,
+                           guidance_scale=guidance_scale, superres_steps=s.superres_steps)
 
 
 def run_sample(cfg) -> list[str]:
@@ -337,9 +358,9 @@ def run_sample(cfg) -> list[str]:
 
     s = cfg.sample
     storage = Storage.from_config(cfg)
-    prompts = _prompts(cfg)
-    images = generate_images(cfg, prompts, storage)
-    params = json.dumps(_parameters(cfg, storage))
+    prompts = read_prompts(cfg)
+    images = sample_images(cfg, prompts, storage)
+    params = json.dumps(_parameters(cfg, storage, len(prompts)))
     meta = [{"prompt": p, "parameters": params} for p in prompts]  # PNG text chunks
     out = s.out
     stem, suffix = (out[:-4], ".png") if out.lower().endswith(".png") else (out, ".png")

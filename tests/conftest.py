@@ -38,7 +38,7 @@ def any_root(request, tmp_path) -> str:
 @pytest.fixture(scope="module")
 def demo_subset(tmp_path_factory):
     """The demo's images, tiny encoders and config, with its URL list served on 127.0.0.1."""
-    from muse import demo
+    from muse.testing import demo
     from muse.testing.imageserver import ImageServer
 
     out = tmp_path_factory.mktemp("demo")

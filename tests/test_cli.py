@@ -67,7 +67,7 @@ def test_pipeline_yaml_lists_every_key():
 
 
 def test_library_never_imports_prefect():
-    code = ("import sys, muse.cli, muse.download, muse.encode, muse.data, muse.train, muse.sample, muse.demo, "
+    code = ("import sys, muse.cli, muse.download, muse.encode, muse.data, muse.train, muse.sample, muse.testing.demo, "
             "muse.checkpoint, muse.models; assert 'prefect' not in sys.modules, 'muse imported prefect'")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
                          env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})

@@ -13,7 +13,7 @@ import yaml
 from muse.config import load_config
 from muse.encode import EncodeError, encode_shard, plan_encode, run_encode
 from muse.encode.fingerprint import fingerprint
-from muse.encode.image import load_vq
+from muse.encode.image import load_vq, vq_from_ref
 from muse.encode.shards import Encoders
 from muse.layout import ENCODERS, dataset_dir, done_marker
 from muse.storage import Storage
@@ -145,3 +145,30 @@ def test_a_pinned_revision_loads_that_commit_and_is_its_fingerprint(tmp_path, mo
         ref = revision or "main"
         assert all(torch.equal(got[k], want[ref][k]) for k in want[ref])
         assert fingerprint("org/vq", "vqvae", revision, "encode.vq_model") == f"hub:org/vq@{commits[ref]}"
+
+
+def test_preflight_looks_for_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):
+    """The preflight dropped `*_revision` and looked for the newest commit (issue 24 finding 4):
+    offline with only the pinned commit cached it refused a run whose load works, and with only
+    the newest cached it passed a run whose load then fails. It now checks what the loader loads."""
+    from huggingface_hub import constants
+
+    from muse.hub import HubUnavailable
+    from muse.preflight import check_models
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the cache is all there is
+    cfg = _cfg(tmp_path, {"text_model": build_tiny_t5(tmp_path / "t5"), "vq_model": "org/vq"})
+    for phase in ("encode", "sample", "eval"):
+        _hub_cache(tmp_path / phase, {"v1": 1})          # the tag v1 only: no main
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / phase))
+        pinned = cfg.model_copy(update={"encode": cfg.encode.model_copy(
+            update={"vq_subfolder": "vqvae", "vq_revision": "v1"}), "eval": cfg.eval.model_copy(
+            update={"clip_model": str(tmp_path / "t5")})})
+        check_models(pinned, [phase])
+        assert vq_from_ref(pinned.encode.vq_ref).codebook_size  # and the loader agrees
+        newest = pinned.model_copy(update={"encode": pinned.encode.model_copy(update={"vq_revision": None})})
+        with pytest.raises(HubUnavailable, match="encode.vq_model='org/vq'"):
+            check_models(newest, [phase])
+        other = pinned.model_copy(update={"encode": pinned.encode.model_copy(update={"vq_revision": "v2"})})
+        with pytest.raises(HubUnavailable, match="encode.vq_model='org/vq'"):
+            check_models(other, [phase])

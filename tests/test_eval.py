@@ -187,6 +187,32 @@ def test_extra_metrics_plug_in(world):
     assert seen == {"shape": (4, 256, 256, 3), "dtype": np.uint8, "n": 4}
 
 
+def test_the_library_registers_no_demo_metric_and_the_demo_registers_its_own():
+    """`muse eval` scores shapes adherence only where the demo registered it: the pipeline never
+    imports muse.testing (ARCHITECTURE.md), so a real run pays for no demo scorer."""
+    code = ("import sys, muse.evaluate, muse.sample, muse.cli, muse.preflight, muse.encode.shards; "
+            "assert not [m for m in sys.modules if m.startswith('muse.testing')], 'imported muse.testing'; "
+            "assert muse.evaluate.EXTRA_METRICS == []")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+
+    from muse.testing import demo, shapes
+
+    rows = shapes.make_world(21, seed=1)
+    images, captions = np.stack([r[0] for r in rows]), [r[1] for r in rows]
+    saved = list(evaluate.EXTRA_METRICS)
+    try:
+        demo.register_metrics()
+        demo.register_metrics()  # once, however often the demo prepares
+        assert evaluate.EXTRA_METRICS.count(demo.shapes_adherence) == 1
+        assert demo.shapes_adherence(images, captions) == {"adherence_colour": 1.0, "adherence_shape": 1.0,
+                                                           "adherence_both": 1.0}
+        assert demo.shapes_adherence(images, ["a photograph of a fox"] * 21) == {}
+    finally:
+        evaluate.EXTRA_METRICS[:] = saved
+
+
 def test_fid_is_zero_on_itself_and_grows_with_noise(models):
     rng = np.random.default_rng(0)
     blocks = rng.integers(0, 256, (24, 8, 8, 3), dtype=np.uint8)

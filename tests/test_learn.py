@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from muse import demo
+from muse.testing import demo
 from muse.cli import main as muse
 from muse.testing import shapes
 from muse.testing.imageserver import ImageServer

@@ -91,3 +91,37 @@ def test_missing_checkpoint_is_a_clear_error(setup):
                          capture_output=True, text=True, timeout=300, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin",
                                                                            "HF_HUB_OFFLINE": "1"})
     assert out.returncode == 2 and "no checkpoint" in out.stderr and "train first" in out.stderr  # a user mistake
+
+
+def test_prompts_go_through_the_models_and_the_vq_decoder_batch_size_at_a_time(setup):
+    """Issue 25 crash 6: every prompt in one batch runs a long prompt list out of GPU memory. With
+    sample.batch_size 2, five prompts reach each model and the VQ decoder in batches of at most 2
+    (a guided forward stacks the conditional and unconditional halves: 2 x 2 rows), and a batch
+    draws what it would draw alone: the first two pictures are those of the first two prompts."""
+    from muse.config import load_config
+    from muse.sample import load_models, sample_images
+    from muse.storage import Storage
+
+    tmp, cfg_path, sets = setup
+    overrides = [s for s in sets if s != "--set"] + [
+        f"sample.checkpoint={tmp / 'base'}", f"sample.superres_checkpoint={tmp / 'superres'}", "sample.batch_size=2"]
+    cfg = load_config(cfg_path, overrides)
+    storage = Storage.from_config(cfg)
+    models = load_models(cfg, storage)
+    rows = {"base": [], "superres": [], "decoder": []}
+    hooks = [models.base.register_forward_pre_hook(lambda m, args: rows["base"].append(args[0].shape[0])),
+             models.superres.register_forward_pre_hook(lambda m, args: rows["superres"].append(args[0].shape[0])),
+             models.decoder._quantizer().embedding.register_forward_pre_hook(  # ids -> codes, once per decode
+                 lambda m, args: rows["decoder"].append(args[0].numel() // 64 ** 2))]
+    prompts = ["a red circle", "a blue square", "a green star", "a red star", "a blue circle"]
+    try:
+        images = sample_images(cfg, prompts, storage, models=models)
+    finally:
+        for h in hooks:
+            h.remove()
+    assert images.shape == (5, 512, 512, 3)
+    assert rows["decoder"] == [2, 2, 1]
+    assert set(rows["base"]) == {4, 2} and set(rows["superres"]) == {4, 2}   # 2 x (2, 2, 1) rows, guided
+    assert len(rows["base"]) == 3 * cfg.sample.steps and len(rows["superres"]) == 3 * cfg.sample.superres_steps
+    first_two = sample_images(cfg, prompts[:2], storage, models=models)
+    assert (images[:2] == first_two).all()

@@ -2,8 +2,9 @@
 `VQModel`, and PaellaVQ f8 (super-resolution, 512px -> 64x64) through `PaellaVQModel`.
 
 Both load diffusers-format weights (`from_pretrained` of a hub id or local folder) or an
-original open-muse checkpoint (`fmt="open-muse"`) through a key mapping. Inputs are RGB in
-[0, 1]; the VQGAN runs in fp32 (it produces NaN in fp16).
+original open-muse checkpoint (`fmt="open-muse"`) through a key mapping; `vq_from_ref` and
+`paella_from_ref` load what a config's `ModelRef` names. Inputs are RGB in [0, 1]; the VQGAN runs
+in fp32 (it produces NaN in fp16).
 """
 
 from __future__ import annotations
@@ -195,7 +196,7 @@ def openmuse_config(cls, config: dict, where: str = "config.json") -> dict:
 def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:
     """Quantized latents (B, C, h, w) -> pictures (B, 3, h*f, w*f), RGB in [0, 1] before clamping.
 
-    Differentiable: `muse.testing.shapes_vq` trains through it, `VQTokenizer.decode` decodes ids."""
+    Differentiable: the demo's VQ trainer (testing/shapes_vq.py) trains through it, `VQTokenizer.decode` decodes ids."""
     if type(model).__name__ == "PaellaVQModel":
         return model.decode(quant, force_not_quantize=True).sample
     return model.decoder(model.post_quant_conv(quant), None)
@@ -277,3 +278,13 @@ def load_paella(name_or_path: str, subfolder: str | None = None, fmt: str = "dif
     model = _load(paella_class(), name_or_path, subfolder, fmt, lambda s, m: openmuse_paella_to_diffusers(s),
                   key, revision).float()
     return VQTokenizer(model, torch.device(device), _factor(model))
+
+
+def vq_from_ref(ref, device: str = "cpu") -> VQTokenizer:
+    """The base tokenizer a `muse.config.ModelRef` names (`EncodeConfig.vq_ref`), at its pinned revision."""
+    return load_vq(ref.path, ref.subfolder, ref.format, device, key=ref.key, revision=ref.revision)
+
+
+def paella_from_ref(ref, device: str = "cpu") -> VQTokenizer:
+    """The super-res tokenizer a `muse.config.ModelRef` names (`EncodeConfig.superres_vq_ref`)."""
+    return load_paella(ref.path, ref.subfolder, ref.format, device, key=ref.key, revision=ref.revision)

@@ -49,15 +49,13 @@ class Encoders:
     _cache: dict = {}
 
     def __init__(self, e):
-        from muse.encode.image import load_paella, load_vq
+        from muse.encode.image import paella_from_ref, vq_from_ref
         from muse.encode.text import TextEncoder
 
         dev = resolve_device(e.device)
-        self.text = TextEncoder.from_pretrained(e.text_model, e.text_max_length, e.text_dtype, str(dev),
-                                                revision=e.text_revision)
-        self.vq = load_vq(e.vq_model, e.vq_subfolder, e.vq_format, str(dev), revision=e.vq_revision)
-        self.paella = load_paella(e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_format,
-                                  str(dev), revision=e.superres_vq_revision) if e.superres else None
+        self.text = TextEncoder.from_ref(e.text_ref, e.text_max_length, e.text_dtype, str(dev))
+        self.vq = vq_from_ref(e.vq_ref, str(dev))
+        self.paella = paella_from_ref(e.superres_vq_ref, str(dev)) if e.superres else None
         self.fingerprints = _fingerprints(e)  # after the loads: a hub commit is known once it is cached
         self.runtime = _runtime(dev)
         # the base model's pictures are as large as its VQ needs for a 16x16 grid: 256px for the
@@ -92,10 +90,8 @@ class Encoders:
 
 def _fingerprints(e) -> dict:
     """Config key -> fingerprint of the weights it loaded (muse/encode/fingerprint.py)."""
-    models = [("text_model", e.text_model, None, e.text_revision), ("vq_model", e.vq_model, e.vq_subfolder, e.vq_revision)]
-    if e.superres:
-        models.append(("superres_vq_model", e.superres_vq_model, e.superres_vq_subfolder, e.superres_vq_revision))
-    return {k: fingerprint(name, sub, rev, f"encode.{k}") for k, name, sub, rev in models}
+    return {ref.key.removeprefix("encode."): fingerprint(ref.path, ref.subfolder, ref.revision, ref.key)
+            for ref in e.encoder_refs()}
 
 
 def _runtime(dev) -> dict:

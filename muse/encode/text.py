@@ -1,8 +1,8 @@
 """Caption -> T5 encoder hidden states (real tokens only, EOS included, no padding).
 
 `TextEncoder.from_pretrained` takes a hub id (`google/t5-v1_1-base`) or a local folder
-holding a `T5EncoderModel` and its tokenizer. T5 overflows in fp16, so only fp32 and
-bf16 are offered.
+holding a `T5EncoderModel` and its tokenizer; `TextEncoder.from_ref` the config's `ModelRef`.
+T5 overflows in fp16, so only fp32 and bf16 are offered.
 """
 
 from __future__ import annotations
@@ -39,6 +39,11 @@ class TextEncoder:
             tokenizer = AutoTokenizer.from_pretrained(name_or_path, **hub)
             model = T5EncoderModel.from_pretrained(name_or_path, dtype=DTYPES[dtype], **hub).to(dev).eval()
         return cls(model, tokenizer, max_length, dev)
+
+    @classmethod
+    def from_ref(cls, ref, max_length: int = 77, dtype: str = "fp32", device: str = "cpu") -> "TextEncoder":
+        """The T5 a `muse.config.ModelRef` names (`EncodeConfig.text_ref`), at its pinned revision."""
+        return cls.from_pretrained(ref.path, max_length, dtype, device, key=ref.key, revision=ref.revision)
 
     @torch.inference_mode()
     def encode_batch(self, captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:

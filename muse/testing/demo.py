@@ -9,7 +9,9 @@
 - a pipeline config: the config's defaults (what `pipeline.yaml` lists) with the one list of
   overrides in `demo_overrides`, written resolved to `<output>/pipeline.yaml`;
 - `score(config)`: every colour x shape prompt sampled at guidance 1 and at the configured
-  scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids.
+  scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids;
+- `register_metrics()`: the same scorer as a `muse eval` metric (`shapes_adherence`), registered
+  by the demo, so the library itself never imports this package.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
 `quick=True` is the same on 48 rows with a VQ trained for seconds (the tests' subset).
 """
@@ -84,33 +86,52 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             "encode.batch_size=64", "encode.row_group_size=64", "encode.device=cpu",
             "model.preset=demo",
             f"model.codebook_size={encoders['codebook_size']}", f"model.text_dim={encoders['text_dim']}",
-            # the demo preset merges 2x2 tokens per position (model.downsample): ~300 samples/s on 2
-            # cores at batch 32, so 2,500 steps are ~4.5 min and the first run (the VQ trained too)
-            # stays under 8 (900 steps over every token took 5 and drew no stars: bench/RESULTS.md)
+            # the demo preset merges 2x2 tokens per position (model.downsample): fast enough on 2 cores
+            # that 2,500 steps learn the stars and the first run, VQ training included, fits 8 minutes
+            # (measured: bench/RESULTS.md, "2026-12-02 14:35-15:36Z, "it learns": 2x2 merged tokens")
             "train.run_name=demo", f"train.batch_size={16 if quick else 32}", "train.grad_accum=1",
             f"train.max_steps={40 if quick else 2500}", "train.warmup_steps=50", "train.lr=3e-3",
             "train.weight_decay=0.0", "train.label_smoothing=0.0", "train.num_workers=0",
             "train.shuffle_buffer=256", "train.loader_streams=1", "train.checkpoint_every=1000",
             "train.log_every=50", "train.nproc_per_node=1", "train.device=cpu", "train.mixed_precision=false",
             f"sample.prompts=[{', '.join(prompts)}]", "sample.steps=16",
-            # guidance 1.5: on a 3,000-step model "both right" 86% / 85% (2 seeds) against 83% / 79%
-            # unguided, colour kept at 100%; 4 put specks in the shapes (colour 82-88%), 2 cost colour
-            # (96-98%), and a linear ramp to 2 gained less (bench/RESULTS.md)
+            # guidance 1.5: the most pictures with colour and shape right; 4 puts specks in the shapes,
+            # 2 costs colour, a linear ramp to 2 gains less (the same RESULTS.md entry)
             "sample.guidance_scale=1.5",
-            # choice temperature 1 (was 4.5): colour 99% at guidance 4 against 90-94%, shape the same
-            # (the 0.6M model's 1,000-step checkpoint, 2 seeds: bench/RESULTS.md)
-            "sample.temperature=1.0", "sample.out=samples/demo.png", "sample.device=cpu"]
+            # choice temperature 1 (was 4.5): more colours right, shapes the same (bench/RESULTS.md,
+            # "2026-12-02 (03:00-03:40Z), "it learns": what shape misses, sampler settings")
+            "sample.temperature=1.0", "sample.out=samples/demo.png", "sample.device=cpu",
+            # every prompt of `score` (96) in one batch, as bench/RESULTS.md measured the table: a
+            # smaller batch draws other pictures from the one generator (and CPU memory is no limit)
+            f"sample.batch_size={len(shapes.all_prompts(4))}"]
     return sets
 
 
+def shapes_adherence(images, captions: list) -> dict:
+    """A `muse eval` metric: prompt adherence on the shapes world; nothing for captions it cannot read."""
+    if not any(shapes.parse_caption(c) for c in captions):
+        return {}
+    r = shapes.adherence(images, captions)["all"]
+    return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
+
+
+def register_metrics() -> None:
+    """Every `muse eval` of this process (`run_eval`) also reports `shapes_adherence`."""
+    from muse.evaluate import register_metric
+
+    register_metric(shapes_adherence)
+
+
 def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tuple[Path, Path]:
-    """Images, encoders, config (without the URL list, which needs the server's port).
+    """Images, encoders, config (without the URL list, which needs the server's port); registers
+    the demo's eval metric (`register_metrics`).
 
     -> (config path, images folder)."""
     from muse.config import load_config
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
     from muse.testing.tiny import TEXT_DIM
 
+    register_metrics()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     items = make_images(out / "images", rows or (48 if quick else ROWS))
@@ -147,7 +168,7 @@ def score(config_path: str | Path, per_pair: int = 4) -> dict:
     """Sample every colour x shape prompt `per_pair` times at guidance 1 and at sample.guidance_scale,
     judge each picture, print the adherence table, write captioned grids next to the samples."""
     from muse.config import load_config
-    from muse.sample import generate_images, load_models, make_grid, png_bytes
+    from muse.sample import load_models, make_grid, png_bytes, sample_images
     from muse.storage import Storage
 
     cfg = load_config(config_path)
@@ -156,7 +177,7 @@ def score(config_path: str | Path, per_pair: int = 4) -> dict:
     models = load_models(cfg, storage)
     results = {}
     for scale in sorted({1.0, cfg.sample.guidance_scale}):
-        images = generate_images(cfg, prompts, storage, guidance_scale=scale, models=models)
+        images = sample_images(cfg, prompts, storage, guidance_scale=scale, models=models)
         results[scale] = shapes.adherence(images, prompts)
         storage.write_bytes(f"samples/adherence-g{scale:g}.png",
                             png_bytes(make_grid(images, captions=prompts), {"prompt": "\n".join(prompts)}))
