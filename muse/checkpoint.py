@@ -172,6 +172,20 @@ def _unreadable(storage: Storage, rel: str, files: str, e: Exception) -> Checkpo
                            "resume from an older checkpoint (--resume DIR) or start over (--resume none)")
 
 
+def rng_state(gen: torch.Generator) -> dict:
+    state = {"torch": torch.get_rng_state(), "mask": gen.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    gen.set_state(state["mask"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
 def write_metrics(storage: Storage, run_name: str, records: list[dict]) -> None:
     """metrics.jsonl (whole file: GCS has no append) and the loss curve PNG."""
     text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in records)

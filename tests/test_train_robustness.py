@@ -8,6 +8,7 @@ import torch
 
 from muse import checkpoint, train
 from muse.config import load_config
+from muse.distributed import Dist
 from muse.storage import Storage
 from tests.train_helpers import make_data, run_train, tiny_config
 
@@ -125,14 +126,14 @@ def test_fp32_fallback_is_persisted_and_precision_change_resumes(tmp_path):
     cfg, storage = load_config(config), _storage(config)
     assert checkpoint.latest(storage, "t")
     # an fp16 run (enabled scaler) resuming the fp32 checkpoint: on main load_state_dict({}) raised
-    job = train.build(cfg, manifest, train.Dist())
+    job = train.build(cfg, manifest, Dist())
     job.scaler, job.amp_dtype = torch.amp.GradScaler("cpu", enabled=True), torch.float16
     st, _ = train.resume(job, storage, "latest")
     assert st.step == 2 and job.scaler.is_enabled() and job.amp_dtype == torch.float16
     # a checkpoint written after the fp32 fallback resumes in fp32
     st.fp32_fallback = True
     checkpoint.save(storage, "t", job.raw_model, st, cfg.to_yaml(), 3)
-    job = train.build(cfg, manifest, train.Dist())
+    job = train.build(cfg, manifest, Dist())
     job.scaler, job.amp_dtype = torch.amp.GradScaler("cpu", enabled=True), torch.float16
     st, _ = train.resume(job, storage, "latest")
     assert st.fp32_fallback and job.amp_dtype is None and not job.scaler.is_enabled()
