@@ -367,8 +367,8 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
     try:
         batches = start_loader(cfg, ds, d, st)
         # after the loader started: its iterator draws a base seed from the global RNG
-        if st.rng:
-            set_rng_state(st.rng[d.rank], job.gen)
+        if st.rng and (note := set_rng_state(st.rng[d.rank], job.gen)):
+            d.log(f"step {st.step}: {note}")
         d.log(f"model {cfg.model.kind} {sum(p.numel() for p in job.raw_model.parameters()) / 1e6:.2f}M params | "
               f"world {d.world} x batch {t.batch_size} x accum {t.grad_accum} = global batch {job.global_batch} | "
               f"{job.total_steps} steps | precision {job.amp_dtype or 'fp32'} | "
