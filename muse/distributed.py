@@ -11,6 +11,7 @@ import contextlib
 import os
 import signal
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -91,8 +92,11 @@ class Dist:
             dist.destroy_process_group()
 
 
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun job (NCCL on GPUs, gloo on CPU); train.device=cpu forces the CPU."""
+def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
+    """Join the torchrun job (NCCL on GPUs, gloo on CPU); train.device=cpu forces the CPU.
+    `timeout_s` (train.dist_timeout_s): how long a collective waits, e.g. the other ranks at the
+    barrier while rank 0 alone writes a checkpoint (NCCL's default, 10 minutes, is too short for
+    ~10 GB; gloo's is 30 minutes)."""
     rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
                                (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
     cuda = torch.cuda.is_available() and device != "cpu"
@@ -101,5 +105,5 @@ def setup_distributed(device: str = "auto") -> Dist:
     if cuda:
         torch.cuda.set_device(d.device)
     if d.ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
     return d

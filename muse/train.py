@@ -414,7 +414,7 @@ def main(argv=None, faults=None) -> int:
         return fail(e)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own: die with it
         exit_with_parent("torchrun")
-    d = setup_distributed(cfg.train.device)
+    d = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with StopRequest().installed() as stop:
             return train(cfg, storage, manifest, d, args.resume, stop, faults)

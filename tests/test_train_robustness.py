@@ -164,3 +164,19 @@ def test_resume_checks_the_data_and_loader_settings_and_can_start_a_new_pass(tmp
     # the new pass resumes exactly from here on: same data, same settings
     out = run_train(config, "--set", "train.max_steps=6")
     assert out.returncode == 0 and "new pass" not in out.stdout, out.stdout + out.stderr
+
+
+def test_the_collective_timeout_is_train_dist_timeout_s(tmp_path, monkeypatch):
+    """Issue 25, crash 7: NCCL's 10-minute default killed jobs while rank 0 alone wrote a large
+    checkpoint; the job's process group takes train.dist_timeout_s (default 30 minutes)."""
+    import datetime
+
+    from muse import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(tiny_config(tmp_path, "r", dist_timeout_s=90))
+    d = distributed.setup_distributed("cpu", cfg.train.dist_timeout_s)
+    assert d.ddp and seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=90)}
+    assert load_config(tiny_config(tmp_path, "r")).train.dist_timeout_s == 1800
