@@ -575,6 +575,3 @@ def close_loader(it) -> None:
         if w.is_alive():
             w.kill()
             w.join()
-
-
-# ----------------------------------------------------------------------------- the job's pieces

@@ -1,18 +1,14 @@
 """The training loop: `torchrun --nproc-per-node=N -m muse.train --config pipeline.yaml`.
 
 `train()` runs everything a rank does: verify the shards, plan the data (`dataset`), `build` the
-model (checked against the data), optimizer and precision, `resume` a checkpoint's `TrainState`,
-start the loader at its saved position and run `train_loop`: optimizer steps of `grad_accum`
-micro-steps of masked-token prediction, checkpoints via `save`. `main` parses the arguments and
-joins the torchrun job (muse/distributed.py) around it; `muse train` runs torchrun for you
-(muse/launch.py).
+model, optimizer and precision, `resume` a checkpoint's `TrainState`, start the loader at its saved
+position and run `train_loop`, optimizer steps of `grad_accum` masked-token micro-steps. `main`
+joins the torchrun job around it (muse/distributed.py); `muse train` runs torchrun (muse/launch.py);
+tests pass a fault injector as `main(argv, faults)` (muse/testing/faults.py).
 
 A fatal error on any rank (bad shard, unreadable checkpoint) ends the job with one line
 `muse train: <where>: <problem>: <what to do>` and a non-zero exit: the loader is closed on
 every exit path, so its workers never keep the process alive.
-
-Tests inject faults (NaN losses, a trace, a pause) through `main(argv, faults)`, from
-muse/testing/faults.py; a real run has none.
 """
 
 from __future__ import annotations
@@ -41,6 +37,8 @@ from muse.train_callbacks import StepCallback
 # bf16 dense peak FLOP/s for MFU; unknown GPUs report no MFU rather than a wrong one.
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
+
+# ----------------------------------------------------------------------------- the job's pieces
 
 def check_data(cfg: PipelineConfig, manifest: dict, model) -> None:
     """The model must match the data it is trained on; say which key to change."""
@@ -396,7 +394,7 @@ def load_job(args) -> tuple[PipelineConfig, Storage, dict]:
     cfg = load_config(args.config, args.overrides)
     storage = Storage.from_config(cfg)
     manifest = read_manifest(storage, dataset_dir(cfg))
-    tracking.require(cfg)  # num_workers vs loader_streams: validated by the config at load
+    tracking.require(cfg)  # tensorboard (and a configured wandb) installed, before the job starts
     return cfg, storage, manifest
 
 

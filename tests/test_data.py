@@ -174,7 +174,8 @@ def test_each_epoch_sees_every_row_once_across_ranks(tmp_path, world, workers):
         assert m % 2 == 0 and ds.dropped_rows == 40 - world * m * 2 and 0 <= ds.dropped_rows < world * 2 * 2
         dl = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None)
         for b in itertools.islice(dl, epochs * m):
-            per_epoch[b["_batch"] // m].update(b["keys"])
+            keys_of = ds.consume(b)["keys"]
+            per_epoch[(ds.next_batch - 1) // m].update(keys_of)
     for seen in per_epoch:
         assert set(seen) <= keys and max(seen.values()) == 1 and sum(seen.values()) == 40 - ds.dropped_rows
     total = sum(per_epoch, collections.Counter())

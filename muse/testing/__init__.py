@@ -9,5 +9,7 @@ offline on a CPU and still show that it learns:
 - `gcs`: `GCSEmulator`, a real fake-gcs-server on 127.0.0.1;
 - `imageserver`: `ImageServer`, a real HTTP server of generated images and failure routes
   (or of a folder's files, for the demo);
-- `image_shards`: `write_image_shard`, phase-1 shards written directly for the encode tests.
+- `image_shards`: `write_image_shard`, phase-1 shards written directly for the encode tests;
+- `faults`: the trainer's fault injection (NaN steps, a per-step trace, a pause), run as
+  `python -m muse.testing.faults` in place of `python -m muse.train`.
 """
