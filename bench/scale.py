@@ -74,7 +74,8 @@ def measure(gcs: GCSEmulator, tmp: Path, n: int, reference: bool) -> dict:
     out["plan_download"], parts = timed(lambda: plan_download(cfg))
     out["plan_encode"], todo = timed(lambda: plan_encode(cfg, Storage.from_config(cfg)))
     out["finalize_manifest"], manifest = timed(lambda: finalize_manifest(cfg, Storage.from_config(cfg)))
-    out["loader start-up"], loader = timed(lambda: StreamingDataset(storage.uri, ds, LoaderSettings(batch_size=16, streams=8)))
+    settings = LoaderSettings(batch_size=16, streams=8)
+    out["loader start-up"], loader = timed(lambda: StreamingDataset(storage.uri, ds, settings))
     assert parts == [] and todo == [] and len(manifest["shards"]) == n, "the synthetic shards are all done"
     assert loader.train_rows == n * ROWS
     out["reference: one listing of images/"], _ = timed(lambda: Storage.from_config(cfg).list("images"))
