@@ -22,7 +22,7 @@ import time
 import torch
 
 from muse.config import ModelConfig
-from muse.data import StreamingDataset, worker_init
+from muse.data import LoaderSettings, StreamingDataset, worker_init
 from muse.storage import Storage
 from muse.testing.datasets import write_test_dataset
 from muse.testing.gcs import GCSEmulator
@@ -31,7 +31,7 @@ DIR = "encoded/bench"
 
 
 def loader_rate(root: str, a, warmup: int = 2) -> float:
-    ds = StreamingDataset(root, DIR, shuffle_buffer=a.buffer, batch_size=a.batch, streams=a.streams)
+    ds = StreamingDataset(root, DIR, LoaderSettings(shuffle_buffer=a.buffer, batch_size=a.batch, streams=a.streams))
     dl = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=a.workers,
                                      worker_init_fn=worker_init if a.workers else None,
                                      prefetch_factor=4 if a.workers else None)

@@ -30,7 +30,7 @@ import pandas  # noqa: F401 - pyarrow imports it on the first Parquet write: a o
 import yaml
 
 from muse.config import load_config
-from muse.data import StreamingDataset
+from muse.data import LoaderSettings, StreamingDataset
 from muse.download import plan_download
 from muse.download.sources import REGISTRY, fingerprint, selection_spec
 from muse.encode.shards import finalize_manifest, plan_encode
@@ -74,7 +74,8 @@ def measure(gcs: GCSEmulator, tmp: Path, n: int, reference: bool) -> dict:
     out["plan_download"], parts = timed(lambda: plan_download(cfg))
     out["plan_encode"], todo = timed(lambda: plan_encode(cfg, Storage.from_config(cfg)))
     out["finalize_manifest"], manifest = timed(lambda: finalize_manifest(cfg, Storage.from_config(cfg)))
-    out["loader start-up"], loader = timed(lambda: StreamingDataset(storage.uri, ds, batch_size=16, streams=8))
+    settings = LoaderSettings(batch_size=16, streams=8)
+    out["loader start-up"], loader = timed(lambda: StreamingDataset(storage.uri, ds, settings))
     assert parts == [] and todo == [] and len(manifest["shards"]) == n, "the synthetic shards are all done"
     assert loader.train_rows == n * ROWS
     out["reference: one listing of images/"], _ = timed(lambda: Storage.from_config(cfg).list("images"))

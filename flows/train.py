@@ -30,7 +30,7 @@ Resume = Literal["latest", "none"] | str
 def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
     """torchrun here; its output line by line to this task's run log (and the worker's terminal),
     a `training-progress` artifact updated at each checkpoint."""
-    from muse.train import launch
+    from muse.launch import launch
 
     cfg = cfg_from(config_path, overrides)
     launch(cfg, config_path=config_path, overrides=overrides, resume=resume, on_line=TrainLog(cfg.train.run_name))

@@ -21,7 +21,7 @@ RESUMED = re.compile(r"^resumed from .* at step (\d+)")
 
 
 class TrainLog:
-    """`on_line` for muse.train.launch: log each line, update the progress artifact at checkpoints."""
+    """`on_line` for muse.launch.launch: log each line, update the progress artifact at checkpoints."""
 
     def __init__(self, run_name: str):
         self.log = get_run_logger()

@@ -15,6 +15,7 @@ is loaded with `weights_only=True`; weights are safetensors.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import tempfile
@@ -170,6 +171,32 @@ def load_state(storage: Storage, rel: str) -> TrainState:
 def _unreadable(storage: Storage, rel: str, files: str, e: Exception) -> CheckpointError:
     return CheckpointError(f"{storage.url(rel)}: {files} unreadable ({type(e).__name__}: {e}): "
                            "resume from an older checkpoint (--resume DIR) or start over (--resume none)")
+
+
+def rng_state(gen: torch.Generator) -> dict:
+    """This rank's RNG for TrainState.rng: the global CPU (and CUDA) state and the masking
+    generator's, with the device that generator was on (its state's format depends on it)."""
+    state = {"torch": torch.get_rng_state(), "mask": gen.get_state(), "mask_device": gen.device.type}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict, gen: torch.Generator) -> str | None:
+    """Restore `rng_state`'s RNG. A masking generator saved on another device type (a CPU
+    checkpoint resumed on CUDA: the states differ in size and format) cannot take the saved
+    state: it is re-seeded from a hash of it, the same seed every time -> what was done, or None."""
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    saved = state.get("mask_device", gen.device.type)
+    if saved == gen.device.type:
+        gen.set_state(state["mask"])
+        return None
+    seed = int.from_bytes(hashlib.sha256(state["mask"].numpy().tobytes()).digest()[:8], "little")
+    gen.manual_seed(seed)
+    return (f"the masking generator was saved on {saved}, this run has it on {gen.device.type}: "
+            f"re-seeded it from the saved state (seed {seed}); exact resume holds on the same device type only")
 
 
 def write_metrics(storage: Storage, run_name: str, records: list[dict]) -> None:

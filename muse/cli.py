@@ -103,7 +103,7 @@ def run_phase(name: str, cfg: PipelineConfig, config_path: str | None, overrides
 
         run_encode(cfg)
     elif name == "train":
-        from muse.train import launch
+        from muse.launch import launch
 
         launch(cfg, config_path=config_path, overrides=overrides, resume=resume)
     elif name == "sample":

@@ -253,6 +253,9 @@ class TrainConfig(_Section):
     nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
         "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
     device: str = "auto"
+    dist_timeout_s: float = Field(
+        1800.0, gt=0, description="collective timeout of the torchrun job: the longest rank 0 may save, "
+        "sample or evaluate alone while the other ranks wait (NCCL's own 600 s can kill a job saving ~10 GB)")
     verify: Literal["sha256", "size", "none"] = Field(
         "size", description="check shards against the manifest at start: size (cheap), sha256 (reads all)")
     on_data_change: Literal["stop", "new_pass"] = Field(

@@ -26,12 +26,12 @@ trainer never sees it; `iter_eval_rows` yields exactly those rows. The hash igno
 and the world size, so the slice is the same for every run on the data, and a larger f
 holds out a superset.
 
-A DataError in a DataLoader worker comes back as a batch `{"_error": message}` (raised in
-the main process it is raised as usual).
-
-Every batch carries the state of its stream after it was cut (epoch, rows of its slice read,
-the buffer as (unit, row) indices, RNG state); the trainer keeps the state of the last consumed
-batch per stream and the next batch number: that is the loader state saved in checkpoints.
+Resume state: every batch carries the state of its stream after it was cut (epoch, rows of its
+slice read, the buffer as (unit, row) indices, RNG state) in keys that only this module reads:
+`StreamingDataset.consume(batch)` strips them and keeps the last one per stream and the next batch
+number, which `state_dict()` returns (the loader state saved in checkpoints) and
+`load_state_dict()` continues from. A DataError in a DataLoader worker comes back in-band and
+`consume` raises it (raised in the main process it is raised as usual).
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ import hashlib
 import math
 import signal
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -53,6 +54,9 @@ from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_s
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
+
+if TYPE_CHECKING:
+    from muse.config import PipelineConfig
 
 
 @dataclass(frozen=True)
@@ -259,34 +263,62 @@ def collate(rows: list[tuple[_UnitData, int]], replaced_weight: float | None = N
     return out
 
 
+@dataclass(frozen=True)
+class LoaderSettings:
+    """What fixes the batches and their order: the `train.*` keys of pipeline.yaml named in
+    `from_config` (and model.kind, for the 64x64 ids of the super-res model)."""
+    seed: int = 0
+    batch_size: int = 16               # per rank, per micro-step
+    grad_accum: int = 1                # an epoch ends on a whole optimizer step
+    streams: int = 8                   # train.loader_streams: fixed order whatever num_workers
+    shuffle_buffer: int = 2048         # rows per stream
+    superres: bool = False             # also read the 64x64 ids (vq64)
+    replaced_rows: str = "keep"        # keep | drop | downweight
+    replaced_weight: float = 0.1
+    eval_holdout: float = 0.0          # rows hashing below it are never trained on
+
+    @classmethod
+    def from_config(cls, cfg: PipelineConfig) -> LoaderSettings:
+        t = cfg.train
+        return cls(seed=t.seed, batch_size=t.batch_size, grad_accum=t.grad_accum, streams=t.loader_streams,
+                   shuffle_buffer=t.shuffle_buffer, superres=cfg.model.kind == "superres",
+                   replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight, eval_holdout=t.eval_holdout)
+
+
 class StreamingDataset(IterableDataset):
     """Endless stream of batches (dicts, see `collate`) for one rank; see the module docstring.
 
-    Use with `DataLoader(ds, batch_size=None, num_workers=k)`, k dividing `streams` (0 = all
+    Use with `DataLoader(ds, batch_size=None, num_workers=k)`, k dividing `settings.streams` (0 = all
     streams in the main process). Storage is created inside each worker (gcsfs is not fork-safe).
     `batches_per_epoch` (M) and `dropped_rows` are known once it is built.
+
+    Resume: pass every batch taken from the loader through `consume`; `state_dict()` is then the
+    position after it (one rank's entry of loader.json), `load_state_dict` continues from one, and
+    `fingerprint()` says what such a state is valid for.
     """
 
-    def __init__(self, root_uri: str, dataset_dir: str, *, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, shuffle_buffer: int = 2048, batch_size: int = 16,
-                 streams: int = 8, superres: bool = False, replaced_rows: str = "keep",
-                 replaced_weight: float = 0.1, gcs_project: str | None = None, eval_holdout: float = 0.0,
-                 grad_accum: int = 1):
+    def __init__(self, root_uri: str, dataset_dir: str, settings: LoaderSettings = LoaderSettings(),
+                 rank: int = 0, world_size: int = 1, *, gcs_project: str | None = None):
+        s = self.settings = settings
         storage = Storage(root_uri, gcs_project)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
         self.root_uri, self.gcs_project, self.dataset_dir = root_uri, gcs_project, dataset_dir
-        self.rank, self.world_size, self.seed = rank, world_size, seed
-        self.buffer_size, self.batch_size, self.streams = max(shuffle_buffer, batch_size), batch_size, streams
-        self.superres, self.replaced_rows, self.replaced_weight = superres, replaced_rows, replaced_weight
+        self.rank, self.world_size, self.seed = rank, world_size, s.seed
+        self.buffer_size, self.batch_size, self.streams = max(s.shuffle_buffer, s.batch_size), s.batch_size, s.streams
+        self.superres, self.replaced_rows, self.replaced_weight = s.superres, s.replaced_rows, s.replaced_weight
         self.text_dim = int(self.manifest["text_dim"])
-        self.eval_holdout = eval_holdout
-        self.state = {"batch": 0, "streams": {}}
+        self.eval_holdout = s.eval_holdout
+        self._start = {"batch": 0, "streams": {}}      # where iteration starts (load_state_dict)
+        self._position = {"batch": 0, "streams": {}}   # after the last consumed batch
         self.counts = self._trainable_counts(storage)
         self.train_rows = int(self.counts.sum())
-        self.batches_per_epoch = self._plan(grad_accum)
-        self.dropped_rows = self.train_rows - world_size * self.batches_per_epoch * batch_size
+        self.batches_per_epoch = self._plan(s.grad_accum)
+        self.dropped_rows = self.train_rows - world_size * self.batches_per_epoch * s.batch_size
         self._orders: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._fingerprint = loader_fingerprint(self.manifest, seed=s.seed, streams=s.streams, batch_size=s.batch_size,
+                                               shuffle_buffer=s.shuffle_buffer, world_size=world_size,
+                                               replaced_rows=s.replaced_rows, grad_accum=s.grad_accum)
         # the shard records (~143 MB of dicts at 230,000 shards) are in `units` now: not carried to workers
         self.manifest = {k: v for k, v in self.manifest.items() if k != "shards"}
 
@@ -348,8 +380,33 @@ class StreamingDataset(IterableDataset):
         return None
 
     # -- resume state
-    def load_state(self, state: dict) -> None:
-        """Continue at `state["batch"]` with the saved stream states (JSON form)."""
+    def fingerprint(self) -> dict:
+        """What this loader's states are valid for (`loader_fingerprint`; see `loader_changes`)."""
+        return dict(self._fingerprint)
+
+    def consume(self, batch: dict) -> dict:
+        """A batch as the trainer takes it from the DataLoader -> the batch without the position
+        keys `__iter__` added (recorded for `state_dict`); a DataError from a worker is raised here."""
+        if "_error" in batch:  # a DataError in a worker, passed on as one line (see __iter__)
+            raise DataError(batch["_error"])
+        self._position["streams"][batch.pop("_stream")] = batch.pop("_state")
+        self._position["batch"] = batch.pop("_batch") + 1
+        return batch
+
+    @property
+    def next_batch(self) -> int:
+        """Rank-local number of the next micro-batch (batches_per_epoch of them an epoch)."""
+        return self._position["batch"]
+
+    def state_dict(self) -> dict:
+        """The position after the last consumed batch, as JSON: each stream's state after its last
+        batch and the next batch number (this rank's entry of a checkpoint's loader.json)."""
+        return {"batch": self._position["batch"], "eval_holdout": self.eval_holdout,
+                "streams": {str(s): _stream_json(v) for s, v in self._position["streams"].items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at `state["batch"]` with the saved stream states (a `state_dict()`); call
+        before iterating."""
         saved = float(state.get("eval_holdout", 0.0))
         if saved != self.eval_holdout:  # the saved buffers hold row indices chosen with the old slice
             raise DataError(f"the checkpoint was trained with train.eval_holdout={saved}, this run has "
@@ -357,12 +414,8 @@ class StreamingDataset(IterableDataset):
         if any("epoch" not in v for v in state["streams"].values()):
             raise DataError(f"the checkpoint's loader state was written by an older loader (version < "
                             f"{LOADER_VERSION}): --set train.on_data_change=new_pass or --resume none")
-        self.state = {"batch": int(state["batch"]), "streams": {int(k): v for k, v in state["streams"].items()}}
-
-    @staticmethod
-    def state_json(stream_state: dict) -> dict:
-        return {"epoch": int(stream_state["epoch"]), "pos": int(stream_state["pos"]), "rng": stream_state["rng"],
-                "buffer": np.asarray(stream_state["buffer"]).tolist()}
+        self._start = {"batch": int(state["batch"]), "streams": {int(k): v for k, v in state["streams"].items()}}
+        self._position = {"batch": self._start["batch"], "streams": dict(self._start["streams"])}
 
     # -- iteration
     def __iter__(self):
@@ -373,13 +426,13 @@ class StreamingDataset(IterableDataset):
         if info:
             torch.set_num_threads(1)  # decoding threads fight the trainer on small machines
         storage = Storage(self.root_uri, self.gcs_project)  # per worker: gcsfs is not fork-safe
-        g = self.state["batch"] + wid
+        g = self._start["batch"] + wid
         streams: dict[int, _Stream] = {}
         while True:
             s = g % self.streams  # == (g % M) % S: S divides M
             try:
                 if s not in streams:
-                    streams[s] = _Stream(self, storage, s, self.state["streams"].get(s))
+                    streams[s] = _Stream(self, storage, s, self._start["streams"].get(s))
                 batch = streams[s].next_batch()
             except DataError as e:
                 if not info:
@@ -388,9 +441,14 @@ class StreamingDataset(IterableDataset):
                 # would re-raise it with the worker's traceback inside the message)
                 yield {"_error": str(e)}
                 return
-            batch["_batch"], batch["_stream"], batch["_state"] = g, s, streams[s].state()
+            batch["_batch"], batch["_stream"], batch["_state"] = g, s, streams[s].state()  # see `consume`
             yield batch
             g += nw
+
+
+def _stream_json(stream_state: dict) -> dict:
+    return {"epoch": int(stream_state["epoch"]), "pos": int(stream_state["pos"]), "rng": stream_state["rng"],
+            "buffer": np.asarray(stream_state["buffer"]).tolist()}
 
 
 def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None) -> pa.Table:
@@ -503,3 +561,15 @@ def worker_init(_: int) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     die_with_parent()
+
+
+def close_loader(it) -> None:
+    """Stop DataLoader workers: they ignore SIGTERM (see worker_init), so the usual
+    terminate() at exit would leave the interpreter joining them forever."""
+    workers = list(getattr(it, "_workers", []))
+    if hasattr(it, "_shutdown_workers"):
+        it._shutdown_workers()  # asks them to stop and unregisters them from the SIGCHLD check
+    for w in workers:
+        if w.is_alive():
+            w.kill()
+            w.join()

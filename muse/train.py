@@ -1,20 +1,14 @@
 """The training loop: `torchrun --nproc-per-node=N -m muse.train --config pipeline.yaml`.
 
-Read top to bottom: `main` loads the config and the manifest, `setup_distributed` joins the
-torchrun job, `build` makes the model (checked against the data), optimizer and precision,
-`resume` loads a checkpoint's `TrainState`, and `train_loop` runs the optimizer steps, each
-`grad_accum` micro-steps of masked-token prediction. `muse train` calls `launch()`, which runs
-torchrun for you.
+`train()` runs everything a rank does: verify the shards, plan the data (`dataset`), `build` the
+model, optimizer and precision, `resume` a checkpoint's `TrainState`, start the loader at its saved
+position and run `train_loop`, optimizer steps of `grad_accum` masked-token micro-steps. `main`
+joins the torchrun job around it (muse/distributed.py); `muse train` runs torchrun (muse/launch.py);
+tests pass a fault injector as `main(argv, faults)` (muse/testing/faults.py).
 
 A fatal error on any rank (bad shard, unreadable checkpoint) ends the job with one line
 `muse train: <where>: <problem>: <what to do>` and a non-zero exit: the loader is closed on
 every exit path, so its workers never keep the process alive.
-
-Test hooks (environment variables, read once into `Hooks`; used by the tests, harmless otherwise):
-  MUSE_INJECT_NONFINITE_STEPS=3,4  make the loss of those optimizer steps NaN
-  MUSE_TRACE=/path/prefix          each rank appends {step, keys, weights hash} per step to
-                                   /path/prefix.rank<R>.jsonl
-  MUSE_PAUSE_AT_STEP=N             after step N wait (<=120 s) for SIGTERM/SIGKILL
 """
 
 from __future__ import annotations
@@ -22,27 +16,21 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import signal
 import sys
 import time
-from collections import deque
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
 
 from muse import checkpoint, ema, tracking
-from muse.checkpoint import CheckpointError, TrainState
+from muse.checkpoint import CheckpointError, TrainState, rng_state, set_rng_state
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import (DataError, StreamingDataset, loader_changes, loader_fingerprint, verify_shards,
+from muse.data import (DataError, LoaderSettings, StreamingDataset, close_loader, loader_changes, verify_shards,
                        worker_init)
+from muse.distributed import Dist, StopRequest, setup_distributed
 from muse.layout import dataset_dir, empty_caption, read_manifest
-from muse.lifecycle import exit_with_parent, run_owned
+from muse.lifecycle import exit_with_parent
 from muse.storage import Storage
 from muse.train_callbacks import StepCallback
 
@@ -50,42 +38,7 @@ from muse.train_callbacks import StepCallback
 PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
 
 
-TAIL_LINES = 40  # of the job's output, in the error when the flow streamed it
-
-
-class TrainError(RuntimeError):
-    """The training job failed; its own log says why."""
-
-
-def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest",
-           on_line: Callable[[str], None] | None = None) -> None:
-    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node), owning the job:
-    SIGTERM or Ctrl-C makes the ranks checkpoint and stop while this waits; if this process is
-    killed, torchrun and the ranks die too (see muse/lifecycle.py). With `on_line` (the Prefect
-    flow), the job's output goes to it line by line and a failure's error ends with its last lines."""
-    n = cfg.train.nproc_per_node
-    if n in ("auto", "gpu"):
-        n = str(max(torch.cuda.device_count(), 1))
-    # --standalone: a free local rendezvous port; multi-node runs call torchrun directly
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
-           "-m", "muse.train", "--config", str(config_path), "--resume", resume]
-    for o in overrides:
-        cmd += ["--set", o]
-    print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)
-    tail: deque[str] = deque(maxlen=TAIL_LINES)
-
-    def keep(line: str) -> None:
-        tail.append(line)
-        on_line(line)
-
-    rc, stopped_by = run_owned(cmd, on_line=keep if on_line else None)
-    last = ("; its last lines:\n" + "\n".join(tail)) if tail else " (see the log above)"
-    if stopped_by and rc == 0:
-        raise TrainError(f"stopped by {stopped_by} after the ranks wrote a checkpoint: "
-                         f"`muse train` resumes from it{last}")
-    if rc:
-        raise TrainError(f"training failed: torchrun exited with code {rc}{last}")
-
+# ----------------------------------------------------------------------------- the job's pieces
 
 def check_data(cfg: PipelineConfig, manifest: dict, model) -> None:
     """The model must match the data it is trained on; say which key to change."""
@@ -119,154 +72,6 @@ def lr_lambda(cfg: PipelineConfig, total_steps: int):
     return f
 
 
-def weights_hash(model) -> str:
-    h = hashlib.sha256()
-    for p in model.parameters():
-        h.update(p.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def rng_state(gen: torch.Generator) -> dict:
-    state = {"torch": torch.get_rng_state(), "mask": gen.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: dict, gen: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    gen.set_state(state["mask"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def close_loader(it) -> None:
-    """Stop DataLoader workers: they ignore SIGTERM (see data.worker_init), so the usual
-    terminate() at exit would leave the interpreter joining them forever."""
-    workers = list(getattr(it, "_workers", []))
-    if hasattr(it, "_shutdown_workers"):
-        it._shutdown_workers()  # asks them to stop and unregisters them from the SIGCHLD check
-    for w in workers:
-        if w.is_alive():
-            w.kill()
-            w.join()
-
-
-# ----------------------------------------------------------------------------- the job's pieces
-
-@dataclass(frozen=True)
-class Hooks:
-    """The test hooks of the module docstring, read once from the environment."""
-    nonfinite_steps: frozenset = frozenset()
-    pause_at: int = 0
-    trace: str | None = None
-
-    @classmethod
-    def from_env(cls, env=os.environ) -> "Hooks":
-        steps = frozenset(int(s) for s in env.get("MUSE_INJECT_NONFINITE_STEPS", "").split(",") if s.strip())
-        return cls(steps, int(env.get("MUSE_PAUSE_AT_STEP", "0") or 0), env.get("MUSE_TRACE") or None)
-
-    def after_step(self, rank: int, rec: dict, keys: list, model, stopped) -> None:
-        """Append the step to the trace; at MUSE_PAUSE_AT_STEP wait until `stopped()` (a signal)."""
-        if self.trace:
-            with open(f"{self.trace}.rank{rank}.jsonl", "a") as f:
-                f.write(json.dumps({"step": rec["step"], "keys": keys, "hash": weights_hash(model),
-                                    "loss": rec["loss"], "lr": rec["lr"], "skipped": rec["skipped"]}) + "\n")
-        if rec["step"] == self.pause_at:
-            deadline = time.time() + 120
-            while not stopped() and time.time() < deadline:
-                time.sleep(0.05)
-
-
-class StopRequest:
-    """SIGTERM (preemption, `muse train` stopping the job) or Ctrl-C: finish the step, write a
-    checkpoint, exit 0. A second Ctrl-C raises KeyboardInterrupt: stop now, no checkpoint."""
-
-    def __init__(self):
-        self.signal: str | None = None
-
-    def __bool__(self) -> bool:
-        return self.signal is not None
-
-    def _on_signal(self, signum, _frame) -> None:
-        if self.signal and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.signal = self.signal or signal.Signals(signum).name
-
-    @contextlib.contextmanager
-    def installed(self):
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        try:
-            yield self
-        finally:
-            for s, h in old.items():
-                signal.signal(s, h)
-
-
-@dataclass
-class Dist:
-    """This process's place in the job. torchrun sets RANK/WORLD_SIZE; plain `python -m` is one
-    process and every collective below is then a no-op."""
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    ddp: bool = False
-    device: torch.device = torch.device("cpu")
-
-    @property
-    def master(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def cuda(self) -> bool:
-        return self.device.type == "cuda"
-
-    def log(self, *a) -> None:
-        if self.master:
-            print(*a, flush=True)
-
-    def gather(self, obj) -> list:
-        if not self.ddp:
-            return [obj]
-        out = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def mean_(self, x: torch.Tensor) -> None:
-        if self.ddp:
-            dist.all_reduce(x)
-            x /= self.world
-
-    def any(self, flag: bool) -> bool:
-        if not self.ddp:
-            return flag
-        t = torch.tensor(float(flag), device=self.device)
-        dist.all_reduce(t)
-        return bool(t.item())
-
-    def barrier(self) -> None:
-        if self.ddp:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.ddp and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-def setup_distributed(device: str = "auto") -> Dist:
-    """Join the torchrun job (NCCL on GPUs, gloo on CPU); train.device=cpu forces the CPU."""
-    rank, world, local_rank = (int(os.environ.get(k, d)) for k, d in
-                               (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
-    cuda = torch.cuda.is_available() and device != "cpu"
-    d = Dist(rank, world, local_rank, "WORLD_SIZE" in os.environ,
-             torch.device(f"cuda:{local_rank}" if cuda else "cpu"))
-    if cuda:
-        torch.cuda.set_device(d.device)
-    if d.ddp:
-        dist.init_process_group("nccl" if cuda else "gloo")
-    return d
-
-
 def build_optimizer(cfg: PipelineConfig, model, total_steps: int, fused: bool = False):
     """AdamW (no weight decay on biases and norms) and the warmup + cosine LambdaLR."""
     t = cfg.train
@@ -278,7 +83,7 @@ def build_optimizer(cfg: PipelineConfig, model, total_steps: int, fused: bool = 
     return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
 
 
-@dataclass
+@dataclasses.dataclass
 class Job:
     """The model and everything that steps it, built once by `build`."""
     cfg: PipelineConfig
@@ -359,15 +164,13 @@ def resume(job: Job, storage: Storage, which: str) -> tuple[TrainState, str | No
     return st, rel
 
 
-def check_data_change(cfg: PipelineConfig, manifest: dict, st: TrainState, where: str, d: Dist) -> str | None:
+def check_data_change(cfg: PipelineConfig, ds: StreamingDataset, st: TrainState, where: str, d: Dist) -> str | None:
     """The saved loader state is only valid for the data and loader settings it was written with
     (on main a refreshed manifest crashed with IndexError, a changed train.loader_streams silently
     reordered the samples). On a change: stop, or with train.on_data_change=new_pass drop the
     loader state (weights, optimizer, step and RNG stay) -> what changed, or None."""
     t = cfg.train
-    now = loader_fingerprint(manifest, seed=t.seed, streams=t.loader_streams, batch_size=t.batch_size,
-                             shuffle_buffer=t.shuffle_buffer, world_size=d.world, replaced_rows=t.replaced_rows,
-                             grad_accum=t.grad_accum)
+    now = ds.fingerprint()
     saved, st.fingerprint = st.fingerprint, now
     changes = loader_changes(saved, now) if st.loader and saved else []
     if not changes:
@@ -383,35 +186,12 @@ def check_data_change(cfg: PipelineConfig, manifest: dict, st: TrainState, where
     return "; ".join(changes)
 
 
-class LoaderPosition:
-    """What the loader state in a checkpoint records: each stream's state after its last
-    consumed batch and the next batch number (see muse/data.py)."""
-
-    def __init__(self, ds: StreamingDataset):
-        self.streams, self.next_batch = dict(ds.state["streams"]), ds.state["batch"]
-
-    def consumed(self, batch: dict) -> dict:
-        if "_error" in batch:  # a DataError in the loader, passed on as one line (see data.py)
-            raise DataError(batch["_error"])
-        self.streams[batch["_stream"]] = batch["_state"]
-        self.next_batch = batch["_batch"] + 1
-        return batch
-
-    def to_json(self, eval_holdout: float) -> dict:
-        return {"batch": self.next_batch, "eval_holdout": eval_holdout,
-                "streams": {str(s): StreamingDataset.state_json(v) for s, v in self.streams.items()}}
-
-
 def dataset(cfg: PipelineConfig, data_dir: str, d: Dist) -> StreamingDataset:
     """This rank's stream with its epoch plan; the plan (rows dropped per epoch, buffers too small to
     mix) is reported once, by rank 0."""
     t = cfg.train
-    ds = StreamingDataset(cfg.storage.root, data_dir, rank=d.rank, world_size=d.world, seed=t.seed,
-                          shuffle_buffer=t.shuffle_buffer, batch_size=t.batch_size,
-                          streams=t.loader_streams, superres=cfg.model.kind == "superres",
-                          replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight,
-                          gcs_project=cfg.storage.gcs_project, eval_holdout=t.eval_holdout,
-                          grad_accum=t.grad_accum)
+    ds = StreamingDataset(cfg.storage.root, data_dir, LoaderSettings.from_config(cfg), d.rank, d.world,
+                          gcs_project=cfg.storage.gcs_project)
     d.log(f"epoch: {ds.train_rows} trainable rows = {d.world} ranks x {ds.batches_per_epoch} batches x "
           f"{t.batch_size} + {ds.dropped_rows} dropped (the remainder of the last global batch; other rows "
           "each epoch)")
@@ -421,14 +201,14 @@ def dataset(cfg: PipelineConfig, data_dir: str, d: Dist) -> StreamingDataset:
 
 
 def start_loader(cfg: PipelineConfig, ds: StreamingDataset, d: Dist, st: TrainState):
-    """This rank's DataLoader at the saved position -> (its iterator, a LoaderPosition)."""
+    """This rank's DataLoader at the saved position -> its iterator (batches go through `ds.consume`)."""
     t = cfg.train
     if st.loader:
-        ds.load_state(st.loader[d.rank])
+        ds.load_state_dict(st.loader[d.rank])
     loader = torch.utils.data.DataLoader(ds, batch_size=None, num_workers=t.num_workers, pin_memory=d.cuda,
                                          worker_init_fn=worker_init if t.num_workers else None,
                                          prefetch_factor=4 if t.num_workers else None)
-    return iter(loader), LoaderPosition(ds)
+    return iter(loader)
 
 
 # ----------------------------------------------------------------------------- one step
@@ -508,12 +288,12 @@ def throughput(job: Job, samples: int, seconds: float) -> dict:
     return out
 
 
-def save(job: Job, st: TrainState, pos: LoaderPosition, storage: Storage, records: list, tracker,
+def save(job: Job, st: TrainState, ds: StreamingDataset, storage: Storage, records: list, tracker,
          final: bool = False) -> None:
     """A checkpoint of every rank's RNG and loader position, written by rank 0; all ranks wait."""
     t, d = job.cfg.train, job.d
     rng = d.gather(rng_state(job.gen))
-    loader = d.gather(pos.to_json(t.eval_holdout))
+    loader = d.gather(ds.state_dict())
     if d.master:
         full = dataclasses.replace(st, optimizer=job.optimizer.state_dict(), scheduler=job.scheduler.state_dict(),
                                    scaler=job.scaler.state_dict(), ema=job.ema, rng=rng, loader=loader)
@@ -526,8 +306,8 @@ def save(job: Job, st: TrainState, pos: LoaderPosition, storage: Storage, record
 
 # ----------------------------------------------------------------------------- the loop
 
-def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: Storage, records: list,
-               tracker, hooks: Hooks, stop: StopRequest) -> int:
+def train_loop(job: Job, st: TrainState, batches, ds: StreamingDataset, storage: Storage, records: list,
+               tracker, stop: StopRequest, faults=None) -> int:
     t, d = job.cfg.train, job.d
     callback = StepCallback(job.cfg, storage, tracker, d.rank, d.ddp)
     t0, samples = time.time(), 0
@@ -535,10 +315,10 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
         job.model.train()
         loss_sum, keys = torch.zeros((), device=d.device), []
         for micro in range(t.grad_accum):
-            batch = pos.consumed(next(batches))
+            batch = ds.consume(next(batches))
             keys += batch["keys"]
             loss_sum += forward_backward(job, batch, sync=micro == t.grad_accum - 1,
-                                         poison=st.step + 1 in hooks.nonfinite_steps)
+                                         poison=faults is not None and faults.poison(st.step + 1))
         st.step += 1
         samples += job.global_batch
         lr, grad_norm = optimizer_step(job, st, loss_sum)
@@ -546,44 +326,47 @@ def train_loop(job: Job, st: TrainState, batches, pos: LoaderPosition, storage: 
             return 3
 
         rec = {"step": st.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
-               "skipped": st.skipped, "epoch": pos.next_batch / job.batches_per_epoch}  # of this data pass
+               "skipped": st.skipped, "epoch": ds.next_batch / job.batches_per_epoch}  # of this data pass
         if st.step % t.log_every == 0 or st.step == job.total_steps:
             rec |= throughput(job, samples, time.time() - t0)
             d.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
             tracker.scalars(st.step, rec)
             t0, samples = time.time(), 0
         records.append(rec)
-        hooks.after_step(d.rank, rec, keys, job.raw_model, lambda: bool(stop))
+        if faults is not None:
+            faults.after_step(d.rank, rec, keys, job.raw_model, lambda: bool(stop))
 
         if d.any(bool(stop)):  # a signal seen by any rank stops all of them at this step boundary
             d.log(f"step {st.step}: {stop.signal or 'a stop signal'} received, writing a checkpoint and exiting")
-            save(job, st, pos, storage, records, tracker)
+            save(job, st, ds, storage, records, tracker)
             break
         if st.step % t.checkpoint_every == 0 or st.step == job.total_steps:
-            save(job, st, pos, storage, records, tracker, final=st.step == job.total_steps)
+            save(job, st, ds, storage, records, tracker, final=st.step == job.total_steps)
         callback(st.step, job.raw_model, d.device)
     return 0
 
 
-def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which: str, hooks: Hooks,
-          stop: StopRequest) -> int:
-    """Build, resume, start the loader, run the loop; the loader is closed however it ends."""
+def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which: str, stop: StopRequest,
+          faults=None) -> int:
+    """Build, resume, start the loader, run the loop; the loader is closed however it ends.
+    `faults`: a test's fault injection (muse/testing/faults.py), None in a real run."""
     t, data_dir = cfg.train, dataset_dir(cfg)
     if t.verify != "none":
         verify_shards(storage, data_dir, manifest, sha256=t.verify == "sha256", rank=d.rank, world=d.world)
     ds = dataset(cfg, data_dir, d)  # before build: train.epochs counts its batches
     job = build(cfg, manifest, d, ds.batches_per_epoch)
     st, rel = resume(job, storage, which)
-    changed = check_data_change(cfg, manifest, st, storage.url(rel or ""), d)
+    changed = check_data_change(cfg, ds, st, storage.url(rel or ""), d)
     records = [r for r in checkpoint.read_metrics(storage, t.run_name) if r["step"] <= st.step] if rel else []
     if changed:  # in metrics.jsonl with the next checkpoint
         records.append({"step": st.step, "event": "new_pass", "data_pass": st.data_pass, "changes": changed})
     tracker = tracking.Tracker.start(cfg, storage, d.rank, st.step)  # TensorBoard (+ wandb) on rank 0
     batches = None
     try:
-        batches, pos = start_loader(cfg, ds, d, st)
-        if st.rng:  # after the loader started: its iterator draws a base seed from the global RNG
-            set_rng_state(st.rng[d.rank], job.gen)
+        batches = start_loader(cfg, ds, d, st)
+        # after the loader started: its iterator draws a base seed from the global RNG
+        if st.rng and (note := set_rng_state(st.rng[d.rank], job.gen)):
+            d.log(f"step {st.step}: {note}")
         d.log(f"model {cfg.model.kind} {sum(p.numel() for p in job.raw_model.parameters()) / 1e6:.2f}M params | "
               f"world {d.world} x batch {t.batch_size} x accum {t.grad_accum} = global batch {job.global_batch} | "
               f"{job.total_steps} steps | precision {job.amp_dtype or 'fp32'} | "
@@ -591,7 +374,7 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
         if st.step >= job.total_steps:
             d.log(f"nothing to do: {rel} is at step {st.step} of {job.total_steps} "
                   "(raise train.max_steps or --resume none)")
-        return train_loop(job, st, batches, pos, storage, records, tracker, hooks, stop)
+        return train_loop(job, st, batches, ds, storage, records, tracker, stop, faults)
     finally:
         if batches is not None:
             close_loader(batches)
@@ -611,7 +394,7 @@ def load_job(args) -> tuple[PipelineConfig, Storage, dict]:
     cfg = load_config(args.config, args.overrides)
     storage = Storage.from_config(cfg)
     manifest = read_manifest(storage, dataset_dir(cfg))
-    tracking.require(cfg)  # num_workers vs loader_streams: validated by the config at load
+    tracking.require(cfg)  # tensorboard (and a configured wandb) installed, before the job starts
     return cfg, storage, manifest
 
 
@@ -620,7 +403,8 @@ def fail(e: Exception, rc: int = 2) -> int:
     return rc
 
 
-def main(argv=None) -> int:
+def main(argv=None, faults=None) -> int:
+    """`python -m muse.train`; the tests pass `faults` (see `train`)."""
     args = parse_args(argv)
     try:
         cfg, storage, manifest = load_job(args)
@@ -628,10 +412,10 @@ def main(argv=None) -> int:
         return fail(e)
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a torchrun rank, in a session of its own: die with it
         exit_with_parent("torchrun")
-    d = setup_distributed(cfg.train.device)
+    d = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
         with StopRequest().installed() as stop:
-            return train(cfg, storage, manifest, d, args.resume, Hooks.from_env(), stop)
+            return train(cfg, storage, manifest, d, args.resume, stop, faults)
     except (ConfigError, DataError, CheckpointError) as e:
         return fail(e)
     finally:

@@ -12,8 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from muse import checkpoint
-from muse.data import (DataError, StreamingDataset, Unit, in_eval_slice, list_units, loader_changes,
-                       loader_fingerprint, verify_shards, worker_init)
+from muse.data import (DataError, LoaderSettings, StreamingDataset, Unit, in_eval_slice, list_units,
+                       loader_changes, loader_fingerprint, verify_shards, worker_init)
 from muse.layout import MANIFEST, SHARD_TABLE, read_manifest
 from muse.testing.datasets import write_test_dataset
 from muse.storage import Storage
@@ -21,17 +21,14 @@ from muse.storage import Storage
 DIR = "encoded/v1"
 
 
-def _take(root, n, workers=0, state=None, **kw):
+def _take(root, n, workers=0, state=None, rank=0, world_size=1, **kw):
     opts = dict(seed=3, shuffle_buffer=10, batch_size=4, streams=4) | kw
-    ds = StreamingDataset(root, DIR, **opts)
+    ds = StreamingDataset(root, DIR, LoaderSettings(**opts), rank, world_size)
     if state:
-        ds.load_state(state)
+        ds.load_state_dict(state)
     dl = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None)
-    batches, streams = [], {}
-    for b in itertools.islice(dl, n):
-        batches.append(b)
-        streams[b["_stream"]] = StreamingDataset.state_json(b["_state"])
-    return batches, {"batch": batches[-1]["_batch"] + 1, "streams": streams}
+    batches = [ds.consume(b) for b in itertools.islice(dl, n)]
+    return batches, ds.state_dict()
 
 
 def test_batches_cover_manifest_rows_only_and_pad(any_root):
@@ -134,7 +131,7 @@ def test_corrupt_shard_error_names_shard_and_row_group(tmp_path):
     storage.write_bytes(f"{DIR}/00000.parquet", data[: len(data) // 2])
     with pytest.raises(DataError, match=r"00000.parquet row group \d: unreadable \(ArrowInvalid.*muse encode"):
         _take(root, 1, streams=2)
-    ds = StreamingDataset(root, DIR, seed=3, shuffle_buffer=4, batch_size=2, streams=2)
+    ds = StreamingDataset(root, DIR, LoaderSettings(seed=3, shuffle_buffer=4, batch_size=2, streams=2))
     batch = next(iter(DataLoader(ds, batch_size=None, num_workers=2, worker_init_fn=worker_init)))
     assert "00000.parquet row group" in batch["_error"] and "\n" not in batch["_error"]
 
@@ -164,13 +161,14 @@ def test_each_epoch_sees_every_row_once_across_ranks(tmp_path, world, workers):
     keys = _uneven(Storage(root), [13, 7, 20])  # 40 rows, row groups of 4 with tails of 1 and 3
     per_epoch = [collections.Counter() for _ in range(epochs)]
     for rank in range(world):
-        ds = StreamingDataset(root, DIR, rank=rank, world_size=world, seed=5, shuffle_buffer=6, batch_size=2,
-                              streams=2)
+        ds = StreamingDataset(root, DIR, LoaderSettings(seed=5, shuffle_buffer=6, batch_size=2, streams=2),
+                              rank, world)
         m = ds.batches_per_epoch
         assert m % 2 == 0 and ds.dropped_rows == 40 - world * m * 2 and 0 <= ds.dropped_rows < world * 2 * 2
         dl = DataLoader(ds, batch_size=None, num_workers=workers, worker_init_fn=worker_init if workers else None)
         for b in itertools.islice(dl, epochs * m):
-            per_epoch[b["_batch"] // m].update(b["keys"])
+            keys_of = ds.consume(b)["keys"]
+            per_epoch[(ds.next_batch - 1) // m].update(keys_of)
     for seen in per_epoch:
         assert set(seen) <= keys and max(seen.values()) == 1 and sum(seen.values()) == 40 - ds.dropped_rows
     total = sum(per_epoch, collections.Counter())
@@ -186,8 +184,8 @@ def test_plan_counts_filtered_rows_and_whole_optimizer_steps(tmp_path):
     root = str(tmp_path / "root")
     keys = _uneven(Storage(root), [10, 17], replaced_every=3)
     replaced = {f"{s:05d}{i:04d}" for s, n in enumerate([10, 17]) for i in range(0, n, 3)}
-    ds = StreamingDataset(root, DIR, seed=1, shuffle_buffer=5, batch_size=1, streams=2, grad_accum=3,
-                          replaced_rows="drop", eval_holdout=0.2)
+    ds = StreamingDataset(root, DIR, LoaderSettings(seed=1, shuffle_buffer=5, batch_size=1, streams=2, grad_accum=3,
+                                                    replaced_rows="drop", eval_holdout=0.2))
     held = {k for k in keys if in_eval_slice(k, 0.2)}
     left = keys - replaced - held
     assert held and ds.train_rows == len(left) and ds.batches_per_epoch == len(left) // 6 * 6
@@ -215,8 +213,8 @@ def test_recorded_trainable_counts_equal_reading_and_start_reads_no_row_group(tm
     monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, *a, **kw: reads.append(a) or real(self, *a, **kw))
     for (f, drop), want in truth.items():
         reads.clear()
-        ds = StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=f,
-                              replaced_rows="drop" if drop else "keep")
+        ds = StreamingDataset(root, DIR, LoaderSettings(batch_size=1, streams=1, eval_holdout=f,
+                                                        replaced_rows="drop" if drop else "keep"))
         assert ds.counts.tolist() == want
         assert len(reads) == (24 if f == 0.2 else 0)  # 0.2 is not recorded: read, as before
     header = st.read_json(f"{DIR}/{MANIFEST}")  # a table written before the counts: read them
@@ -227,8 +225,8 @@ def test_recorded_trainable_counts_equal_reading_and_start_reads_no_row_group(tm
     st.write_json(f"{DIR}/{MANIFEST}", header | {"shard_table": header["shard_table"] | {
         "sha256": hashlib.sha256(buf.getvalue()).hexdigest()}})
     reads.clear()
-    assert StreamingDataset(root, DIR, batch_size=1, streams=1, eval_holdout=0.05,
-                            replaced_rows="drop").counts.tolist() == truth[0.05, True] and len(reads) == 24
+    assert StreamingDataset(root, DIR, LoaderSettings(batch_size=1, streams=1, eval_holdout=0.05, replaced_rows="drop")
+                            ).counts.tolist() == truth[0.05, True] and len(reads) == 24
 
 
 def _fingerprint(ids, changed=()):
@@ -274,7 +272,7 @@ def test_too_little_data_for_the_streams_is_a_clear_error(tmp_path):
     root = str(tmp_path / "root")
     write_test_dataset(Storage(root), DIR, shards=1, rows=8, row_group_size=4)
     with pytest.raises(DataError, match="lower train.loader_streams or train.batch_size"):
-        StreamingDataset(root, DIR, batch_size=4, streams=4)
+        StreamingDataset(root, DIR, LoaderSettings(batch_size=4, streams=4))
 
 
 @pytest.mark.slow  # a training job
@@ -307,9 +305,9 @@ def test_states_of_the_old_loader_are_refused_clearly(tmp_path):
                              replaced_rows="keep", grad_accum=2)
     old = {k: v for k, v in now.items() if k not in ("loader_version", "grad_accum")}
     assert loader_changes(old, now) == ["loader version None -> 2", "train.grad_accum None -> 2"]
-    ds = StreamingDataset(root, DIR, batch_size=4, streams=2)
+    ds = StreamingDataset(root, DIR, LoaderSettings(batch_size=4, streams=2))
     with pytest.raises(DataError, match="older loader.*on_data_change=new_pass"):
-        ds.load_state({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
+        ds.load_state_dict({"batch": 3, "streams": {"0": {"pos": 2, "rng": {}, "buffer": []}}})
 
 
 def test_loader_changes_name_shards_in_id_order():

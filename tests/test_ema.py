@@ -9,6 +9,7 @@ from safetensors.torch import load_file
 
 from muse import checkpoint, train
 from muse.config import load_config
+from muse.distributed import Dist
 from muse.models import load_pretrained
 from muse.sample import load_checkpoint_model
 from muse.storage import Storage
@@ -35,7 +36,7 @@ def trained(tmp_path):
     config = tiny_config(tmp_path, str(tmp_path / "root"), ema=True, ema_decay=DECAY, grad_accum=1,
                          max_steps=3, lr=0.05, warmup_steps=0)
     cfg, manifest = load_config(config), make_data(config, shards=1, rows=8)
-    job = train.build(cfg, manifest, train.Dist())
+    job = train.build(cfg, manifest, Dist())
     st, gen = checkpoint.TrainState(), torch.Generator().manual_seed(1)
     weights = [[p.detach().clone() for p in job.raw_model.parameters()]]
     for _ in range(3):
@@ -68,7 +69,7 @@ def test_ema_is_the_hand_computed_average_and_is_saved_beside_the_model(trained)
 
 def test_resume_restores_the_ema_exactly(trained):
     cfg, manifest, job, _, storage, rel = trained
-    fresh = train.build(cfg, manifest, train.Dist())
+    fresh = train.build(cfg, manifest, Dist())
     assert not all(torch.equal(a, b) for a, b in zip(fresh.ema, job.ema))
     st, where = train.resume(fresh, storage, "latest")
     assert where == rel and st.step == 3

@@ -22,7 +22,7 @@ from muse.encode import EncodeError, plan_encode, run_encode
 from muse.encode.shards import Encoders, finalize_manifest
 from muse.encode.image import load_paella, load_vq
 from muse.encode.text import TextEncoder
-from muse.data import StreamingDataset, recorded_counts
+from muse.data import LoaderSettings, StreamingDataset, recorded_counts
 from muse.layout import dataset_dir, make_key, read_manifest, shard_name, t5_from_bytes
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_shard
@@ -149,7 +149,7 @@ def test_sparse_shard_ids_past_five_digits(tmp_path, tiny_encoders):
     keys = pq.read_table(io.BytesIO(storage.read_bytes(shard_name(ds, 123456)))).column("key").to_pylist()
     assert keys == [make_key(123456, i, 3) for i in range(3)] == ["12345600000", "12345600001", "12345600002"]
     assert plan_encode(cfg, storage) == []
-    loader = StreamingDataset(storage.uri, ds, batch_size=2, streams=1, shuffle_buffer=4)
+    loader = StreamingDataset(storage.uri, ds, LoaderSettings(batch_size=2, streams=1, shuffle_buffer=4))
     assert sum(u.rows for u in loader.units) == 12
     assert set(next(iter(loader))["keys"]) <= {make_key(s, i, 3) for s in SPARSE for i in range(3)}
 

@@ -108,7 +108,7 @@ def test_torchrun_output_reaches_the_run_log_and_a_failure_ends_with_its_last_li
     from prefect.client.schemas.filters import LogFilter, LogFilterTaskRunId
 
     from flows.train import train_flow
-    from muse.train import TrainError
+    from muse.launch import TrainError
 
     state = train_flow(config, ["train.device=cpu", "train.nproc_per_node=1"], target="local", return_state=True)
     assert state.is_failed()

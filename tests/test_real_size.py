@@ -99,20 +99,22 @@ def stage_train(d: Path, kind: str) -> dict:
     import torch
 
     from muse import checkpoint, train
+    from muse.data import close_loader
+    from muse.distributed import Dist
     from muse.config import load_config
     from muse.layout import dataset_dir, read_manifest
     from muse.sample import generate
     from muse.storage import Storage
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    cfg, dist, clock = load_config(config(d, kind)), train.Dist(), Clock()
+    cfg, dist, clock = load_config(config(d, kind)), Dist(), Clock()
     manifest = read_manifest(Storage.from_config(cfg), dataset_dir(cfg))
     ds = train.dataset(cfg, dataset_dir(cfg), dist)
     job = train.build(cfg, manifest, dist, ds.batches_per_epoch)
     clock("build")
-    batches, pos = train.start_loader(cfg, ds, dist, checkpoint.TrainState())
-    batch = pos.consumed(next(batches))
-    train.close_loader(batches)
+    batches = train.start_loader(cfg, ds, dist, checkpoint.TrainState())
+    batch = ds.consume(next(batches))
+    close_loader(batches)
     before = job.raw_model.head.weight.detach().clone()
     job.model.train()
     loss = train.forward_backward(job, batch, sync=True, poison=False)

@@ -20,8 +20,9 @@ PAUSE = 2
 
 
 def _start_cli(config, trace, **env):
-    """`muse train` in a session of its own (as a shell runs a job), two ranks paused at step 2."""
-    cmd = [sys.executable, "-m", "muse.cli", "train", "--config", str(config),
+    """`muse train` in a session of its own (as a shell runs a job), two ranks paused at step 2
+    (`muse.testing.faults cli` is `muse` with the ranks' faults from the environment)."""
+    cmd = [sys.executable, "-m", "muse.testing.faults", "cli", "train", "--config", str(config),
            "--set", "train.nproc_per_node=2"]
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1",
                 "MUSE_TRACE": str(trace), "MUSE_PAUSE_AT_STEP": str(PAUSE), **env}

@@ -8,6 +8,7 @@ import torch
 
 from muse import checkpoint, train
 from muse.config import load_config
+from muse.distributed import Dist
 from muse.storage import Storage
 from tests.train_helpers import make_data, run_train, tiny_config
 
@@ -125,14 +126,14 @@ def test_fp32_fallback_is_persisted_and_precision_change_resumes(tmp_path):
     cfg, storage = load_config(config), _storage(config)
     assert checkpoint.latest(storage, "t")
     # an fp16 run (enabled scaler) resuming the fp32 checkpoint: on main load_state_dict({}) raised
-    job = train.build(cfg, manifest, train.Dist())
+    job = train.build(cfg, manifest, Dist())
     job.scaler, job.amp_dtype = torch.amp.GradScaler("cpu", enabled=True), torch.float16
     st, _ = train.resume(job, storage, "latest")
     assert st.step == 2 and job.scaler.is_enabled() and job.amp_dtype == torch.float16
     # a checkpoint written after the fp32 fallback resumes in fp32
     st.fp32_fallback = True
     checkpoint.save(storage, "t", job.raw_model, st, cfg.to_yaml(), 3)
-    job = train.build(cfg, manifest, train.Dist())
+    job = train.build(cfg, manifest, Dist())
     job.scaler, job.amp_dtype = torch.amp.GradScaler("cpu", enabled=True), torch.float16
     st, _ = train.resume(job, storage, "latest")
     assert st.fp32_fallback and job.amp_dtype is None and not job.scaler.is_enabled()
@@ -163,3 +164,19 @@ def test_resume_checks_the_data_and_loader_settings_and_can_start_a_new_pass(tmp
     # the new pass resumes exactly from here on: same data, same settings
     out = run_train(config, "--set", "train.max_steps=6")
     assert out.returncode == 0 and "new pass" not in out.stdout, out.stdout + out.stderr
+
+
+def test_the_collective_timeout_is_train_dist_timeout_s(tmp_path, monkeypatch):
+    """Issue 25, crash 7: NCCL's 10-minute default killed jobs while rank 0 alone wrote a large
+    checkpoint; the job's process group takes train.dist_timeout_s (default 30 minutes)."""
+    import datetime
+
+    from muse import distributed
+
+    seen = {}
+    monkeypatch.setattr(distributed.dist, "init_process_group", lambda backend, **kw: seen.update(kw, backend=backend))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    cfg = load_config(tiny_config(tmp_path, "r", dist_timeout_s=90))
+    d = distributed.setup_distributed("cpu", cfg.train.dist_timeout_s)
+    assert d.ddp and seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=90)}
+    assert load_config(tiny_config(tmp_path, "r")).train.dist_timeout_s == 1800

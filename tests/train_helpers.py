@@ -13,6 +13,7 @@ import yaml
 from muse.config import load_config
 from muse.layout import dataset_dir
 from muse.storage import Storage
+from muse.testing import faults
 from muse.testing.datasets import write_test_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,8 +45,10 @@ def make_data(config_path: Path, **kw) -> dict:
 
 def run_train(config_path: Path, *extra: str, nproc: int = 0, env: dict | None = None,
               wait: bool = True, timeout: int = 240):
-    """`python -m muse.train` (nproc=0) or `torchrun --nproc-per-node=N -m muse.train`."""
-    cmd = [sys.executable, "-m", "muse.train", "--config", str(config_path), *extra]
+    """`python -m muse.train` (nproc=0) or `torchrun --nproc-per-node=N -m muse.train`; with a
+    fault of muse/testing/faults.py in `env` (MUSE_TRACE, ...), that module instead."""
+    module = faults.MODULE if set(env or {}) & set(faults.ENV_VARS) else "muse.train"
+    cmd = [sys.executable, "-m", module, "--config", str(config_path), *extra]
     if nproc:
         cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
                "--standalone", *cmd[1:]]

@@ -11,5 +11,7 @@ offline on a CPU and still show that it learns:
   (or of a folder's files, for the demo);
 - `image_shards`: `write_image_shard`, phase-1 shards written directly for the encode tests;
 - `demo`: the demo (`make demo`, `flows/demo.py`): the shapes world through the whole pipeline,
-  scored, and its `muse eval` metric.
+  scored, and its `muse eval` metric;
+- `faults`: the trainer's fault injection (NaN steps, a per-step trace, a pause), run as
+  `python -m muse.testing.faults` in place of `python -m muse.train`.
 """

@@ -1,0 +1,51 @@
+"""`muse train`: the parent of the training job. It runs torchrun, which starts one
+`python -m muse.train` rank per GPU; this process only owns the job and reports how it ended.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import deque
+from collections.abc import Callable
+
+import torch
+
+from muse.config import PipelineConfig
+from muse.lifecycle import run_owned
+
+TAIL_LINES = 40  # of the job's output, in the error when the flow streamed it
+TRAINER_MODULE = "muse.train"  # what each rank runs (`python -m`); the tests' fault injection swaps it
+
+
+class TrainError(RuntimeError):
+    """The training job failed; its own log says why."""
+
+
+def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest",
+           on_line: Callable[[str], None] | None = None) -> None:
+    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node), owning the job:
+    SIGTERM or Ctrl-C makes the ranks checkpoint and stop while this waits; if this process is
+    killed, torchrun and the ranks die too (see muse/lifecycle.py). With `on_line` (the Prefect
+    flow), the job's output goes to it line by line and a failure's error ends with its last lines."""
+    n = cfg.train.nproc_per_node
+    if n in ("auto", "gpu"):
+        n = str(max(torch.cuda.device_count(), 1))
+    # --standalone: a free local rendezvous port; multi-node runs call torchrun directly
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+           "-m", TRAINER_MODULE, "--config", str(config_path), "--resume", resume]
+    for o in overrides:
+        cmd += ["--set", o]
+    print("muse train:", " ".join(cmd), file=sys.stderr, flush=True)
+    tail: deque[str] = deque(maxlen=TAIL_LINES)
+
+    def keep(line: str) -> None:
+        tail.append(line)
+        on_line(line)
+
+    rc, stopped_by = run_owned(cmd, on_line=keep if on_line else None)
+    last = ("; its last lines:\n" + "\n".join(tail)) if tail else " (see the log above)"
+    if stopped_by and rc == 0:
+        raise TrainError(f"stopped by {stopped_by} after the ranks wrote a checkpoint: "
+                         f"`muse train` resumes from it{last}")
+    if rc:
+        raise TrainError(f"training failed: torchrun exited with code {rc}{last}")
