@@ -215,8 +215,11 @@ class WandbConfig(_Section):
 
 class TrainConfig(_Section):
     run_name: str = "muse"
-    batch_size: int = Field(16, ge=1, description="per device, per micro-step")
+    batch_size: Union[PositiveInt, Literal["auto"]] = Field(
+        16, description="per device, per micro-step; auto: the largest that fits the GPU (needs global_batch)")
     grad_accum: int = Field(32, ge=1)
+    global_batch: Optional[PositiveInt] = Field(
+        None, description="samples per optimizer step over all ranks; set: grad_accum follows from it")
     epochs: int = Field(1, ge=1)
     max_steps: Optional[int] = Field(None, ge=1, description="optimizer steps; stops early")
     lr: float = Field(1e-4, gt=0)
@@ -273,6 +276,16 @@ class TrainConfig(_Section):
         if self.loader_streams % max(self.num_workers, 1):
             raise ValueError(f"train.num_workers ({self.num_workers}) must divide train.loader_streams "
                              f"({self.loader_streams}): change one of them")
+        return self
+
+    @model_validator(mode="after")
+    def _batch(self) -> "TrainConfig":
+        if self.batch_size == "auto" and self.global_batch is None:
+            raise ValueError("train.batch_size: auto needs train.global_batch (samples per optimizer step, "
+                             "all ranks): the micro-batch is chosen to fit, the global batch stays yours")
+        if self.global_batch is not None and "grad_accum" in self.model_fields_set:
+            raise ValueError("set train.global_batch or train.grad_accum, not both (with global_batch, "
+                             "grad_accum = global_batch / (batch_size x ranks))")
         return self
 
 

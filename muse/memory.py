@@ -13,8 +13,6 @@ from dataclasses import dataclass
 
 import torch
 
-from muse.models import build_model
-
 GiB = 1024 ** 3
 
 
@@ -43,6 +41,8 @@ def activation_bytes_per_sample(model_cfg, text_len: int = 77, dtype: torch.dtyp
                                 checkpointing: bool = False, device: str = "meta") -> int:
     """One sample's saved activations in training (bytes), the model in `dtype` (bf16 stands
     for mixed precision's matmul outputs), measured on `device` ("meta": nothing allocated)."""
+    from muse.models import build_model
+
     with torch.device(device):
         model = build_model(model_cfg).to(dtype)
     model.train()
@@ -79,6 +79,8 @@ def plan_batch(model_cfg, global_batch: int, free_bytes: int, *, ema: bool = Fal
     """The largest micro-batch dividing `global_batch` (per rank) whose activations and the
     training state fit `headroom` of `free_bytes`; the rest of the global batch is accumulation.
     Raises ValueError with the arithmetic when not even one sample fits."""
+    from muse.models import build_model
+
     with torch.device("meta"):
         num_params = sum(p.numel() for p in build_model(model_cfg).parameters())
     per_sample = activation_bytes_per_sample(model_cfg, text_len, checkpointing=checkpointing)
@@ -93,3 +95,40 @@ def plan_batch(model_cfg, global_batch: int, free_bytes: int, *, ema: bool = Fal
                          f"{per_sample / GiB:.3f} GiB per sample > {budget / GiB:.2f} GiB "
                          f"({headroom:.0%} of {free_bytes / GiB:.2f} GiB free){hint}")
     return plan
+
+
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free on a CUDA device now (None on the CPU: no budget to plan against)."""
+    return torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+
+
+def resolve_batch(cfg, world: int, free_bytes: int | None):
+    """`train.global_batch` (and `batch_size: auto`) -> a config with integer `batch_size` and
+    `grad_accum` whose product x `world` is the global batch, and a line saying why (None when
+    the config already spelled both out). `free_bytes`: the least free memory of any rank."""
+    from muse.config import ConfigError
+
+    t = cfg.train
+    if t.global_batch is None:
+        return cfg, None
+    per_rank, rem = divmod(t.global_batch, world)
+    if rem:
+        raise ConfigError(f"train.global_batch={t.global_batch} is not a multiple of the {world} ranks")
+    if t.batch_size != "auto":
+        micro, why = t.batch_size, f"train.batch_size {t.batch_size}"
+    elif free_bytes is None:  # CPU: memory is not the limit; the recipe's micro-batch of 16 or less
+        micro = max(d for d in range(1, min(16, per_rank) + 1) if per_rank % d == 0)
+        why = "batch_size auto on CPU: the largest divisor of the per-rank batch up to 16"
+    else:
+        try:
+            plan = plan_batch(cfg.model, per_rank, free_bytes, ema=t.ema, world=world,
+                              checkpointing=t.activation_checkpointing, text_len=cfg.encode.text_max_length)
+        except ValueError as e:
+            raise ConfigError(f"train.batch_size auto: {e}") from None
+        micro, why = plan.micro_batch, plan.explain()
+    if per_rank % micro:
+        raise ConfigError(f"train.global_batch={t.global_batch} over {world} rank(s) is {per_rank} per rank, "
+                          f"not a multiple of train.batch_size={micro}")
+    train = t.model_copy(update={"batch_size": micro, "grad_accum": per_rank // micro, "global_batch": None})
+    return cfg.model_copy(update={"train": train}), (f"global batch {t.global_batch} = {world} rank(s) x "
+                                                     f"batch {micro} x accum {per_rank // micro} ({why})")

@@ -29,14 +29,12 @@ from muse.config import ConfigError, PipelineConfig, load_config
 from muse.data import (DataError, LoaderSettings, StreamingDataset, close_loader, loader_changes, verify_shards,
                        worker_init)
 from muse.distributed import Dist, StopRequest, setup_distributed
+from muse.gpus import amp_dtype, peak_flops
 from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.lifecycle import exit_with_parent
+from muse.memory import free_memory, resolve_batch
 from muse.storage import Storage
 from muse.train_callbacks import StepCallback
-
-# bf16 dense peak FLOP/s for MFU; unknown GPUs report no MFU rather than a wrong one.
-PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
-
 
 # ----------------------------------------------------------------------------- the job's pieces
 
@@ -112,13 +110,15 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int =
     torch.manual_seed(t.seed)  # same init on every rank; per-rank streams below
     raw_model = build_model(cfg.model).to(d.device)
     check_data(cfg, manifest, raw_model)
-    model = torch.compile(raw_model) if t.compile else raw_model
-    if d.ddp:
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.cuda else None)
-    # precision: bf16 autocast where supported, else fp16 + GradScaler; CPU runs fp32
-    amp_dtype = None
-    if t.mixed_precision and d.cuda:
-        amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    raw_model.activation_checkpointing = t.activation_checkpointing
+    model = raw_model
+    if d.ddp:  # gradients live in DDP's buckets: no second copy of them
+        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.cuda else None,
+                                                          gradient_as_bucket_view=True)
+    model = torch.compile(model) if t.compile else model  # compile(DDP): DDP's graph breaks overlap comms
+    if d.cuda:  # fp32 matmuls (mixed_precision off, the fp32 fallback) on tensor cores
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    precision = amp_dtype(d.device, t.mixed_precision)  # bf16, fp16 + GradScaler on T4/V100, or fp32
     global_batch = t.batch_size * t.grad_accum * d.world
     if not (t.max_steps or batches_per_epoch):
         raise ValueError("build: train.epochs needs the loader's batches_per_epoch")
@@ -126,7 +126,7 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int =
     total_steps = t.max_steps or t.epochs * batches_per_epoch // t.grad_accum
     optimizer, scheduler = build_optimizer(cfg, raw_model, total_steps, fused=d.cuda)
     return Job(cfg, d, raw_model, model, optimizer, scheduler,
-               torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16), amp_dtype,
+               torch.amp.GradScaler("cuda", enabled=precision == torch.float16), precision,
                ema.init(raw_model) if t.ema else None,
                torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank),
                empty_caption(manifest).to(d.device), total_steps, global_batch, batches_per_epoch)
@@ -215,7 +215,7 @@ def start_loader(cfg: PipelineConfig, ds: StreamingDataset, d: Dist, st: TrainSt
 
 def forward_backward(job: Job, batch: dict, sync: bool, poison: bool) -> torch.Tensor:
     """One micro-step: condition dropout, masking, loss / grad_accum, backward -> detached loss."""
-    from muse.masking import drop_condition, mask_tokens, masked_loss
+    from muse.masking import drop_condition, mask_tokens, masked_loss, pad_to
 
     t, dev = job.cfg.train, job.d.device
     target_key, low_key = ("vq64", "vq16") if job.cfg.model.kind == "superres" else ("vq16", None)
@@ -226,12 +226,15 @@ def forward_backward(job: Job, batch: dict, sync: bool, poison: bool) -> torch.T
     weights = batch["weights"].to(dev) if "weights" in batch else None
     empty_mask = torch.ones(1, job.empty.shape[0], dtype=torch.bool, device=dev)
     hidden, attn, _ = drop_condition(hidden, attn, job.empty, empty_mask, t.cond_dropout, job.gen)
+    if t.compile:  # one text length for every batch: no recompile per caption length
+        L = max(job.cfg.encode.text_max_length, hidden.shape[1])
+        hidden, attn = pad_to(hidden, L, 1), pad_to(attn, L, 1)
     input_ids, mask = mask_tokens(targets, job.raw_model.config.mask_token_id, job.gen)
     # DDP all-reduces gradients only on the last micro-step
     with contextlib.nullcontext() if sync or not job.d.ddp else job.model.no_sync():
         with torch.autocast(dev.type, dtype=job.amp_dtype, enabled=job.amp_dtype is not None):
             logits = job.model(input_ids, hidden, attn, low)
-        loss = masked_loss(logits.float(), targets, mask, t.label_smoothing, weights) / t.grad_accum
+        loss = masked_loss(logits, targets, mask, t.label_smoothing, weights) / t.grad_accum  # fp32 rows
         if poison:
             loss = loss * float("nan")
         job.scaler.scale(loss).backward()
@@ -281,8 +284,7 @@ def too_many_nonfinite(job: Job, st: TrainState) -> bool:
 def throughput(job: Job, samples: int, seconds: float) -> dict:
     out = {"samples_per_s": samples / max(seconds, 1e-9)}
     out["tokens_per_s"] = out["samples_per_s"] * job.raw_model.config.grid_size ** 2
-    name = torch.cuda.get_device_name() if job.d.cuda else ""
-    peak = next((v for k, v in PEAK_FLOPS.items() if k in name), None)
+    peak = peak_flops(torch.cuda.get_device_name()) if job.d.cuda else None  # unknown GPU: no MFU
     if peak and hasattr(job.raw_model, "num_flops_per_sample"):
         out["mfu"] = job.raw_model.num_flops_per_sample() * out["samples_per_s"] / (peak * job.d.world)
     return out
@@ -414,6 +416,10 @@ def main(argv=None, faults=None) -> int:
         exit_with_parent("torchrun")
     d = setup_distributed(cfg.train.device, cfg.train.dist_timeout_s)
     try:
+        free = free_memory(d.device)  # train.global_batch / batch_size auto: every rank plans alike
+        cfg, why = resolve_batch(cfg, d.world, None if free is None else min(d.gather(free)))
+        if why:
+            d.log(why)
         with StopRequest().installed() as stop:
             return train(cfg, storage, manifest, d, args.resume, stop, faults)
     except (ConfigError, DataError, CheckpointError) as e:

@@ -179,3 +179,61 @@ def test_gpu_check_runs_at_tiny_sizes_on_cpu():
         rate = float(line[44:60].split()[0])
         assert rate > 0, line
     assert "ids agree with fp32" in out.stdout
+
+
+def _config(tmp_path, **train):
+    import yaml
+
+    from muse.config import load_config
+    from tests.train_helpers import tiny_config
+
+    path = tiny_config(tmp_path, str(tmp_path / "root"))
+    data = yaml.safe_load(path.read_text())
+    data["train"].pop("grad_accum")
+    data["train"].update(train)
+    path.write_text(yaml.safe_dump(data))
+    return path, load_config(path)
+
+
+def test_batch_auto_needs_a_global_batch_and_names_the_keys(tmp_path):
+    from muse.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.batch_size: auto needs train.global_batch"):
+        _config(tmp_path, batch_size="auto")
+    with pytest.raises(ConfigError, match="train.global_batch or train.grad_accum, not both"):
+        _config(tmp_path, global_batch=64, grad_accum=4)
+
+
+def test_resolve_batch_keeps_the_global_batch(tmp_path):
+    from muse.config import ConfigError, PipelineConfig
+    from muse.memory import activation_bytes_per_sample, resolve_batch
+
+    _, cfg = _config(tmp_path, batch_size="auto", global_batch=96)
+    cpu, why = resolve_batch(cfg, 2, None)  # 48 per rank: the largest divisor up to 16
+    assert (cpu.train.batch_size, cpu.train.grad_accum, cpu.train.global_batch) == (16, 3, None)
+    assert "global batch 96 = 2 rank(s) x batch 16 x accum 3" in why
+    assert PipelineConfig.model_validate(cpu.model_dump()).train.batch_size == 16  # a valid config
+    per = activation_bytes_per_sample(cfg.model, cfg.encode.text_max_length, checkpointing=False)
+    gpu, why = resolve_batch(cfg, 1, 10 * per)  # a GPU's free bytes: state is tiny, ~8 samples fit
+    assert gpu.train.batch_size * gpu.train.grad_accum == 96 and gpu.train.batch_size <= 8
+    assert "batch plan" in why
+    with pytest.raises(ConfigError, match="batch_size auto: not one sample fits"):
+        resolve_batch(cfg, 1, per // 2)
+    _, fixed = _config(tmp_path, batch_size=5, global_batch=96)
+    with pytest.raises(ConfigError, match="not a multiple of train.batch_size=5"):
+        resolve_batch(fixed, 1, None)
+    assert resolve_batch(cfg.model_copy(update={"train": cpu.train}), 1, None) == (
+        cfg.model_copy(update={"train": cpu.train}), None)  # already resolved: unchanged
+
+
+@pytest.mark.slow  # one torchrun job (~30 s)
+def test_trainer_resolves_auto_batch_and_checkpoints_activations(tmp_path):
+    from tests.train_helpers import make_data, run_train
+
+    path, _ = _config(tmp_path, batch_size="auto", global_batch=8, activation_checkpointing=True, max_steps=2)
+    make_data(path)
+    out = run_train(path, nproc=2)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    log = out.stdout + out.stderr
+    assert "global batch 8 = 2 rank(s) x batch 4 x accum 1" in log
+    assert "x batch 4 x accum 1 = global batch 8" in log
