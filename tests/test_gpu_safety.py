@@ -257,3 +257,32 @@ def test_the_superres_model_gets_its_own_default_batch(tmp_path):
     assert (mine.batch_size, mine.grad_accum) == (2, 128)  # a set value is kept
     repo = load_config("pipeline.yaml", ["model.kind=superres", "encode.superres=true", "download.image_size=512"])
     assert repo.train.batch_size == DEFAULT_BATCH["superres"][0]  # the shipped pipeline.yaml leaves it to the model
+
+
+def test_a_rank_that_gives_up_waiting_says_for_what(tmp_path):
+    """Two gloo ranks; rank 0 never reaches the barrier: rank 1's error names what it waited for."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "wait.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from muse.distributed import setup_distributed
+        d = setup_distributed("cpu", timeout_s=3)
+        if d.rank == 0:
+            time.sleep(8)
+        else:
+            try:
+                d.barrier("rank 0 to write the step-7 checkpoint")
+            except RuntimeError as e:
+                print("ERROR:", str(e).splitlines()[0], flush=True)
+    """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "rank 1: gave up waiting for rank 0 to write the step-7 checkpoint" in out.stdout + out.stderr, (
+        out.stdout[-2000:] + out.stderr[-2000:])
+    assert "train.dist_timeout_s" in out.stdout + out.stderr
