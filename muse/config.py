@@ -215,9 +215,10 @@ class WandbConfig(_Section):
 
 class TrainConfig(_Section):
     run_name: str = "muse"
-    batch_size: Union[PositiveInt, Literal["auto"]] = Field(
-        16, description="per device, per micro-step; auto: the largest that fits the GPU (needs global_batch)")
-    grad_accum: int = Field(32, ge=1)
+    batch_size: Union[PositiveInt, Literal["auto"], None] = Field(
+        None, description="per device, per micro-step; null: the model's default (DEFAULT_BATCH); "
+        "auto: the largest that fits the GPU (needs global_batch)")
+    grad_accum: Optional[PositiveInt] = Field(None, description="null: the model's default (DEFAULT_BATCH)")
     global_batch: Optional[PositiveInt] = Field(
         None, description="samples per optimizer step over all ranks; set: grad_accum follows from it")
     epochs: int = Field(1, ge=1)
@@ -283,7 +284,7 @@ class TrainConfig(_Section):
         if self.batch_size == "auto" and self.global_batch is None:
             raise ValueError("train.batch_size: auto needs train.global_batch (samples per optimizer step, "
                              "all ranks): the micro-batch is chosen to fit, the global batch stays yours")
-        if self.global_batch is not None and "grad_accum" in self.model_fields_set:
+        if self.global_batch is not None and self.grad_accum is not None:
             raise ValueError("set train.global_batch or train.grad_accum, not both (with global_batch, "
                              "grad_accum = global_batch / (batch_size x ranks))")
         return self
@@ -338,6 +339,12 @@ class ScheduleConfig(_Section):
     active: bool = True
 
 
+# (micro-batch, grad_accum) when train.batch_size / grad_accum are null: 512 samples per rank per
+# step either way (the Muse recipe). The super-res model keeps ~15x the base model's activations
+# per sample (docs/train.md "GPUs"): at 16 it fits no single GPU, at 4 a 40-80 GB one.
+DEFAULT_BATCH = {"base": (16, 32), "superres": (4, 128)}
+
+
 class PipelineConfig(_Section):
     storage: StorageConfig = Field(default_factory=StorageConfig)
     source: SourceConfig
@@ -351,6 +358,7 @@ class PipelineConfig(_Section):
 
     @model_validator(mode="after")
     def _check(self) -> "PipelineConfig":
+        self._default_batch()
         if self.encode.superres and self.download.image_size < 512:
             raise ValueError(
                 "encode.superres=true needs 512px images: set download.image_size >= 512 "
@@ -366,6 +374,15 @@ class PipelineConfig(_Section):
         if self.train.eval_every and not self.train.eval_holdout:
             raise ValueError("train.eval_every needs an eval slice: set train.eval_holdout > 0 (e.g. 0.01)")
         return self
+
+    def _default_batch(self) -> None:
+        """Null train.batch_size / grad_accum take the model kind's DEFAULT_BATCH (with
+        train.global_batch, grad_accum stays null: the trainer derives it)."""
+        micro, accum = DEFAULT_BATCH[self.model.kind]
+        if self.train.batch_size is None:
+            self.train.batch_size = micro
+        if self.train.grad_accum is None and self.train.global_batch is None:
+            self.train.grad_accum = accum
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)

@@ -83,9 +83,15 @@ class Dist:
         dist.all_reduce(t)
         return bool(t.item())
 
-    def barrier(self) -> None:
-        if self.ddp:
+    def barrier(self, waiting_for: str = "the other ranks") -> None:
+        """All ranks meet; a rank that waits longer than train.dist_timeout_s says for what."""
+        if not self.ddp:
+            return
+        try:
             dist.barrier()
+        except RuntimeError as e:  # gloo's timeout and NCCL's DistBackendError are RuntimeErrors
+            raise RuntimeError(f"rank {self.rank}: gave up waiting for {waiting_for} "
+                               f"(raise train.dist_timeout_s if that is expected to take longer): {e}") from e
 
     def close(self) -> None:
         if self.ddp and dist.is_initialized():
@@ -105,5 +111,7 @@ def setup_distributed(device: str = "auto", timeout_s: float = 1800.0) -> Dist:
     if cuda:
         torch.cuda.set_device(d.device)
     if d.ddp:
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s))
+        # device_id binds NCCL's communicator to this rank's GPU at once (no guessing, no hang)
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=d.device if cuda else None)
     return d

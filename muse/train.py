@@ -303,7 +303,7 @@ def save(job: Job, st: TrainState, ds: StreamingDataset, storage: Storage, recor
         checkpoint.write_metrics(storage, t.run_name, records)
         tracker.flush()
         d.log(f"step {st.step}: checkpoint {storage.url(where)}" + (" (final)" if final else ""))
-    d.barrier()
+    d.barrier(f"rank 0 to write the step-{st.step} checkpoint")
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -311,7 +311,7 @@ def save(job: Job, st: TrainState, ds: StreamingDataset, storage: Storage, recor
 def train_loop(job: Job, st: TrainState, batches, ds: StreamingDataset, storage: Storage, records: list,
                tracker, stop: StopRequest, faults=None) -> int:
     t, d = job.cfg.train, job.d
-    callback = StepCallback(job.cfg, storage, tracker, d.rank, d.ddp)
+    callback = StepCallback(job.cfg, storage, tracker, d)
     t0, samples = time.time(), 0
     while st.step < job.total_steps:
         job.model.train()

@@ -11,7 +11,6 @@ import io
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 from muse import checkpoint
 from muse.config import PipelineConfig
@@ -23,9 +22,10 @@ class StepCallback:
     """`callback(step, model, device)` after every optimizer step, on every rank (the other ranks
     wait at a barrier while rank 0 evaluates)."""
 
-    def __init__(self, cfg: PipelineConfig, storage: Storage, tracker, rank: int, ddp: bool):
+    def __init__(self, cfg: PipelineConfig, storage: Storage, tracker, d):
+        """`d`: the job's `muse.distributed.Dist`."""
         self.cfg, self.storage, self.tracker = cfg, storage, tracker
-        self.master, self.ddp = rank == 0, ddp
+        self.master, self.d = d.master, d
 
     def __call__(self, step: int, model, device: torch.device) -> None:
         t = self.cfg.train
@@ -34,8 +34,7 @@ class StepCallback:
         if t.eval_every and step % t.eval_every == 0:
             if self.master:
                 eval_best_effort(self.cfg, step, model, device, self.storage, self.tracker)
-            if self.ddp:  # the other ranks wait for rank 0's evaluation
-                dist.barrier()
+            self.d.barrier(f"rank 0's evaluation at step {step}")  # the other ranks wait for it
 
 
 def sample_best_effort(cfg: PipelineConfig, step: int, storage: Storage, tracker=None) -> None:

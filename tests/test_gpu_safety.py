@@ -237,3 +237,52 @@ def test_trainer_resolves_auto_batch_and_checkpoints_activations(tmp_path):
     log = out.stdout + out.stderr
     assert "global batch 8 = 2 rank(s) x batch 4 x accum 1" in log
     assert "x batch 4 x accum 1 = global batch 8" in log
+
+
+def test_the_superres_model_gets_its_own_default_batch(tmp_path):
+    """Super-res training ran out of memory at the base model's micro-batch of 16 (issue 25)."""
+    import yaml
+
+    from muse.config import DEFAULT_BATCH, load_config
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"source": {"paths": ["u.jsonl"]}, "download": {"image_size": 512},
+                                    "encode": {"superres": True}}))
+    base = load_config(path).train
+    sr = load_config(path, ["model.kind=superres"]).train
+    assert (base.batch_size, base.grad_accum) == DEFAULT_BATCH["base"] == (16, 32)
+    assert (sr.batch_size, sr.grad_accum) == DEFAULT_BATCH["superres"]
+    assert sr.batch_size < base.batch_size and sr.batch_size * sr.grad_accum == 512
+    mine = load_config(path, ["model.kind=superres", "train.batch_size=2"]).train
+    assert (mine.batch_size, mine.grad_accum) == (2, 128)  # a set value is kept
+    repo = load_config("pipeline.yaml", ["model.kind=superres", "encode.superres=true", "download.image_size=512"])
+    assert repo.train.batch_size == DEFAULT_BATCH["superres"][0]  # the shipped pipeline.yaml leaves it to the model
+
+
+def test_a_rank_that_gives_up_waiting_says_for_what(tmp_path):
+    """Two gloo ranks; rank 0 never reaches the barrier: rank 1's error names what it waited for."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+    from pathlib import Path
+
+    script = tmp_path / "wait.py"
+    script.write_text(textwrap.dedent("""
+        import time
+        from muse.distributed import setup_distributed
+        d = setup_distributed("cpu", timeout_s=3)
+        if d.rank == 0:
+            time.sleep(8)
+        else:
+            try:
+                d.barrier("rank 0 to write the step-7 checkpoint")
+            except RuntimeError as e:
+                print("ERROR:", str(e).splitlines()[0], flush=True)
+    """))
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--standalone",
+                          str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert "rank 1: gave up waiting for rank 0 to write the step-7 checkpoint" in out.stdout + out.stderr, (
+        out.stdout[-2000:] + out.stderr[-2000:])
+    assert "train.dist_timeout_s" in out.stdout + out.stderr
