@@ -240,6 +240,9 @@ class TrainConfig(_Section):
     compile: bool = False
     activation_checkpointing: bool = Field(False, description="recompute each block in the backward "
                                            "pass: ~1/3 more compute, a fraction of the activation memory")
+    grad_compression: Literal["none", "bf16", "fp16"] = Field(
+        "none", description="DDP all-reduces gradients in this dtype (halves the bytes between machines; "
+        "the optimizer still sees fp32 means)")
     seed: int = 0
     num_workers: int = Field(2, ge=0)
     shuffle_buffer: int = Field(2048, ge=1, description="rows per loader stream")

@@ -115,6 +115,11 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int =
     if d.ddp:  # gradients live in DDP's buckets: no second copy of them
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[d.local_rank] if d.cuda else None,
                                                           gradient_as_bucket_view=True)
+        if t.grad_compression == "bf16" and not d.cuda:
+            raise ConfigError("train.grad_compression: bf16 needs NCCL (CUDA GPUs); on CPU use fp16 or none")
+        if t.grad_compression != "none":  # across machines the all-reduce, not the GPU, is the bottleneck
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            model.register_comm_hook(None, getattr(default_hooks, f"{t.grad_compression}_compress_hook"))
     model = torch.compile(model) if t.compile else model  # compile(DDP): DDP's graph breaks overlap comms
     if d.cuda:  # fp32 matmuls (mixed_precision off, the fp32 fallback) on tensor cores
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True

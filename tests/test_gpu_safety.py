@@ -286,3 +286,38 @@ def test_a_rank_that_gives_up_waiting_says_for_what(tmp_path):
     assert "rank 1: gave up waiting for rank 0 to write the step-7 checkpoint" in out.stdout + out.stderr, (
         out.stdout[-2000:] + out.stderr[-2000:])
     assert "train.dist_timeout_s" in out.stdout + out.stderr
+
+
+@pytest.mark.slow  # two torchrun jobs (~40 s); bf16's hook needs NCCL, so gloo runs fp16
+@pytest.mark.parametrize("dtype", ["fp16"])
+def test_compressed_gradients_train_close_to_full_precision(tmp_path, dtype):
+    """train.grad_compression: the gradients cross the wire in half the bytes; the ranks stay
+    identical and the loss follows the uncompressed run's closely, not exactly."""
+    from muse.storage import Storage
+    from tests.train_helpers import make_data, read_trace, run_train, tiny_config
+
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=4, checkpoint_every=4)
+    make_data(config)
+    losses = {}
+    for mode in ("none", dtype):
+        trace = tmp_path / f"trace-{mode}"
+        out = run_train(config, "--set", f"train.run_name={mode}", "--set", f"train.grad_compression={mode}",
+                        nproc=2, env={"MUSE_TRACE": str(trace)})
+        assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+        r0, r1 = read_trace(trace, 0), read_trace(trace, 1)
+        assert [r0[s]["hash"] for s in sorted(r0)] == [r1[s]["hash"] for s in sorted(r1)]  # ranks agree
+        losses[mode] = [r0[s]["loss"] for s in sorted(r0)]
+        assert Storage(str(tmp_path / "root")).exists(f"checkpoints/{mode}/LATEST")
+    assert losses["none"][0] == losses[dtype][0]  # the first loss is computed before any all-reduce
+    assert losses["none"] != losses[dtype]
+    assert max(abs(a - b) for a, b in zip(losses["none"], losses[dtype])) < 0.05
+
+
+@pytest.mark.slow  # one torchrun job
+def test_bf16_gradient_compression_on_cpu_is_refused_naming_the_key(tmp_path):
+    from tests.train_helpers import make_data, run_train, tiny_config
+
+    config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=1, grad_compression="bf16")
+    make_data(config)
+    out = run_train(config, nproc=2)
+    assert out.returncode != 0 and "train.grad_compression: bf16 needs NCCL" in out.stdout + out.stderr
