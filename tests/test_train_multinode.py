@@ -10,6 +10,9 @@ import sys
 
 import pytest
 
+from muse.cli import main
+from muse.config import ConfigError, load_config
+from muse.launch import rendezvous_args
 from tests.train_helpers import REPO, make_data, tiny_config
 
 STEPS = 4  # checkpoints at 2 and 4
@@ -49,6 +52,35 @@ def _finish(*procs: subprocess.Popen, timeout: int = 240) -> list[str]:
 def _weights_sha(root, run: str, step: int) -> str:
     path = root / "checkpoints" / run / f"step-{step:08d}" / "model.safetensors"
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_one_node_stays_standalone_and_nodes_use_c10d(tmp_path):
+    config = tiny_config(tmp_path, "r")
+    assert rendezvous_args(load_config(config).train) == ["--standalone", "--nproc-per-node=1"]
+    node = lambda r: rendezvous_args(load_config(config, [  # noqa: E731
+        "train.nnodes=3", f"train.node_rank={r}", 'train.rdzv_endpoint="10.0.0.1:29400"',
+        "train.nproc_per_node=8"]).train)
+    assert node(0) == ["--nnodes=3", "--nproc-per-node=8", "--rdzv-backend=c10d", "--rdzv-endpoint=10.0.0.1:29400",
+                       "--rdzv-id=muse-t", "--rdzv-conf=is_host=true"]
+    assert node(2)[-1] == "--rdzv-conf=is_host=false"
+    assert "--rdzv-id=job7" in rendezvous_args(load_config(config, [
+        "train.nnodes=2", 'train.rdzv_endpoint="[fd00::1]:29400"', "train.rdzv_id=job7"]).train)
+
+
+@pytest.mark.parametrize("flags,says", [
+    (["--nnodes", "2"], "train.nnodes=2 needs train.rdzv_endpoint"),
+    (["--nnodes", "2", "--node-rank", "2", "--rdzv-endpoint", "h:29400"], "train.node_rank=2 but train.nnodes=2"),
+    (["--node-rank", "1"], "train.node_rank=1 but train.nnodes=1"),
+    (["--rdzv-endpoint", "h:29400"], "train.rdzv_endpoint / train.rdzv_id are for several machines"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h"], "train.rdzv_endpoint='h' is not HOST:PORT"),
+    (["--nnodes", "2", "--rdzv-endpoint", "h:70000"], "train.rdzv_endpoint='h:70000' is not HOST:PORT"),
+    (["--nnodes", "0"], "train.nnodes: Input should be greater than 0"),
+])
+def test_node_flags_are_checked_at_load_naming_the_key(tmp_path, capsys, flags, says):
+    config = tiny_config(tmp_path, str(tmp_path / "root"))
+    assert main(["train", "--config", str(config), *flags]) == 2
+    err = capsys.readouterr().err
+    assert says in err and err.startswith("muse train: invalid config"), err
 
 
 @pytest.mark.slow
