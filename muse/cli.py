@@ -31,6 +31,15 @@ SECTIONS = {
 }
 
 
+# `muse train` on several machines: each flag sets its train.* key (checked there, with the key named)
+NODE_FLAGS = {
+    "--nnodes": ("nnodes", int, "N", "machines in the job; run the same command on each"),
+    "--node-rank": ("node_rank", int, "R", "this machine, 0..N-1; node 0 hosts the rendezvous"),
+    "--rdzv-endpoint": ("rdzv_endpoint", str, "HOST:PORT", "node 0's address and a free port, reachable from every node"),
+    "--rdzv-id": ("rdzv_id", str, "ID", "the job's id, the same on every node (default muse-<run_name>)"),
+}
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -64,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "train":
             p.add_argument("--resume", default="latest",
                            help="'latest' (default), 'none', or a checkpoint path")
+            for flag, (key, type_, metavar, help_) in NODE_FLAGS.items():
+                p.add_argument(flag, type=type_, metavar=metavar, help=f"{help_} (train.{key})")
         if name == "sample":
             p.add_argument("--prompt", action="append", help="prompt text (repeatable)")
             p.add_argument("--prompts-file", help="one prompt per line; also writes a grid image")
@@ -74,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="checkpoint dir (default: latest of train.run_name)")
             p.add_argument("--max-samples", type=int, help="eval rows to score (default: eval.max_samples)")
     return parser
+
+
+def _node_overrides(args) -> list[str]:
+    """`muse train --nnodes 2 ...` as `--set train.nnodes=2 ...` (JSON-quoted strings stay strings)."""
+    import json
+
+    return [f"train.{key}={json.dumps(value)}" for flag, (key, *_) in NODE_FLAGS.items()
+            if (value := getattr(args, flag[2:].replace("-", "_"), None)) is not None]
 
 
 def _sample_overrides(args) -> list[str]:
@@ -174,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
     debug = args.debug or os.environ.get("MUSE_DEBUG", "") not in ("", "0")
     where = f"muse {args.command}"
     try:
-        overrides = args.overrides + _sample_overrides(args)
+        overrides = args.overrides + _sample_overrides(args) + _node_overrides(args)
         cfg = load_config(args.config, overrides)
         _run(args, cfg, overrides)
     except Exception as err:  # noqa: BLE001 - sorted by report(): one line or a traceback

@@ -259,6 +259,13 @@ class TrainConfig(_Section):
     eval_every: Optional[int] = Field(None, ge=1, description="small in-training evaluation every N steps")
     nproc_per_node: Union[Literal["auto", "gpu"], PositiveInt] = Field(
         "auto", description="torchrun --nproc-per-node: auto (all GPUs, or 1), gpu, or a number")
+    # more than one machine: `muse train --nnodes N --node-rank R --rdzv-endpoint HOST:PORT` on each
+    nnodes: PositiveInt = Field(1, description="machines in the job (torchrun --nnodes); 1 = this one (--standalone)")
+    node_rank: int = Field(0, ge=0, description="this machine, 0..nnodes-1: node 0 hosts the rendezvous store")
+    rdzv_endpoint: Optional[str] = Field(
+        None, description="HOST:PORT of node 0, reachable from every node (torchrun's c10d rendezvous)")
+    rdzv_id: Optional[str] = Field(None, min_length=1, description="the job's id, the same on every node "
+                                   "(default muse-<run_name>)")
     device: str = "auto"
     dist_timeout_s: float = Field(
         1800.0, gt=0, description="collective timeout of the torchrun job: the longest rank 0 may save, "
@@ -290,6 +297,23 @@ class TrainConfig(_Section):
         if self.global_batch is not None and self.grad_accum is not None:
             raise ValueError("set train.global_batch or train.grad_accum, not both (with global_batch, "
                              "grad_accum = global_batch / (batch_size x ranks))")
+        return self
+
+    @model_validator(mode="after")
+    def _nodes(self) -> "TrainConfig":
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"train.node_rank={self.node_rank} but train.nnodes={self.nnodes}: "
+                             "node ranks are 0..nnodes-1")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError(f"train.nnodes={self.nnodes} needs train.rdzv_endpoint (--rdzv-endpoint HOST:PORT "
+                             "of node 0, e.g. node0.example:29400), the same on every node")
+        if self.nnodes == 1 and (self.rdzv_endpoint or self.rdzv_id):
+            raise ValueError("train.rdzv_endpoint / train.rdzv_id are for several machines: set train.nnodes "
+                             "(--nnodes N) too, or leave them out for one machine")
+        host, _, port = (self.rdzv_endpoint or "").rpartition(":")
+        if self.rdzv_endpoint and not (host.strip("[]") and port.isdigit() and 0 < int(port) < 65536):
+            raise ValueError(f"train.rdzv_endpoint={self.rdzv_endpoint!r} is not HOST:PORT with a port in "
+                             "1..65535 (e.g. node0.example:29400, [fd00::1]:29400)")
         return self
 
 

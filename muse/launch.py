@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 import torch
 
-from muse.config import PipelineConfig
+from muse.config import PipelineConfig, TrainConfig
 from muse.lifecycle import run_owned
 
 TAIL_LINES = 40  # of the job's output, in the error when the flow streamed it
@@ -21,17 +21,29 @@ class TrainError(RuntimeError):
     """The training job failed; its own log says why."""
 
 
+def rendezvous_args(t: TrainConfig) -> list[str]:
+    """torchrun's flags for this machine. One node: --standalone (a free local port). train.nnodes > 1:
+    c10d rendezvous at train.rdzv_endpoint, whose store node 0 hosts (is_host; the others connect to
+    it, waiting up to a minute for it); the rendezvous numbers the ranks, and global rank 0 (on any
+    node) writes the checkpoints. torchrun ignores --node-rank under c10d, so it is not passed."""
+    n = t.nproc_per_node
+    if n in ("auto", "gpu"):
+        n = str(max(torch.cuda.device_count(), 1))
+    if t.nnodes == 1:
+        return ["--standalone", f"--nproc-per-node={n}"]
+    return [f"--nnodes={t.nnodes}", f"--nproc-per-node={n}", "--rdzv-backend=c10d",
+            f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={t.rdzv_id or 'muse-' + t.run_name}",
+            f"--rdzv-conf=is_host={str(t.node_rank == 0).lower()}"]
+
+
 def launch(cfg: PipelineConfig, config_path: str | None, overrides: list[str], resume: str = "latest",
            on_line: Callable[[str], None] | None = None) -> None:
-    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node), owning the job:
+    """`muse train`: run torchrun with one process per GPU (train.nproc_per_node) on this machine, one
+    of train.nnodes (see `rendezvous_args`), owning the job:
     SIGTERM or Ctrl-C makes the ranks checkpoint and stop while this waits; if this process is
     killed, torchrun and the ranks die too (see muse/lifecycle.py). With `on_line` (the Prefect
     flow), the job's output goes to it line by line and a failure's error ends with its last lines."""
-    n = cfg.train.nproc_per_node
-    if n in ("auto", "gpu"):
-        n = str(max(torch.cuda.device_count(), 1))
-    # --standalone: a free local rendezvous port; multi-node runs call torchrun directly
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={n}",
+    cmd = [sys.executable, "-m", "torch.distributed.run", *rendezvous_args(cfg.train),
            "-m", TRAINER_MODULE, "--config", str(config_path), "--resume", resume]
     for o in overrides:
         cmd += ["--set", o]
