@@ -319,6 +319,11 @@ class DecodeConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
     seed: int = 0
     device: str = "auto"
+    # Decoding promises no exact pictures across GPUs, so GPUs run it in bf16; the CPU stays fp32
+    # (its pictures are what the suite compares).
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the models' forward: auto (bf16 autocast on GPUs with native bf16, else fp32), "
+        "fp32, or bf16 autocast; logits are fp32 either way")
     use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
                           "when they have them; false: the raw weights")
 
