@@ -143,3 +143,72 @@ def test_threads_encoding_at_once_leave_the_users_flags(user_flags, tiny_encoder
         t.join(60)
     assert all(torch.equal(g, w) for g, w in zip(got, want))
     assert _flags() == user_flags
+
+
+def _spawned_workers() -> list[int]:
+    """This process's children started by multiprocessing's spawn (not its resource tracker)."""
+    import os
+    from pathlib import Path
+
+    found = []
+    for task in Path(f"/proc/{os.getpid()}/task").iterdir():
+        for pid in (task / "children").read_text().split():
+            try:
+                if b"spawn_main" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                    found.append(int(pid))
+            except FileNotFoundError:
+                pass
+    return found
+
+
+@pytest.mark.slow
+def test_a_dead_worker_fails_its_shards_and_a_rerun_completes(tmp_path, tiny_encoders):
+    """SIGKILL one worker after the first shard lands: the run fails naming shards, the manifest
+    lists what was done (pending: the rest), and a re-run gives the bytes of an untouched run."""
+    import os
+    import signal
+    import time
+
+    from muse.encode import EncodeError
+
+    runs = {}
+    for name in ("killed", "clean"):
+        (tmp_path / name).mkdir()
+        cfg = make_cfg(tmp_path / name, str(tmp_path / name / "root"), tiny_encoders,
+                       "encode.devices=[cpu, cpu]", "encode.shards_per_task=1")
+        storage = Storage.from_config(cfg)
+        for sid in range(12):
+            write_image_shard(storage, sid, [f"caption {sid} {i}" for i in range(3)], size=64)
+        runs[name] = (cfg, storage)
+    cfg, storage = runs["killed"]
+    ds = dataset_dir(cfg)
+    outcome = {}
+
+    def run():
+        try:
+            outcome["summary"] = run_encode(cfg)
+        except EncodeError as err:
+            outcome["error"] = str(err)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and not storage.list(ds, suffix=".json", name_prefix="0"):
+        time.sleep(0.01)
+    victims = _spawned_workers()
+    assert victims
+    os.kill(victims[0], signal.SIGKILL)
+    thread.join(180)
+    assert "error" in outcome and "shard(s) failed" in outcome["error"]
+    manifest = read_manifest(storage, ds)
+    done = [s["id"] for s in manifest["shards"]]
+    assert 0 < len(done) < 12 and sorted(done + manifest["pending"]) == list(range(12))
+    run_encode(on_one_device(cfg))
+    run_encode(runs["clean"][0])
+    for sid in range(12):
+        name = f"{sid:05d}.parquet"
+        assert storage.read_bytes(f"{ds}/{name}") == runs["clean"][1].read_bytes(f"{ds}/{name}"), sid
+
+
+def on_one_device(cfg):
+    return cfg.model_copy(update={"encode": cfg.encode.model_copy(update={"devices": None})})
