@@ -212,3 +212,12 @@ def test_a_dead_worker_fails_its_shards_and_a_rerun_completes(tmp_path, tiny_enc
 
 def on_one_device(cfg):
     return cfg.model_copy(update={"encode": cfg.encode.model_copy(update={"devices": None})})
+
+
+@pytest.mark.skipif(torch.cuda.device_count() > 7, reason="needs a GPU index that is not there")
+def test_a_gpu_that_is_not_there_is_named_before_anything_starts(tmp_path, tiny_encoders):
+    from muse.encode import EncodeError
+
+    cfg = make_cfg(tmp_path, str(tmp_path / "root"), tiny_encoders, "encode.devices=[cpu, cuda:7]")
+    with pytest.raises(EncodeError, match=r"cuda:7.*not visible"):
+        encode_devices(cfg.encode)

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 import numpy as np
@@ -288,6 +289,8 @@ def run_encode(cfg) -> dict:
             encoder_facts_to_write(Encoders.get(work.encode), work.encode, storage, dataset_dir(cfg))
         rows, failed = _encode_ids(work, storage, todo)
     manifest = finalize_manifest(cfg, storage)
+    listed = {s["id"] for s in manifest["shards"]}
+    failed = {sid: err for sid, err in failed.items() if sid not in listed}  # a broken pool's chunk may have landed
     summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
                "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
                "failed": {format_shard_id(k): v for k, v in sorted(failed.items())}}
@@ -341,6 +344,14 @@ def encode_devices(e) -> list[str]:
 
         n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    gpus = [d for d in e.devices if d.startswith("cuda")]
+    if gpus:  # here, not in a worker, whose failed start would only say "process pool broken"
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [d for d in gpus if int(d.partition(":")[2] or 0) >= n]
+        if missing:
+            raise EncodeError(f"encode.devices: {missing} not visible here ({n} GPU(s)); use `all` or cpu")
     return list(e.devices)
 
 
@@ -381,7 +392,8 @@ def _worker_encode(ids: list[int]) -> tuple[int, dict[int, str]]:
 def _encode_on_workers(cfg, todo: list[int], devices: list[str]) -> tuple[int, dict[int, str]]:
     """One spawned process per device, each with its own models; chunks of shards go to whichever
     is free (about 4 chunks a device, at most `shards_per_task` shards each: the last ones finish
-    together). A worker that dies fails its chunks' shards; the manifest is written by the caller."""
+    together). A worker that dies breaks the pool (Python stops the others): the shards without a
+    record are failed, the caller writes the manifest of those with one."""
     import torch
 
     ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
@@ -394,13 +406,17 @@ def _encode_on_workers(cfg, todo: list[int], devices: list[str]) -> tuple[int, d
     rows, failed = 0, {}
     with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_worker_start,
                              initargs=(slots, cfg, threads)) as pool:
-        pool.submit(_worker_check).result()
+        try:
+            pool.submit(_worker_check).result()
+        except BrokenProcessPool as err:
+            raise EncodeError(f"encode.devices {devices}: a worker process died while starting (a device "
+                              f"it cannot use, out of memory?); its error is printed above") from err
         futures = {pool.submit(_worker_encode, ids): ids for ids in chunks}
         for fut in as_completed(futures):
             try:
                 n, bad = fut.result()
                 rows, failed = rows + n, failed | bad
-            except Exception as err:  # noqa: BLE001 - a dead worker: its shards are not done, the rest go on
+            except Exception as err:  # noqa: BLE001 - a dead worker: the pool is broken, these are not all done
                 for sid in futures[fut]:
                     failed[sid] = f"encode worker: {type(err).__name__}: {err}"
     return rows, failed
