@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -135,6 +136,21 @@ class EncodeConfig(_Section):
     shards_per_task: int = Field(64, ge=1, description="shards per encode task")
     max_parallel_shards: Optional[int] = Field(None, ge=1, description="shards encoded at once by the flow; "
                                                "null: one per visible GPU, 1 on CPU")
+    # `muse encode` on several devices of one machine: one worker process per device, each with its
+    # own models (docs/encode.md). null: one device, `device`, in this process.
+    devices: Union[Literal["all"], list[str], None] = Field(
+        None, description="all (one worker process per visible GPU; the CPU alone: one), or a list such as "
+        "[cuda:0, cuda:1]; null: `device` only")
+
+    @model_validator(mode="after")
+    def _check_devices(self):
+        if isinstance(self.devices, list):
+            if not self.devices:
+                raise ValueError("encode.devices: an empty list; use null for `encode.device` alone")
+            bad = [d for d in self.devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
+            if bad:
+                raise ValueError(f"encode.devices: {bad} are not devices (cpu, cuda, cuda:N)")
+        return self
 
     @property
     def text_ref(self) -> ModelRef:
@@ -331,6 +347,11 @@ class DecodeConfig(_Section):
     temperature: float = Field(1.0, ge=0, description="initial Gumbel temperature, anneals to 0")
     seed: int = 0
     device: str = "auto"
+    # Decoding promises no exact pictures across GPUs, so GPUs run it in bf16; the CPU stays fp32
+    # (its pictures are what the suite compares).
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="the models' forward: auto (bf16 autocast on GPUs with native bf16, else fp32), "
+        "fp32, or bf16 autocast; logits are fp32 either way")
     use_ema: bool = Field(True, description="the checkpoints' EMA weights (model_ema.safetensors, train.ema) "
                           "when they have them; false: the raw weights")
 

@@ -19,6 +19,7 @@ embeddings). `run_sample(cfg)` is `muse sample`: prompts -> pictures -> PNG.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -105,12 +106,14 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
              uncond_mask: torch.Tensor | None = None, steps: int = 24, guidance_scale: float = 4.0,
              temperature: float = 1.0, generator: torch.Generator | None = None,
              low_res_ids: torch.Tensor | None = None, cache_memory: bool = True,
-             guidance_schedule: str = "constant") -> torch.Tensor:
+             guidance_schedule: str = "constant", dtype: torch.dtype | None = None) -> torch.Tensor:
     """-> token ids (B, grid*grid). hidden (B, L, D), attn_mask (B, L) bool; uncond_* (1, Lu, D), (1, Lu).
 
     `cache_memory`: the memory (projected text, the super-res model's low-res encoder) and its
     cross-attention keys/values are computed once, not at every step (a model without
-    `memory_cache`, e.g. bench/model.py's reference, recomputes them)."""
+    `memory_cache`, e.g. bench/model.py's reference, recomputes them).
+    `dtype`: the models run under autocast to it (`decode_dtype`); None: as they are (fp32). The
+    logits are upcast to fp32 before guidance and sampling either way."""
     c = model.config
     B, N, device = hidden.shape[0], c.grid_size * c.grid_size, hidden.device
     ids = torch.full((B, N), c.mask_token_id, dtype=torch.long, device=device)
@@ -119,11 +122,17 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
         uncond_hidden = uncond_hidden.reshape(1, -1, hidden.shape[-1]).to(hidden.dtype)
         uncond_mask = uncond_mask.reshape(1, -1)
     cond = _conditioning(hidden, attn_mask, uncond_hidden, uncond_mask, low_res_ids, guided)
-    cache = model.memory_cache(*cond) if cache_memory and hasattr(model, "memory_cache") else None
+
+    def amp():  # the models' forward only: sampling and re-masking stay fp32
+        return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    with amp():
+        cache = model.memory_cache(*cond) if cache_memory and hasattr(model, "memory_cache") else None
     for step in range(steps):
         masked = ids == c.mask_token_id                                            # (B, N)
         scale = guidance_at(step, steps, guidance_scale, guidance_schedule)
-        logits = _guided_logits(model, ids, cond, cache, scale, masked)            # (M, V)
+        with amp():
+            logits = _guided_logits(model, ids, cond, cache, scale, masked)        # (M, V) fp32
         sampled, logp = _sample_rows(logits, generator)                           # (M,), (M,)
         del logits                                                                 # before the next forward
         ratio = (step + 1) / steps
@@ -138,6 +147,19 @@ def generate(model, hidden: torch.Tensor, attn_mask: torch.Tensor, uncond_hidden
         n_mask_next = torch.clamp(masked.sum(1, keepdim=True) - 1, max=n_mask_next).clamp(min=0)
         ids = ids.masked_fill(_remask_by_rank(conf, n_mask_next, generator), c.mask_token_id)
     return ids
+
+
+def decode_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """`sample.precision` / `eval.precision` on `device` -> the autocast dtype of `generate` (None:
+    fp32). auto: bf16 on GPUs with native bf16 (`muse.gpus.amp_dtype`), fp32 elsewhere (the CPU,
+    and T4/V100, where fp16 logits could overflow)."""
+    from muse.gpus import amp_dtype
+
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if amp_dtype(device, True) == torch.bfloat16 else None
 
 
 # ----------------------------------------------------------------------------- muse sample
@@ -325,15 +347,17 @@ def generate_images(models: SamplingModels, embeddings: list, empty, decode, dev
     uncond, uncond_mask = pad_embeddings([empty], device=device)
     gen = torch.Generator(device=device).manual_seed(d.seed)
     last = m.base if m.superres is None else m.superres
+    dtype = decode_dtype(d.precision, torch.device(device))
     out = []
     for i in range(0, len(embeddings), batch_size):
         hidden, mask = pad_embeddings(embeddings[i:i + batch_size], device=device)
         ids = generate(m.base, hidden, mask, uncond, uncond_mask, steps=d.steps, guidance_scale=scale,
-                       temperature=d.temperature, generator=gen, guidance_schedule=d.guidance_schedule)
+                       temperature=d.temperature, generator=gen, guidance_schedule=d.guidance_schedule,
+                       dtype=dtype)
         if m.superres is not None:
             ids = generate(m.superres, hidden, mask, uncond, uncond_mask, steps=superres_steps,
                            guidance_scale=scale, temperature=d.temperature, generator=gen, low_res_ids=ids,
-                           guidance_schedule=d.guidance_schedule)
+                           guidance_schedule=d.guidance_schedule, dtype=dtype)
         out.append(decode_ids(m.decoder, ids, last.config.grid_size))
     return np.concatenate(out)
 

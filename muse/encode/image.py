@@ -13,6 +13,7 @@ import contextlib
 import inspect
 import json
 import re
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -202,20 +203,36 @@ def decode_latents(model, quant: torch.Tensor) -> torch.Tensor:
     return model.decoder(model.post_quant_conv(quant), None)
 
 
+_EXACT_LOCK = threading.Lock()
+_exact = {"depth": 0, "saved": None}  # threads inside exact_fp32 now, and the flags to restore
+
+
 @contextlib.contextmanager
 def exact_fp32():
     """TF32 off and the highest fp32 matmul precision, restored after. On Ampere and later GPUs
     TF32 (cuDNN convolutions use it by default) keeps 10 mantissa bits, enough to move an id
-    that is near a codebook tie: the same image would get other ids on other GPUs or settings."""
-    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
-             torch.get_float32_matmul_precision())
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    torch.set_float32_matmul_precision("highest")
+    that is near a codebook tie: the same image would get other ids on other GPUs or settings.
+
+    The flags are process-wide and threads encode at once (Prefect task threads), so they are
+    not saved and restored per call, which would let one thread's exit turn TF32 back on while
+    another still encodes: the first thread in saves and clears them, the last one out restores
+    them. (Encode worker processes clear them once at start, `shards._worker_start`.)"""
+    with _EXACT_LOCK:
+        if _exact["depth"] == 0:
+            _exact["saved"] = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32,
+                               torch.get_float32_matmul_precision())
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+            torch.set_float32_matmul_precision("highest")
+        _exact["depth"] += 1
     try:
         yield
     finally:
-        torch.set_float32_matmul_precision(saved[2])  # first: it sets matmul.allow_tf32 too
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
+        with _EXACT_LOCK:
+            _exact["depth"] -= 1
+            if _exact["depth"] == 0:
+                saved = _exact["saved"]
+                torch.set_float32_matmul_precision(saved[2])  # first: it sets matmul.allow_tf32 too
+                torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved[:2]
 
 
 class VQTokenizer:

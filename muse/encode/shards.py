@@ -11,6 +11,9 @@ sha256 of local files): shards from other weights are refused, so encoders never
 Throughput (`run_encode`): one thread reads the next image shard from storage, another
 decodes the next batches of this one while the models run, and a writer thread serialises
 and uploads the previous shard.
+With `encode.devices` naming several devices, `run_encode` spawns one worker process per
+device (its own models on its own cuda:N) and hands them chunks of shards; the manifest is
+still written once, by the caller, from the records.
 """
 
 from __future__ import annotations
@@ -18,11 +21,14 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import math
+import multiprocessing
 import queue
 import sys
 import threading
 import time
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from typing import Callable
 
 import numpy as np
@@ -267,13 +273,38 @@ def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
 
 
 def run_encode(cfg) -> dict:
-    """`muse encode`: every image shard not yet encoded, then the manifest. Raises if any shard failed."""
+    """`muse encode`: every image shard not yet encoded, then the manifest. Raises if any shard failed.
+    With `encode.devices` naming several devices, the shards go to one worker process per device."""
     storage = Storage.from_config(cfg)
     todo = plan_encode(cfg, storage)
     total = len(done_shards(storage, IMAGES))
-    if todo:  # refuse other weights once, before any shard is read
-        encoder_facts_to_write(Encoders.get(cfg.encode), cfg.encode, storage, dataset_dir(cfg))
-    print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}", file=sys.stderr)
+    devices = encode_devices(cfg.encode)
+    where = f" on {len(devices)} worker processes ({', '.join(devices)})" if len(devices) > 1 else ""
+    print(f"encode: {len(todo)} of {total} shards to do -> {storage.url(dataset_dir(cfg))}{where}", file=sys.stderr)
+    if len(devices) > 1 and todo:
+        rows, failed = _encode_on_workers(cfg, todo, devices)
+    else:
+        work = cfg if cfg.encode.devices is None else on_device(cfg, devices[0])
+        if todo:  # refuse other weights once, before any shard is read
+            encoder_facts_to_write(Encoders.get(work.encode), work.encode, storage, dataset_dir(cfg))
+        rows, failed = _encode_ids(work, storage, todo)
+    manifest = finalize_manifest(cfg, storage)
+    listed = {s["id"] for s in manifest["shards"]}
+    failed = {sid: err for sid, err in failed.items() if sid not in listed}  # a broken pool's chunk may have landed
+    summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
+               "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
+               "failed": {format_shard_id(k): v for k, v in sorted(failed.items())}}
+    print(f"encode: {summary['shards']} shards, {summary['rows']} rows ({summary['replaced']} replaced) "
+          f"in {summary['dataset']}", file=sys.stderr)
+    if failed:
+        names = ", ".join(format_shard_id(k) for k in sorted(failed))
+        raise EncodeError(f"{len(failed)} shard(s) failed: {names}; the others are in the manifest. "
+                          f"First error: {failed[min(failed)]}")
+    return summary
+
+
+def _encode_ids(cfg, storage: Storage, todo: list[int]) -> tuple[int, dict[int, str]]:
+    """Encode the shards `todo` in this process, in turn -> (rows written, {failed shard: error})."""
     failed: dict[int, str] = {}
     t0, rows = time.time(), 0
     # Reader, models and writer overlap: the next image shard downloads (a GCS read of a
@@ -294,21 +325,101 @@ def run_encode(cfg) -> dict:
             for s, f in done:
                 rows += _collect(s, f, failed)
                 pending.remove((s, f))
-            print(f"encode: {i + 1}/{len(todo)} shards, {rows} rows, {rows / max(time.time() - t0, 1e-9):.1f} rows/s",
-                  file=sys.stderr)
+            print(f"encode [{cfg.encode.device}]: {i + 1}/{len(todo)} shards, {rows} rows, "
+                  f"{rows / max(time.time() - t0, 1e-9):.1f} rows/s", file=sys.stderr)
         for s, f in pending:
             rows += _collect(s, f, failed)
-    manifest = finalize_manifest(cfg, storage)
-    summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
-               "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
-               "failed": {format_shard_id(k): v for k, v in failed.items()}}
-    print(f"encode: {summary['shards']} shards, {summary['rows']} rows ({summary['replaced']} replaced) "
-          f"in {summary['dataset']}", file=sys.stderr)
-    if failed:
-        names = ", ".join(format_shard_id(k) for k in failed)
-        raise EncodeError(f"{len(failed)} shard(s) failed: {names}; the others are in the manifest. "
-                          f"First error: {next(iter(failed.values()))}")
-    return summary
+    return rows, failed
+
+
+# ----------------------------------------------------------------------------- several devices
+
+def encode_devices(e) -> list[str]:
+    """The devices `muse encode` runs on: `encode.devices` ("all": every visible GPU, or the CPU
+    alone), or `encode.device` alone when it is null."""
+    if e.devices is None:
+        return [e.device]
+    if e.devices == "all":
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return [f"cuda:{i}" for i in range(n)] or ["cpu"]
+    gpus = [d for d in e.devices if d.startswith("cuda")]
+    if gpus:  # here, not in a worker, whose failed start would only say "process pool broken"
+        import torch
+
+        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        missing = [d for d in gpus if int(d.partition(":")[2] or 0) >= n]
+        if missing:
+            raise EncodeError(f"encode.devices: {missing} not visible here ({n} GPU(s)); use `all` or cpu")
+    return list(e.devices)
+
+
+def on_device(cfg, device: str):
+    """`cfg` with the encoders on `device` alone (what one worker process runs)."""
+    return cfg.model_copy(update={"encode": cfg.encode.model_copy(update={"device": device, "devices": None})})
+
+
+_WORKER: dict = {}  # in a worker process: its config, pinned to its device
+
+
+def _worker_start(slots, cfg, threads: int) -> None:
+    """Initializer of an encode worker process: take one device from `slots`, for good. The TF32
+    flags are set once here (this process only encodes), so no `exact_fp32` ever flips them."""
+    import torch
+
+    device = slots.get()
+    if device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(device))
+    else:
+        torch.set_num_threads(threads)  # CPU workers share the parent's threads, not one pool each
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    torch.set_float32_matmul_precision("highest")
+    _WORKER["cfg"] = on_device(cfg, device)
+
+
+def _worker_check() -> None:
+    """In a worker: refuse other weights than `_ENCODERS.json` records, before any shard is read."""
+    cfg = _WORKER["cfg"]
+    encoder_facts_to_write(Encoders.get(cfg.encode), cfg.encode, Storage.from_config(cfg), dataset_dir(cfg))
+
+
+def _worker_encode(ids: list[int]) -> tuple[int, dict[int, str]]:
+    cfg = _WORKER["cfg"]
+    return _encode_ids(cfg, Storage.from_config(cfg), ids)
+
+
+def _encode_on_workers(cfg, todo: list[int], devices: list[str]) -> tuple[int, dict[int, str]]:
+    """One spawned process per device, each with its own models; chunks of shards go to whichever
+    is free (about 4 chunks a device, at most `shards_per_task` shards each: the last ones finish
+    together). A worker that dies breaks the pool (Python stops the others): the shards without a
+    record are failed, the caller writes the manifest of those with one."""
+    import torch
+
+    ctx = multiprocessing.get_context("spawn")  # CUDA cannot be used in a forked child
+    slots = ctx.Queue()
+    for device in devices:
+        slots.put(device)
+    threads = max(1, torch.get_num_threads() // max(1, devices.count("cpu")))
+    size = max(1, min(cfg.encode.shards_per_task, math.ceil(len(todo) / (4 * len(devices)))))
+    chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+    rows, failed = 0, {}
+    with ProcessPoolExecutor(len(devices), mp_context=ctx, initializer=_worker_start,
+                             initargs=(slots, cfg, threads)) as pool:
+        try:
+            pool.submit(_worker_check).result()
+        except BrokenProcessPool as err:
+            raise EncodeError(f"encode.devices {devices}: a worker process died while starting (a device "
+                              f"it cannot use, out of memory?); its error is printed above") from err
+        futures = {pool.submit(_worker_encode, ids): ids for ids in chunks}
+        for fut in as_completed(futures):
+            try:
+                n, bad = fut.result()
+                rows, failed = rows + n, failed | bad
+            except Exception as err:  # noqa: BLE001 - a dead worker: the pool is broken, these are not all done
+                for sid in futures[fut]:
+                    failed[sid] = f"encode worker: {type(err).__name__}: {err}"
+    return rows, failed
 
 
 def _collect(sid: int, fut: Future, failed: dict) -> int:
