@@ -335,7 +335,7 @@ class EvalConfig(DecodeConfig):
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
-    active: bool = True
+    active: bool = False  # off until source.paths lists files the worker has (issue 30)
 
 
 class PipelineConfig(_Section):

@@ -183,7 +183,8 @@ def test_deployments_from_prefect_yaml(deployed):
     assert set(deps) >= {"pipeline", "data-refresh", "train"}
     assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
     assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
-    assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+    assert len(scheds) == 1 and scheds[0].schedule.cron == "0 3 * * *"
+    assert not scheds[0].active   # shipped off: the repository's pipeline.yaml names LAION files (issue 30)
     assert str(REPO) not in json.dumps(deps["pipeline"].pull_steps)   # found on the worker, at run time
 
 
@@ -237,3 +238,37 @@ def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_
     cfg = load_config(config, overrides)
     manifest = Storage.from_config(cfg).read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
     assert manifest["rows"] == 35
+
+
+@pytest.mark.slow
+def test_demo_ui_points_the_deployments_at_its_config_so_the_refresh_run_button_works(deployed, demo_subset):
+    """`make demo-ui` makes the demo config every deployment's default: data-refresh run with no
+    parameters (the Run button) completes; its schedule stays inactive as shipped."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from flows.demo_ui import DEPLOYMENTS, point_deployments_at
+
+    out, config = demo_subset
+
+    async def defaults():
+        async with get_client() as client:
+            deps = {n: await client.read_deployment_by_name(n) for n in DEPLOYMENTS}
+            return deps, await client.read_deployment_schedules(deps["data-refresh/data-refresh"].id)
+
+    _with_api(deployed, lambda: point_deployments_at(str(config)))
+    deps, scheds = _with_api(deployed, defaults)
+    try:
+        assert {n: d.parameters["config_path"] for n, d in deps.items()} == {n: str(config) for n in DEPLOYMENTS}
+        assert deps["pipeline/pipeline"].parameters["train_on"] == "local"   # the others kept
+        assert [s.active for s in scheds] == [False]
+        run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", {}))
+        assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+    finally:  # the other tests see prefect.yaml's defaults
+        async def restore():
+            async with get_client() as client:
+                for d in deps.values():
+                    await client.update_deployment(d.id, DeploymentUpdate(
+                        parameters={**d.parameters, "config_path": "pipeline.yaml"}))
+
+        _with_api(deployed, restore)
