@@ -272,3 +272,46 @@ def test_demo_ui_points_the_deployments_at_its_config_so_the_refresh_run_button_
                         parameters={**d.parameters, "config_path": "pipeline.yaml"}))
 
         _with_api(deployed, restore)
+
+
+@pytest.mark.slow
+def test_the_handoff_logs_the_training_runs_name_link_and_each_state(deployed, demo_subset, tmp_path):
+    """train_on=deployment (issue 30, item 3): the parent's log says where the training is (the
+    child's name and its UI page) and follows its states. Nothing is encoded on this root, so
+    the child fails fast: its Failed state, with the reason, must show in the parent too."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.train import train_flow
+
+    out, config = demo_subset
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        try:
+            state = train_flow(str(config), overrides, target="deployment", return_state=True)
+        finally:  # as in the no-worker test: send this server's logs and events before it goes
+            APILogWorker.drain_all(timeout=60)
+            EventsWorker.drain_all(timeout=60)
+    assert state.is_failed()
+
+    async def logs():
+        async with get_client() as client:
+            flow_run_id = state.state_details.flow_run_id
+            return [x.message for x in await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+    messages = _with_api(deployed, logs)
+    child = _with_api(deployed, _train_deployment_runs)
+    child = max(child, key=lambda r: r.created)
+    ui = deployed["PREFECT_API_URL"].removesuffix("/api")
+    handed = [m for m in messages if m.startswith("handed to train/train on pool 'gpu'")]
+    assert handed and f"flow run '{child.name}' ({ui}/runs/flow-run/{child.id})" in handed[0], messages
+    followed = [m.removeprefix(f"training run '{child.name}' is ") for m in messages
+                if m.startswith(f"training run '{child.name}' is ")]
+    names = [m.split(":")[0] for m in followed]
+    assert names[0] == "Scheduled" and "Running" in names and names[-1] == "Failed", messages
+    assert names.index("Running") < len(names) - 1 and len(set(names)) == len(names), names  # in order, once each
+    assert followed[-1].startswith("Failed: ") and "no encoded dataset" in followed[-1], followed  # why, in one line
