@@ -58,4 +58,5 @@ def stats_table(key: str, rows: list[dict], description: str) -> None:
     create_table_artifact(key=key, table=rows, description=description)
 
 
-__all__ = ["ConfigError", "PipelineConfig", "cfg_from", "missing_sources", "user_error", "transient", "stats_table", "RETRY_DELAYS"]
+__all__ = ["ConfigError", "PipelineConfig", "cfg_from", "missing_sources", "user_error", "transient", "stats_table",
+           "RETRY_DELAYS"]

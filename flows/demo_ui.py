@@ -86,7 +86,8 @@ async def point_deployments_at(config: str) -> None:
     async with get_client() as client:
         for name in DEPLOYMENTS:
             dep = await client.read_deployment_by_name(name)
-            await client.update_deployment(dep.id, DeploymentUpdate(parameters={**dep.parameters, "config_path": config}))
+            params = {**dep.parameters, "config_path": config}
+            await client.update_deployment(dep.id, DeploymentUpdate(parameters=params))
 
 
 async def trigger_and_wait(config: str, wait: bool):

@@ -84,7 +84,8 @@ def hand_off(name: str, parameters: dict, job_variables: dict, start_timeout_s: 
             if time.monotonic() > deadline:
                 client.set_flow_run_state(run.id, Cancelled(message="did not start within the hand-off timeout"),
                                           force=True)
-                raise HandoffError(f"flow run '{run.name}' ({run.id}) of {name} did not start within train.handoff_start_timeout_s="
+                raise HandoffError(f"flow run '{run.name}' ({run.id}) of {name} did not start within "
+                                   f"train.handoff_start_timeout_s="
                                    f"{start_timeout_s:g}s (state {run.state.name if run.state else None}) and was "
                                    f"cancelled: check that the worker on pool '{pool}' can start its job "
                                    f"(image, machine type, quota) in its log")

@@ -29,7 +29,7 @@ Resume = Literal["latest", "none"] | str
 @task(task_run_name="torchrun")
 def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
     """torchrun here; its output line by line to this task's run log (and the worker's terminal),
-    a `training-progress` artifact updated at each checkpoint."""
+    a `training-progress` artifact updated every train.log_every steps and at each checkpoint."""
     from muse.launch import launch
 
     cfg = cfg_from(config_path, overrides)

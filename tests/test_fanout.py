@@ -136,7 +136,8 @@ def test_a_refresh_whose_url_list_is_missing_fails_with_one_line_naming_the_key_
     import asyncio
 
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter,
+                                                LogFilterFlowRunId)
     from prefect.logging.handlers import APILogHandler
 
     from flows.pipeline import data_refresh_flow
