@@ -4,7 +4,8 @@
 
 Starts `prefect server start` (its own PREFECT_HOME under the output folder), creates the
 `cpu` and `gpu` pools (process type, both on this machine), deploys `prefect.yaml`, starts
-one worker per pool, keeps the demo's image server alive, triggers the `pipeline`
+one worker per pool, makes the demo config every deployment's default `config_path` (so
+the Run buttons, data-refresh's included, work), keeps the demo's image server alive, triggers the `pipeline`
 deployment on the demo config with `train_on=deployment`, prints the UI address and waits.
 `--until-done` exits when that run ends instead (0 if Completed): what the test does.
 """
@@ -72,6 +73,23 @@ def prefect_cli(env: dict, *args: str) -> None:
         raise RuntimeError(f"prefect {' '.join(args)} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
 
 
+DEPLOYMENTS = ("pipeline/pipeline", "data-refresh/data-refresh", "train/train")
+
+
+async def point_deployments_at(config: str) -> None:
+    """Make `config` the default `config_path` of every deployment, so the UI's Run buttons (the
+    data-refresh one included) run the demo world, not the repository's LAION pipeline.yaml.
+    The data-refresh schedule stays as prefect.yaml ships it (inactive)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    async with get_client() as client:
+        for name in DEPLOYMENTS:
+            dep = await client.read_deployment_by_name(name)
+            params = {**dep.parameters, "config_path": config}
+            await client.update_deployment(dep.id, DeploymentUpdate(parameters=params))
+
+
 async def trigger_and_wait(config: str, wait: bool):
     """Start the `pipeline` deployment (what the UI's Run button does); with `wait`, poll to the end."""
     from prefect.client.orchestration import get_client
@@ -117,6 +135,7 @@ def main(argv=None) -> int:
             ui = env["PREFECT_API_URL"].removesuffix("/api")
             print(f"demo-ui: Prefect UI at {ui} (logs {log.name}); Ctrl-C stops the server and workers", flush=True)
             with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+                asyncio.run(point_deployments_at(str(config)))
                 run = asyncio.run(trigger_and_wait(str(config), args.until_done))
             if args.until_done:
                 print(f"demo-ui: pipeline run ended {run.state.name}", flush=True)

@@ -6,9 +6,9 @@ from __future__ import annotations
 from prefect import flow, task
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
-from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient, user_error
 from flows.limits import submit_bounded
-from muse.download import download_chunk, finalize_download, plan_chunks, summary_rows
+from muse.download import SourceError, download_chunk, finalize_download, plan_chunks, summary_rows
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
@@ -19,8 +19,13 @@ def download_chunk_task(config_path: str, overrides: list[str], chunk) -> list[d
 
 
 @task
-def plan_task(config_path: str, overrides: list[str]) -> list:
-    return plan_chunks(cfg_from(config_path, overrides))
+def plan_task(config_path: str, overrides: list[str]) -> list | str:
+    """The chunks to download, or the SourceError's message (a URL list that is missing or
+    unreadable): the flow then fails with that one line, not a task traceback."""
+    try:
+        return plan_chunks(cfg_from(config_path, overrides))
+    except SourceError as exc:
+        return str(exc)
 
 
 @task
@@ -34,6 +39,8 @@ def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     overrides = list(overrides or [])
     cfg = cfg_from(config_path, overrides)  # once, before any task; tasks get the path (docs/flows.md)
     chunks = plan_task(config_path, overrides)
+    if isinstance(chunks, str):
+        return user_error(config_path, chunks)
     progress = create_progress_artifact(0.0, key="download-progress", description="download tasks done")
     limit = cfg.download.max_parallel_tasks
     futures = submit_bounded(download_chunk_task, ({"config_path": config_path, "overrides": overrides,

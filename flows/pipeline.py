@@ -5,8 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from prefect import flow, task
+from prefect.states import Failed, State
 
-from flows.common import ConfigError, cfg_from
+from flows.common import ConfigError, cfg_from, missing_sources
 from flows.download import download_flow
 from flows.encode import encode_flow
 from flows.limits import root_lease
@@ -42,6 +43,8 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
     sr_overrides = superres_run(cfg, overrides, superres_overrides or []) if cascade else None
     if sr_overrides is not None:
         cfg_from(config_path, sr_overrides)  # the super-res run's config too
+    if (failed := missing_sources(cfg, config_path)) is not None:
+        return failed  # one line in the run's log, no traceback
     with root_lease(cfg):  # one pipeline / data-refresh per storage root at a time
         downloaded = download_flow(config_path, overrides)
         encoded = encode_flow(config_path, overrides)
@@ -68,7 +71,11 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
     """
     overrides = list(overrides or [])
     with root_lease(cfg_from(config_path, overrides)):  # waits while a pipeline holds this root
-        downloaded = download_flow(config_path, overrides)
+        downloaded = download_flow(config_path, overrides, return_state=True)
+        if isinstance(downloaded, State):  # (tests put plain functions in its place)
+            if downloaded.is_failed():  # e.g. no URL list: one line in the download run's log, and
+                return Failed(message=downloaded.message)  # its message here, not a second traceback
+            downloaded = downloaded.result()
         encoded = encode_flow(config_path, overrides)
     return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
 

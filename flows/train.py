@@ -15,7 +15,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from flows.common import cfg_from
-from flows.handoff import hand_off
+from flows.handoff import hand_off, run_link
 from flows.report import summary_markdown
 from flows.train_log import TrainLog
 from muse import checkpoint
@@ -29,7 +29,7 @@ Resume = Literal["latest", "none"] | str
 @task(task_run_name="torchrun")
 def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
     """torchrun here; its output line by line to this task's run log (and the worker's terminal),
-    a `training-progress` artifact updated at each checkpoint."""
+    a `training-progress` artifact updated every train.log_every steps and at each checkpoint."""
     from muse.launch import launch
 
     cfg = cfg_from(config_path, overrides)
@@ -81,7 +81,7 @@ def train_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None =
                    cfg.train.job_variables, cfg.train.handoff_start_timeout_s)
     if not run.state.is_completed():
         raise RuntimeError(f"training deployment {name} ended {run.state.name if run.state else 'without a state'}: "
-                           f"see flow run {run.id}")
+                           f"see flow run '{run.name}' ({run_link(run)})")
     storage = Storage.from_config(cfg)
     latest = checkpoint.latest(storage, cfg.train.run_name)
     return storage.url(latest) if latest else ""

@@ -1,5 +1,6 @@
-"""The training job's output in Prefect: every line to the task's run log, and a progress
-artifact (step/total, loss, samples/s, ETA) updated at each checkpoint.
+"""The training job's output in Prefect: every line to the task's run log, and the progress
+artifact `training-progress` (step/total, loss, samples/s, ETA) updated at the log cadence
+(each `train.log_every` metrics line) and at each checkpoint.
 
 It reads the lines rank 0 prints (muse/train.py): "... | 40 steps | ..." once at the start,
 "step 10 | loss 2.3 | ... | samples_per_s 6.5" every train.log_every steps and
@@ -21,7 +22,8 @@ RESUMED = re.compile(r"^resumed from .* at step (\d+)")
 
 
 class TrainLog:
-    """`on_line` for muse.launch.launch: log each line, update the progress artifact at checkpoints."""
+    """`on_line` for muse.launch.launch: log each line, update the progress artifact at each
+    metrics line (train.log_every) and checkpoint."""
 
     def __init__(self, run_name: str):
         self.log = get_run_logger()
@@ -39,11 +41,25 @@ class TrainLog:
             self.start_step, self.t0 = int(m.group(1)), time.monotonic()
         elif m := METRICS.match(line):
             self.loss, self.rate = m.group(2), m.group(3)
-        elif (m := CHECKPOINT.match(line)) and self.total:
-            self.checkpoint(int(m.group(1)))
+            self.progress(int(m.group(1)))
+        elif m := CHECKPOINT.match(line):
+            self.progress(int(m.group(1)), "checkpoint written")
 
-    def checkpoint(self, step: int) -> None:
+    def progress(self, step: int, note: str = "") -> None:
+        if not self.total:  # the trainer prints the total before any step
+            return
         done = step - self.start_step
-        eta = (time.monotonic() - self.t0) / done * (self.total - step) if done > 0 else 0.0
-        text = f"step {step}/{self.total}, loss {self.loss}, samples/s {self.rate}, ETA {eta / 60:.1f} min"
+        eta = (time.monotonic() - self.t0) / done * (self.total - step) if done > 0 else None
+        text = (f"step {step}/{self.total}, loss {self.loss}, samples/s {self.rate}, "
+                f"ETA {eta_text(eta)}" + (f" ({note})" if note else ""))
         update_progress_artifact(self.artifact, 100.0 * step / self.total, description=text)
+
+
+def eta_text(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 90 * 60:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"

@@ -384,7 +384,7 @@ class EvalConfig(DecodeConfig):
 class ScheduleConfig(_Section):
     cron: str = "0 3 * * *"
     timezone: str = "UTC"
-    active: bool = True
+    active: bool = False  # off until source.paths lists files the worker has (issue 30)
 
 
 # (micro-batch, grad_accum) when train.batch_size / grad_accum are null: 512 samples per rank per

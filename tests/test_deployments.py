@@ -183,7 +183,8 @@ def test_deployments_from_prefect_yaml(deployed):
     assert set(deps) >= {"pipeline", "data-refresh", "train"}
     assert deps["train"].work_pool_name == "gpu" and deps["pipeline"].work_pool_name == "cpu"
     assert deps["pipeline"].parameters["overrides"] == [] and deps["train"].parameters["target"] == "local"
-    assert len(scheds) == 1 and scheds[0].active and scheds[0].schedule.cron == "0 3 * * *"
+    assert len(scheds) == 1 and scheds[0].schedule.cron == "0 3 * * *"
+    assert not scheds[0].active   # shipped off: the repository's pipeline.yaml names LAION files (issue 30)
     assert str(REPO) not in json.dumps(deps["pipeline"].pull_steps)   # found on the worker, at run time
 
 
@@ -237,3 +238,80 @@ def test_data_refresh_processes_only_new_source_rows(deployed, demo_subset, tmp_
     cfg = load_config(config, overrides)
     manifest = Storage.from_config(cfg).read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
     assert manifest["rows"] == 35
+
+
+@pytest.mark.slow
+def test_demo_ui_points_the_deployments_at_its_config_so_the_refresh_run_button_works(deployed, demo_subset):
+    """`make demo-ui` makes the demo config every deployment's default: data-refresh run with no
+    parameters (the Run button) completes; its schedule stays inactive as shipped."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import DeploymentUpdate
+
+    from flows.demo_ui import DEPLOYMENTS, point_deployments_at
+
+    out, config = demo_subset
+
+    async def defaults():
+        async with get_client() as client:
+            deps = {n: await client.read_deployment_by_name(n) for n in DEPLOYMENTS}
+            return deps, await client.read_deployment_schedules(deps["data-refresh/data-refresh"].id)
+
+    _with_api(deployed, lambda: point_deployments_at(str(config)))
+    deps, scheds = _with_api(deployed, defaults)
+    try:
+        assert {n: d.parameters["config_path"] for n, d in deps.items()} == {n: str(config) for n in DEPLOYMENTS}
+        assert deps["pipeline/pipeline"].parameters["train_on"] == "local"   # the others kept
+        assert [s.active for s in scheds] == [False]
+        run = _with_api(deployed, lambda: _run_deployment_like_the_ui("data-refresh/data-refresh", {}))
+        assert run.state.is_completed(), f"refresh ended {run.state.name}: {run.state.message}"
+    finally:  # the other tests see prefect.yaml's defaults
+        async def restore():
+            async with get_client() as client:
+                for d in deps.values():
+                    await client.update_deployment(d.id, DeploymentUpdate(
+                        parameters={**d.parameters, "config_path": "pipeline.yaml"}))
+
+        _with_api(deployed, restore)
+
+
+@pytest.mark.slow
+def test_the_handoff_logs_the_training_runs_name_link_and_each_state(deployed, demo_subset, tmp_path):
+    """train_on=deployment (issue 30, item 3): the parent's log says where the training is (the
+    child's name and its UI page) and follows its states. Nothing is encoded on this root, so
+    the child fails fast: its Failed state, with the reason, must show in the parent too."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
+    from prefect.events.worker import EventsWorker
+    from prefect.logging.handlers import APILogWorker
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from flows.train import train_flow
+
+    out, config = demo_subset
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}"]
+    with temporary_settings({PREFECT_API_URL: deployed["PREFECT_API_URL"]}):
+        try:
+            state = train_flow(str(config), overrides, target="deployment", return_state=True)
+        finally:  # as in the no-worker test: send this server's logs and events before it goes
+            APILogWorker.drain_all(timeout=60)
+            EventsWorker.drain_all(timeout=60)
+    assert state.is_failed()
+
+    async def logs():
+        async with get_client() as client:
+            flow_run_id = state.state_details.flow_run_id
+            return [x.message for x in await client.read_logs(
+                log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))]
+
+    messages = _with_api(deployed, logs)
+    child = _with_api(deployed, _train_deployment_runs)
+    child = max(child, key=lambda r: r.created)
+    ui = deployed["PREFECT_API_URL"].removesuffix("/api")
+    handed = [m for m in messages if m.startswith("handed to train/train on pool 'gpu'")]
+    assert handed and f"flow run '{child.name}' ({ui}/runs/flow-run/{child.id})" in handed[0], messages
+    followed = [m.removeprefix(f"training run '{child.name}' is ") for m in messages
+                if m.startswith(f"training run '{child.name}' is ")]
+    names = [m.split(":")[0] for m in followed]
+    assert names[0] == "Scheduled" and "Running" in names and names[-1] == "Failed", messages
+    assert names.index("Running") < len(names) - 1 and len(set(names)) == len(names), names  # in order, once each
+    assert followed[-1].startswith("Failed: ") and "no encoded dataset" in followed[-1], followed  # why, in one line

@@ -128,3 +128,36 @@ def test_torchrun_output_reaches_the_run_log_and_a_failure_ends_with_its_last_li
 
     messages = [x.message for x in asyncio.run(task_logs())]
     assert any(m.startswith("muse train: no encoded dataset") for m in messages), messages[-20:]
+
+
+def test_a_refresh_whose_url_list_is_missing_fails_with_one_line_naming_the_key_and_file(harness, config):
+    """The repository's pipeline.yaml on a fresh checkout (issue 30, item 4): no traceback in the
+    run's log, one error line with `source.paths`, the file and what to do."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import (FlowRunFilter, FlowRunFilterParentFlowRunId, LogFilter,
+                                                LogFilterFlowRunId)
+    from prefect.logging.handlers import APILogHandler
+
+    from flows.pipeline import data_refresh_flow
+
+    state = data_refresh_flow(config, [], return_state=True)
+    assert state.is_failed()
+    assert state.message.startswith(f"{config}: source.paths: file not found: 'urls.jsonl' (")
+    assert "\n" not in state.message and "override \"source.paths=" in state.message
+    APILogHandler().flush()   # logs reach the server in batches
+    parent = state.state_details.flow_run_id
+
+    async def logs():
+        async with get_client() as client:
+            children = await client.read_flow_runs(
+                flow_run_filter=FlowRunFilter(parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[parent])))
+            ids = [parent] + [r.id for r in children]
+            return children, await client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=ids)))
+
+    children, records = asyncio.run(logs())
+    assert [r.state.name for r in children] == ["Failed"]          # the download sub-flow
+    errors = [x.message for x in records if x.level >= 40]
+    assert len(errors) == 1 and errors[0] == state.message, errors
+    assert not any("Traceback" in x.message for x in records), [x.message for x in records]

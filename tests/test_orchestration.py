@@ -171,3 +171,31 @@ def test_an_encode_task_retry_skips_the_shards_its_first_try_did_from_one_listin
         enc.encode_chunk_task.fn(str(config), [], list(range(99998, 100005)))
     assert encoded == [99998, 100000, 100004]
     assert calls.get("ls") == 1 and calls.get("exists", 0) <= 1, calls  # was: one exists per shard
+
+
+def test_training_progress_is_updated_at_each_metrics_line_with_step_loss_rate_and_eta(monkeypatch):
+    """Issue 30, item 2: live progress at the log cadence (train.log_every), not only at checkpoints."""
+    import logging
+
+    import flows.train_log as tl
+
+    updates = []
+    monkeypatch.setattr(tl, "get_run_logger", lambda: logging.getLogger("test-train-log"))
+    monkeypatch.setattr(tl, "create_progress_artifact", lambda progress, key, description: (key, progress))
+    monkeypatch.setattr(tl, "update_progress_artifact",
+                        lambda artifact, progress, description: updates.append((artifact, progress, description)))
+    clock = iter([100.0, 110.0, 120.0, 121.0, 140.0])   # __init__, then one reading per update
+    monkeypatch.setattr(tl.time, "monotonic", lambda: next(clock))
+    log = tl.TrainLog("demo")
+    for line in ["model base 1.10M params | world 1 x batch 8 x accum 1 = global batch 8 | 40 steps | precision fp32",
+                 "step 10 | loss 3.72 | lr 0.001 | samples_per_s 6.5 | tokens_per_s 1664",
+                 "step 20 | loss 2.9 | lr 0.001 | samples_per_s 7.1 | tokens_per_s 1818",
+                 "step 20: checkpoint /tmp/root/checkpoints/demo/step-00020",
+                 "step 40 | loss 2.01 | lr 0.001 | samples_per_s 7 | tokens_per_s 1792"]:
+        log(line)
+    assert [(p, d) for _, p, d in updates] == [
+        (25.0, "step 10/40, loss 3.72, samples/s 6.5, ETA 30 s"),          # 10 s for 10 steps, 30 to go
+        (50.0, "step 20/40, loss 2.9, samples/s 7.1, ETA 20 s"),
+        (50.0, "step 20/40, loss 2.9, samples/s 7.1, ETA 21 s (checkpoint written)"),
+        (100.0, "step 40/40, loss 2.01, samples/s 7, ETA 0 s")]
+    assert all(a == ("training-progress", 0.0) for a, _, _ in updates)

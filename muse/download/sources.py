@@ -97,7 +97,8 @@ def expand_sources(paths: list[str], gcs_project: str | None = None) -> list[str
                 raise SourceError(f"source.paths: no file matches {uri!r}: {WHERE_LISTS}")
             out += [prefix + m if prefix else m for m in matches]
         elif not fs.exists(path):
-            raise SourceError(f"source.paths: file not found: {uri!r}: {WHERE_LISTS}")
+            where = f" ({path})" if path != uri else ""  # a relative path: where it was looked for
+            raise SourceError(f"source.paths: file not found: {uri!r}{where}: {WHERE_LISTS}")
         else:
             out.append(uri)
     return out
