@@ -34,7 +34,7 @@ from muse.data import LoaderSettings, StreamingDataset
 from muse.download import plan_download
 from muse.download.sources import REGISTRY, fingerprint, selection_spec
 from muse.encode.shards import finalize_manifest, plan_encode
-from muse.layout import dataset_dir, done_marker
+from muse.layout import IMAGES_VERSION, dataset_dir, done_marker
 from muse.storage import Storage
 from muse.testing.gcs import GCSEmulator
 from muse.testing.scale import write_synthetic_shards
@@ -57,7 +57,8 @@ def setup(gcs: GCSEmulator, tmp: Path, n: int):
     entry = {"fingerprint": fingerprint(str(source)), "rows": n * ROWS, "max_samples": None,
              "first_shard": first, "num_shards": n, "shard_size": ROWS, "selection": selection_spec(cfg.source),
              "rows_in": n * ROWS, "filtered": {}}
-    storage.write_json(REGISTRY, {"next_shard": first + n, "sources": {str(source): entry}})
+    storage.write_json(REGISTRY, {"schema_version": IMAGES_VERSION, "next_shard": first + n,
+                                  "sources": {str(source): entry}})
     return cfg, storage, ids, time.perf_counter() - t0
 
 

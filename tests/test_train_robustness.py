@@ -178,5 +178,5 @@ def test_the_collective_timeout_is_train_dist_timeout_s(tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
     cfg = load_config(tiny_config(tmp_path, "r", dist_timeout_s=90))
     d = distributed.setup_distributed("cpu", cfg.train.dist_timeout_s)
-    assert d.ddp and seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=90)}
+    assert d.ddp and seen == {"backend": "gloo", "timeout": datetime.timedelta(seconds=90), "device_id": None}
     assert load_config(tiny_config(tmp_path, "r")).train.dist_timeout_s == 1800
