@@ -7,26 +7,18 @@ import torch
 
 from muse.config import ModelConfig
 from muse.masking import masked_loss
-from muse.models import build_model
 from muse.models.layers import key_padding_to_sdpa
+from tests.test_models import batch as models_batch
+from tests.test_models import tiny
 
 torch.set_num_threads(1)
 
 
-def tiny(kind="base"):
-    torch.manual_seed(0)
-    return build_model(ModelConfig(kind=kind, preset="tiny", codebook_size=64, text_dim=16))
-
-
-def batch(model, B=3, L=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    c = model.config
-    ids = torch.randint(0, c.codebook_size + 1, (B, c.grid_size ** 2), generator=g)
-    hidden = torch.randn(B, L, c.text_dim, generator=g)
-    mask = torch.ones(B, L, dtype=torch.bool)
-    mask[0, 2:] = False
-    mask[1, :] = False  # an empty caption row: it must still see one key, not NaN
-    low = torch.randint(0, c.codebook_size, (B, 256), generator=g) if c.kind == "superres" else None
+def batch(model, seed=0):
+    """test_models' batch (variable caption lengths) with an empty caption in row 1: it must still
+    see one key, not NaN."""
+    ids, hidden, mask, low = models_batch(model, seed=seed)
+    mask[1, :] = False
     return ids, hidden, mask, low
 
 
