@@ -61,13 +61,13 @@ def real_size_gpu(batch: int) -> None:
     from transformers import T5Config, T5EncoderModel
 
     from muse.encode.image import VQGAN_F16_CONFIG, VQTokenizer
+    from muse.encode.text import T5_BASE_CONFIG
 
     dev = torch.device("cuda")
     # the encoder's own path (VQTokenizer.encode): exact fp32, TF32 off, as `muse encode` runs it
     # (a bare vq.encode would time cuDNN's default TF32 convolutions, which encode does not use)
     vq = VQTokenizer(VQModel(**VQGAN_F16_CONFIG, lookup_from_codebook=True), dev, 16)
-    t5 = T5EncoderModel(T5Config(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
-                                 feed_forward_proj="gated-gelu", vocab_size=32128)).to(dev, torch.bfloat16).eval()
+    t5 = T5EncoderModel(T5Config(**T5_BASE_CONFIG)).to(dev, torch.bfloat16).eval()
     pixels = torch.randint(0, 256, (batch, 256, 256, 3), dtype=torch.uint8, device=dev)
     ids = torch.randint(0, 32128, (batch, 77), device=dev)
     with torch.inference_mode():

@@ -77,29 +77,23 @@ def model_cfg(b: Bench, kind: str) -> ModelConfig:
 
 
 def vq_model(b: Bench):
-    """The open-muse VQGAN f16 at its published config (random init); a tiny one on CPU."""
-    from diffusers import VQModel
-
-    from muse.encode.image import VQGAN_F16_CONFIG, VQTokenizer
+    """The open-muse VQGAN f16 at its published config (random init); a tiny one on CPU: the same
+    VQ bench/model.py times (its `vq_decoder`; bench/ is on sys.path when this runs as a script)."""
+    from model import vq_decoder
 
     torch.manual_seed(0)
-    if b.tiny:
-        vq = VQModel(block_out_channels=(8,) * 5, layers_per_block=1, latent_channels=4, vq_embed_dim=4,
-                     num_vq_embeddings=64, norm_num_groups=4, mid_block_add_attention=False,
-                     down_block_types=("DownEncoderBlock2D",) * 5, up_block_types=("UpDecoderBlock2D",) * 5)
-    else:
-        vq = VQModel(**VQGAN_F16_CONFIG)
-    return VQTokenizer(vq, b.device, factor=16)
+    return vq_decoder(b.device, real=not b.tiny)
 
 
 def t5_model(b: Bench):
     """T5 v1.1 base's encoder (random init) in fp32, `encode.text_dtype`'s default; tiny on CPU."""
     from transformers import T5Config, T5EncoderModel
 
-    size = (dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4) if b.tiny else
-            dict(d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12))
+    from muse.encode.text import T5_BASE_CONFIG
+
+    size = dict(d_model=16, d_kv=4, d_ff=32, num_layers=1, num_heads=4) if b.tiny else {}
     torch.manual_seed(0)
-    cfg = T5Config(**size, feed_forward_proj="gated-gelu", vocab_size=32128)
+    cfg = T5Config(**{**T5_BASE_CONFIG, **size})
     return T5EncoderModel(cfg).to(b.device).eval()
 
 

@@ -26,10 +26,6 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 CAPTIONS = ["a photograph of a red fox in the snow", "a small boat on a calm lake"]
-# google/t5-v1_1-base, the text encoder of open-muse and of the paper's base model (random weights here)
-T5_BASE = {"vocab_size": 32128, "d_model": 768, "d_kv": 64, "d_ff": 2048, "num_layers": 12, "num_heads": 12,
-           "relative_attention_num_buckets": 32, "feed_forward_proj": "gated-gelu", "dropout_rate": 0.0,
-           "tie_word_embeddings": False, "pad_token_id": 0, "eos_token_id": 1}
 # Peak RSS bounds, MB: measured on 2026-12-02 (bench/RESULTS.md) x ~1.5 (superres: 12528 MB measured, the
 # weights, gradients and AdamW moments of 700M parameters being 11.2 GB of it). Writing the encoders
 # peaked at 1179 MB in one run and 1823 MB in a later fresh-clone CI run (the VQGAN's 585 MB of fp32
@@ -63,13 +59,13 @@ def stage_encoders(d: Path) -> dict:
     from transformers import T5Config, T5EncoderModel
 
     from muse.encode.image import load_paella, load_vq
-    from muse.encode.text import TextEncoder
+    from muse.encode.text import T5_BASE_CONFIG, TextEncoder
     from muse.testing.tiny import build_tokenizer
     from tests.test_vq_mapping import read_facts, write_openmuse_checkpoint
 
     build_tokenizer(d / "t5")               # ids < 200 of T5's 32128: the embedding stays real-size
     torch.manual_seed(0)
-    T5EncoderModel(T5Config(**T5_BASE)).eval().save_pretrained(str(d / "t5"))
+    T5EncoderModel(T5Config(**T5_BASE_CONFIG)).eval().save_pretrained(str(d / "t5"))
     for folder, facts in [("vqgan", "vqgan-f16-8192"), ("paella", "paellavq-f8-8192")]:
         write_openmuse_checkpoint(d / folder, *read_facts(facts))
     text = TextEncoder.from_pretrained(str(d / "t5"))

@@ -13,6 +13,11 @@ import torch
 from muse.encode.loading import LOAD_LOCK
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+# google/t5-v1_1-base as transformers' T5Config arguments: the text encoder of open-muse and of the
+# paper's base model (tests and benches build it with random weights; the hub has no access here)
+T5_BASE_CONFIG = dict(vocab_size=32128, d_model=768, d_kv=64, d_ff=2048, num_layers=12, num_heads=12,
+                      relative_attention_num_buckets=32, feed_forward_proj="gated-gelu", dropout_rate=0.0,
+                      tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
 
 
 class TextEncoder:
