@@ -339,19 +339,15 @@ def encode_devices(e) -> list[str]:
     alone), or `encode.device` alone when it is null."""
     if e.devices is None:
         return [e.device]
+    import torch
+
+    n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if e.devices == "all":
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
         return [f"cuda:{i}" for i in range(n)] or ["cpu"]
-    gpus = [d for d in e.devices if d.startswith("cuda")]
-    if gpus:  # here, not in a worker, whose failed start would only say "process pool broken"
-        import torch
-
-        n = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        missing = [d for d in gpus if int(d.partition(":")[2] or 0) >= n]
-        if missing:
-            raise EncodeError(f"encode.devices: {missing} not visible here ({n} GPU(s)); use `all` or cpu")
+    # checked here, not in a worker, whose failed start would only say "process pool broken"
+    missing = [d for d in e.devices if d.startswith("cuda") and int(d.partition(":")[2] or 0) >= n]
+    if missing:
+        raise EncodeError(f"encode.devices: {missing} not visible here ({n} GPU(s)); use `all` or cpu")
     return list(e.devices)
 
 
