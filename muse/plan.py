@@ -15,7 +15,8 @@ Estimates, each labelled in the output: encode time from a measured rate (`--enc
 per device, e.g. `bash bench/gpu_check.sh`'s encode row) or, without one, from the encoders' FLOPs
 per picture (counted on the meta device from their configs) at ENCODE_EFFICIENCY of the GPU's fp32
 peak (encode runs the VQ in exact fp32, no TF32); training time from the model's FLOPs per sample at
-TRAIN_MFU of the bf16 peak; bytes per row of images/ and encoded/ (see `storage_bytes`).
+TRAIN_MFU of the bf16 peak; download CPU at DOWNLOAD_CPU_S an image; bytes per row of images/ and
+encoded/ (see `storage_bytes`).
 """
 
 from __future__ import annotations
@@ -33,9 +34,13 @@ from muse.storage import Storage
 DEFAULT_GPU = "H100 80GB HBM3"
 ENCODE_EFFICIENCY = 0.5   # assumed share of the fp32 peak the encoders reach (convolutions, batch 64)
 TRAIN_MFU = 0.4           # assumed model FLOPs utilisation of a bf16 training step
-# JPEG bytes per pixel when no image shard exists yet to measure: LAION photos at 256 px, quality 95,
-# run ~20-40 KB (0.3-0.6 B/px); the plan uses the mean of the finished shards' markers when there are some
-JPEG_BYTES_PER_PIXEL = 0.45
+# JPEG bytes per pixel when no image shard exists yet to measure: ~150 MB per 10,000-row shard at
+# 256 px (docs/download.md, "Planning a LAION-size run"), ~15 KB a row; the plan uses the mean of the
+# finished shards' markers when there are some
+JPEG_BYTES_PER_PIXEL = 0.23
+# CPU per downloaded image: img2dataset ~12 ms (FACTS: ~10 ms of it decode + resize) + muse's writer
+# ~3 ms (docs/download.md); the network is not counted
+DOWNLOAD_CPU_S = 0.015
 INT32 = 4                 # Parquet has no int16: the VQ ids are stored as int32 (before zstd)
 
 
@@ -65,7 +70,8 @@ def plan_data(cfg: PipelineConfig, storage: Storage, whole: list[int], broken: d
         "download": {"shards": len(images_after), "shards_done": len(done & images_after),
                      "shards_to_fetch": sum(len(c.shard_ids()) for c in chunks), "broken": len(broken),
                      "retired": len(retired & done), "tasks": len(chunks),
-                     "shards_per_task": cfg.download.shards_per_task, "shard_size": cfg.download.shard_size},
+                     "shards_per_task": cfg.download.shards_per_task, "shard_size": cfg.download.shard_size,
+                     "cpu_hours": sum(c.row_range()[1] - c.row_range()[0] for c in chunks) * DOWNLOAD_CPU_S / 3600},
         "encode": {"dataset": dataset_dir(cfg), "shards_done": len(set(encoded) & images_after),
                    "shards_to_encode": len(encode_ids),
                    "rows_to_encode": sum(rows_of.get(s, cfg.download.shard_size) for s in encode_ids),
@@ -201,7 +207,7 @@ def storage_bytes(cfg: PipelineConfig, storage: Storage, rows: int, whole: list[
     per_row = text_dim * 2 * cfg.encode.text_max_length + INT32 * GRID_BASE ** 2
     per_row += INT32 * GRID_SUPERRES ** 2 if cfg.encode.superres else 0
     return {"images": rows * per_image, "images_per_row": per_image, "images_measured": bool(measured),
-            "encoded_at_most": rows * per_row,
+            "encoded_at_most": rows * per_row, "encoded_per_row_at_most": per_row,
             "checkpoints": model["checkpoint_bytes"] * model["checkpoints_kept"]}
 
 
@@ -254,7 +260,8 @@ def format_plan(plan: dict) -> str:
              f"download  {_n(d['shards'])} image shards of {_n(d['shard_size'])} rows ({_n(d['shards_done'])} done"
              f"{', %s broken' % _n(d['broken']) if d['broken'] else ''}"
              f"{', %s to retire' % _n(d['retired']) if d['retired'] else ''}); "
-             f"{_n(d['shards_to_fetch'])} to fetch in {_n(d['tasks'])} task(s) of <= {d['shards_per_task']} shards",
+             f"{_n(d['shards_to_fetch'])} to fetch in {_n(d['tasks'])} task(s) of <= {d['shards_per_task']} shards, "
+             f"~{d['cpu_hours']:,.1f} CPU core-hours at {DOWNLOAD_CPU_S * 1000:.0f} ms an image",
              f"encode    {plan['dataset']}: {_n(e['shards_done'])} shards done, {_n(e['shards_to_encode'])} to encode "
              f"({_n(e['rows_to_encode'])} rows) in {_n(e['tasks'])} task(s) of <= {e['shards_per_task']} shards"]
     flops = f"{_si(e['flops_per_picture'])}FLOP/picture ({e['counted']})" if e["flops_per_picture"] else e["counted"]
@@ -273,12 +280,14 @@ def format_plan(plan: dict) -> str:
                      f"{_n(t['dropped_rows_per_epoch'])} rows dropped per epoch); {_n(t['steps'])} steps in all = "
                      f"{_n(t['samples'])} samples ({t['epochs']:.2f} epochs), {_si(t['image_tokens'])} image tokens")
         if "gpu_hours" in t:
-            lines.append(f"          {_si(t['flops'])}FLOP: {t['gpu_hours']:,.1f} GPU-hours at {t['gpu_hours_from']}")
+            lines.append(f"          {_si(t['flops'])}FLOP: {t['gpu_hours']:,.1f} GPU-hours at {t['gpu_hours_from']} "
+                         f"({t['gpu_hours'] / t['world_size']:,.1f} h on the {t['world_size']} rank(s))")
     parts = m["checkpoint_parts"]
     lines += [f"model     {m['params'] / 1e6:,.1f}M params; a checkpoint {_bytes(m['checkpoint_bytes'])} (weights "
               f"{_bytes(parts['model'])}, EMA {_bytes(parts['ema'])}, AdamW {_bytes(parts['optimizer'])}), "
               f"{m['checkpoints_kept']} kept",
               f"storage   images/ {_bytes(b['images'])} ({_bytes(b['images_per_row'])} a row, "
               f"{'measured on the finished shards' if b['images_measured'] else 'estimated'}); "
-              f"encoded/ <= {_bytes(b['encoded_at_most'])} (before zstd); checkpoints/ {_bytes(b['checkpoints'])}"]
+              f"encoded/ <= {_bytes(b['encoded_at_most'])} ({_bytes(b['encoded_per_row_at_most'])} a row: every caption "
+              f"at encode.text_max_length T5 tokens, before zstd); checkpoints/ {_bytes(b['checkpoints'])}"]
     return "\n".join(lines)
