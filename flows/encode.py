@@ -10,13 +10,10 @@ from prefect.runtime import task_run
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
 from flows.limits import encode_parallelism, submit_bounded
 from muse.encode import encode_shard, finalize_manifest, plan_encode
+from muse.encode.shards import task_chunks
 from muse.layout import dataset_dir, done_among, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
-
-
-def chunked(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
 def chunk_name() -> str:
@@ -66,7 +63,7 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
     overrides = list(overrides or [])
     cfg = cfg_from(config_path, overrides)  # once; tasks get the path (docs/flows.md) and load their own
     shards = plan_task(config_path, overrides)
-    chunks = chunked(shards, cfg.encode.shards_per_task)
+    chunks = task_chunks(shards, cfg.encode.shards_per_task)
     progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
     limit = encode_parallelism(cfg)
     futures = submit_bounded(encode_chunk_task, ({"config_path": config_path, "overrides": overrides,

@@ -263,6 +263,29 @@ def collate(rows: list[tuple[_UnitData, int]], replaced_weight: float | None = N
     return out
 
 
+def batches_per_epoch(train_rows: int, world_size: int, batch_size: int, streams: int, grad_accum: int) -> int:
+    """M: micro-batches per rank per epoch, a multiple of lcm(streams, grad_accum) (the epoch plan
+    of the module docstring; `StreamingDataset` and `muse plan` both call this)."""
+    if not train_rows:
+        raise DataError("no row of the dataset can be trained on: every row is a replaced "
+                        "placeholder (set train.replaced_rows to keep or downweight) or in the "
+                        "eval slice (lower train.eval_holdout)")
+    step = math.lcm(streams, grad_accum)
+    m = train_rows // (world_size * batch_size) // step * step
+    if not m:
+        raise DataError(f"{train_rows} trainable rows make fewer than {step} batches of "
+                        f"{batch_size} per rank for {world_size} rank(s): an epoch needs at least "
+                        f"lcm(train.loader_streams, train.grad_accum) = {step} per rank; lower "
+                        "train.loader_streams or train.batch_size, or encode more data")
+    return m
+
+
+def total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of a run: train.max_steps, else train.epochs exact passes (M is a multiple of
+    grad_accum, so the last step ends the last epoch exactly). The trainer and `muse plan` use it."""
+    return max_steps or epochs * batches_per_epoch // grad_accum
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """What fixes the batches and their order: the `train.*` keys of pipeline.yaml named in
@@ -341,19 +364,7 @@ class StreamingDataset(IterableDataset):
                          for t in (read_unit(storage, u, ["key", "replaced"]) for u in self.units)], dtype=np.int64)
 
     def _plan(self, grad_accum: int) -> int:
-        """M: micro-batches per rank per epoch, a multiple of lcm(streams, grad_accum)."""
-        if not self.train_rows:
-            raise DataError("no row of the dataset can be trained on: every row is a replaced "
-                            "placeholder (set train.replaced_rows to keep or downweight) or in the "
-                            "eval slice (lower train.eval_holdout)")
-        step = math.lcm(self.streams, grad_accum)
-        m = self.train_rows // (self.world_size * self.batch_size) // step * step
-        if not m:
-            raise DataError(f"{self.train_rows} trainable rows make fewer than {step} batches of "
-                            f"{self.batch_size} per rank for {self.world_size} rank(s): an epoch needs at least "
-                            f"lcm(train.loader_streams, train.grad_accum) = {step} per rank; lower "
-                            "train.loader_streams or train.batch_size, or encode more data")
-        return m
+        return batches_per_epoch(self.train_rows, self.world_size, self.batch_size, self.streams, grad_accum)
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(unit permutation, cumulative trainable rows before each position [U + 1]) of an epoch."""

@@ -1,6 +1,7 @@
 """The Prefect flows on the tiny demo subset, under Prefect's test harness, writing to the GCS emulator."""
 
 import asyncio
+import json
 import os
 
 import pytest
@@ -8,11 +9,13 @@ import pytest
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
 from prefect.client.orchestration import get_client  # noqa: E402
-from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId  # noqa: E402
+from prefect.client.schemas.filters import (ArtifactFilter, ArtifactFilterKey, FlowRunFilter, FlowRunFilterId,  # noqa: E402
+                                            FlowRunFilterParentFlowRunId)
 from prefect.testing.utilities import prefect_test_harness  # noqa: E402
 
 from muse.config import load_config  # noqa: E402
-from muse.layout import dataset_dir, done_marker  # noqa: E402
+from muse import checkpoint  # noqa: E402
+from muse.layout import dataset_dir, done_marker, read_manifest  # noqa: E402
 from muse.storage import Storage  # noqa: E402
 
 pytestmark = pytest.mark.slow  # Prefect's test harness and the demo subset, end to end
@@ -38,16 +41,42 @@ async def _artifacts(keys):
         return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=keys)))
 
 
-def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_path):
+async def _child_task_run_names(flow_run_id) -> list[str]:
+    """Names of the task runs of the flow run's subflows (download, encode, ...)."""
+    async with get_client() as client:
+        children = await client.read_flow_runs(flow_run_filter=FlowRunFilter(
+            parent_flow_run_id=FlowRunFilterParentFlowRunId(any_=[flow_run_id])))
+    return [t.name for child in children for t in await _task_runs(child.id)]
+
+
+def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_path, capsys):
     from flows.pipeline import pipeline_flow
+    from muse.cli import main
 
     out, config = demo_subset
-    overrides = [f"storage.root={gcs_root}", f"storage.work_dir={tmp_path / 'work'}"]
-    result = pipeline_flow(str(config), overrides)
+    # one shard per task: the demo's 2 shards make 2 download and 2 encode tasks for the plan to count
+    overrides = [f"storage.root={gcs_root}", f"storage.work_dir={tmp_path / 'work'}",
+                 "download.shards_per_task=1", "encode.shards_per_task=1"]
     cfg = load_config(config, overrides)
     storage = Storage.from_config(cfg)
+    assert main(["plan", "--config", str(config), *[a for o in overrides for a in ("--set", o)], "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    storage.invalidate()
+    assert storage.fs.find(storage.path("")) == []  # `muse plan` wrote nothing to the bucket
+    state = pipeline_flow(str(config), overrides, return_state=True)
+    result = state.result()
+    # the plan's numbers are what the run then did: shards, tasks, steps per epoch
+    manifest = read_manifest(storage, dataset_dir(cfg))
+    names = asyncio.run(_child_task_run_names(_flow_run_id(state)))
+    assert plan["download"]["shards"] == plan["encode"]["shards_to_encode"] == len(manifest["shards"]) == 2
+    assert plan["download"]["tasks"] == sum(n.startswith("download-") for n in names) == 2
+    assert plan["encode"]["tasks"] == sum(n.startswith("encode-shards-") for n in names) == 2
+    last = [r for r in checkpoint.read_metrics(storage, cfg.train.run_name) if "epoch" in r][-1]
+    assert plan["train"]["steps"] == last["step"] == cfg.train.max_steps
+    # the trainer's epoch = micro-batches consumed / its batches_per_epoch (grad_accum 1: one a step)
+    assert last["epoch"] == last["step"] / plan["train"]["batches_per_epoch"]
+    assert plan["train"]["steps_per_epoch"] == plan["train"]["batches_per_epoch"] == 50 // 16
     assert result["rows"] == 50 and result["succeeded"] == 48 and result["encoded_rows"] == 50
-    manifest = storage.read_json(f"{dataset_dir(cfg)}/_MANIFEST.json")
     assert manifest["rows"] == 50 and manifest["replaced"] == 2
     assert storage.exists("images/_config.yaml") and storage.exists(f"{dataset_dir(cfg)}/_config.yaml")
     assert result["checkpoint"].startswith(gcs_root) and storage.exists("checkpoints/demo/LATEST")

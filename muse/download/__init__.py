@@ -2,6 +2,7 @@
 
     plan_download(cfg)         -> [DownloadPart]   new/changed/unfinished source files
     plan_chunks(cfg)           -> [DownloadChunk]  those cut into tasks of download.shards_per_task shards
+                                                   (the pure steps: sources.plan_sources, todo_chunks)
     download_chunk(cfg, chunk) -> [shard stats]    img2dataset in a subprocess, our writer as it goes
     finalize_download(cfg)     -> summary          images/_config.yaml + a table on stderr
     run_download(cfg)          -> summary          plan, every chunk in turn, finalize
@@ -34,7 +35,7 @@ from muse.layout import IMAGES, done_among, done_marker, done_shards, shard_name
 from muse.storage import Storage
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "download_part", "download_chunk",
-           "finalize_download", "summary_rows", "DownloadPart", "DownloadChunk", "DownloadError", "SourceError"]
+           "finalize_download", "summary_rows", "todo_chunks", "DownloadPart", "DownloadChunk", "DownloadError", "SourceError"]
 
 
 def plan_download(cfg) -> list[DownloadPart]:
@@ -47,9 +48,12 @@ def plan_chunks(cfg) -> list[DownloadChunk]:
     storage = Storage.from_config(cfg)
     # one listing of images/ for the whole plan: the ids retired by plan_parts are in no part
     done = set(whole_image_shards(storage))
-    parts = plan_parts(storage, cfg, done)
-    return [c for p in parts for c in p.chunks(cfg.download.shards_per_task)
-            if not done.issuperset(c.shard_ids())]
+    return todo_chunks(plan_parts(storage, cfg, done), cfg.download.shards_per_task, done)
+
+
+def todo_chunks(parts: list[DownloadPart], shards_per_task: int, done: set[int]) -> list[DownloadChunk]:
+    """The parts cut into download tasks, those with every shard done left out (also `muse plan`)."""
+    return [c for p in parts for c in p.chunks(shards_per_task) if not done.issuperset(c.shard_ids())]
 
 
 def work_dir_for(cfg, storage: Storage, chunk: DownloadChunk) -> Path:

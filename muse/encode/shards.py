@@ -218,8 +218,18 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
 def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
     """Image shards that are not yet done in this dataset version."""
     storage = storage or Storage.from_config(cfg)
-    done = set(done_shards(storage, dataset_dir(cfg)))
-    return [s for s in done_shards(storage, IMAGES) if s not in done]
+    return shards_to_encode(done_shards(storage, IMAGES), done_shards(storage, dataset_dir(cfg)))
+
+
+def shards_to_encode(image_shards, encoded) -> list[int]:
+    """The image shards (ids) without an encoded shard, in id order (also `muse plan`)."""
+    done = set(encoded)
+    return sorted(s for s in set(image_shards) if s not in done)
+
+
+def task_chunks(ids: list[int], shards_per_task: int) -> list[list[int]]:
+    """Shard ids cut into the encode flow's tasks of `encode.shards_per_task` (also `muse plan`)."""
+    return [ids[i:i + shards_per_task] for i in range(0, len(ids), shards_per_task)]
 
 
 def encoder_facts_to_write(enc: Encoders, e, storage: Storage, ds: str) -> dict | None:
