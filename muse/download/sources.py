@@ -104,7 +104,7 @@ def expand_sources(paths: list[str], gcs_project: str | None = None) -> list[str
     return out
 
 
-def fingerprint(uri: str, gcs_project: str | None = None) -> str:
+def source_fingerprint(uri: str, gcs_project: str | None = None) -> str:
     """size + the best change marker the filesystem offers (md5/etag/generation/mtime)."""
     fs, path = source_fs(uri, gcs_project)
     info = fs.info(path)
@@ -246,7 +246,7 @@ def plan_sources(storage: Storage, cfg, done: set[int], rows: int | None = None)
     for uri in uris:
         if remaining == 0:
             break
-        fp = "declared" if rows is not None else fingerprint(uri, gp)
+        fp = "declared" if rows is not None else source_fingerprint(uri, gp)
         entry = reg["sources"].get(uri)
         # a changed selection (source.filters, ...) is a changed file: new shard ids, no mixing
         unchanged = entry is not None and entry["fingerprint"] == fp and entry["selection"] == spec

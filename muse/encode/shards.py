@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.config import resolve_device
-from muse.encode.fingerprint import encoder_changes, fingerprint
+from muse.encode.fingerprint import encoder_changes, weights_fingerprint
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, check_version, dataset_dir,
                          done_marker, done_shards, empty_caption_record, encoded_schema, format_shard_id,
@@ -96,7 +96,7 @@ class Encoders:
 
 def _fingerprints(e) -> dict:
     """Config key -> fingerprint of the weights it loaded (muse/encode/fingerprint.py)."""
-    return {ref.key.removeprefix("encode."): fingerprint(ref.path, ref.subfolder, ref.revision, ref.key)
+    return {ref.key.removeprefix("encode."): weights_fingerprint(ref.path, ref.subfolder, ref.revision, ref.key)
             for ref in e.encoder_refs()}
 
 
