@@ -38,9 +38,10 @@ import pyarrow.parquet as pq
 from muse.config import resolve_device
 from muse.encode.fingerprint import encoder_changes, fingerprint
 from muse.encode.loading import LOAD_LOCK
-from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, check_version, dataset_dir,
-                         done_marker, done_shards, empty_caption_record, encoded_schema, format_shard_id,
-                         shard_name, t5_to_bytes, trainable_counts, write_manifest)
+from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, PAGE_CHECKSUMS, SCHEMA_VERSION, check_version,
+                         dataset_dir, done_marker, done_shards, empty_caption_record, encoded_schema,
+                         format_shard_id, open_shard, read_problem, shard_name, t5_to_bytes, trainable_counts,
+                         write_manifest)
 from muse.pictures import decode_picture
 from muse.storage import Storage
 
@@ -163,17 +164,17 @@ def encode_table(table: pa.Table, enc: Encoders, e, where: str) -> pa.Table:
 def _to_parquet(table: pa.Table, row_group_size: int) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd",
-                   use_dictionary=["key", "caption"], write_statistics=False)
+                   use_dictionary=["key", "caption"], write_statistics=False, **PAGE_CHECKSUMS)
     return buf.getvalue()
 
 
 def _read_images(storage: Storage, shard_id: int) -> pa.Table:
     src = shard_name(IMAGES, shard_id)
     try:
-        with storage.open(src) as f:
-            table = pq.read_table(f, columns=["key", "caption", "replaced", "image"])
+        with storage.open(src) as f:  # page checksums verified: a changed byte is named, not encoded
+            table = open_shard(f).read(columns=["key", "caption", "replaced", "image"])
     except Exception as err:  # noqa: BLE001
-        raise EncodeError(f"{storage.url(src)}: unreadable image shard ({type(err).__name__}: {err}); "
+        raise EncodeError(f"{storage.url(src)}: image shard {read_problem(err)}; "
                           f"re-run `muse download` to rebuild it") from err
     return table
 

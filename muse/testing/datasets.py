@@ -13,9 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, empty_caption_record, encoded_schema,
-                         format_shard_id, shard_name, t5_to_bytes, trainable_counts,
-                         write_manifest)
+from muse.layout import (GRID_BASE, GRID_SUPERRES, PAGE_CHECKSUMS, empty_caption_record, encoded_schema,
+                         format_shard_id, shard_name, t5_to_bytes, trainable_counts, write_manifest)
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_table
 
@@ -56,7 +55,7 @@ def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows
             _write_test_images(storage, sid, cols, rng, image_size)
         table = pa.table(cols, schema=encoded_schema(superres))
         buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
+        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd", **PAGE_CHECKSUMS)
         data = buf.getvalue()
         rel = shard_name(dataset_dir, sid)
         storage.write_bytes(rel, data)
