@@ -306,7 +306,7 @@ def read_problem(e: BaseException) -> str:
 
 def check_encoded_columns(schema: pa.Schema, where: str) -> None:
     """The columns a reader uses must have `encoded_schema`'s types: a flipped byte in the footer
-    can rename a column or drop the Arrow schema (int32 t5_len, variable lists) and still parse."""
+    can rename a column or drop the Arrow schema (vq16 as a variable-size list) and still parse."""
     want = encoded_schema(superres=True)
     for field in want:
         i = schema.get_field_index(field.name)
