@@ -146,3 +146,16 @@ def test_default_trainer_stops_on_changed_bytes(tmp_path, capsys):
             err = capsys.readouterr().err
         line = [x for x in err.splitlines() if x.startswith("muse train: ")][-1]
         assert f"{st.url(rel)} row group " in line and "muse encode" in line and said in line, (case, err)
+
+
+def test_encode_refuses_an_image_shard_with_changed_bytes(tmp_path):
+    """encode reads images/ with the checksums verified: a flipped bit is named, not encoded."""
+    from muse.encode import EncodeError
+    from muse.encode.shards import _read_images
+
+    st = Storage(str(tmp_path))
+    write_test_dataset(st, DS, shards=1, image_size=16)
+    assert _read_images(st, 0).num_rows == 24
+    flip(st, "images/00000.parquet", page_byte(st.read_bytes("images/00000.parquet"), 0, "image"))
+    with pytest.raises(EncodeError, match="images/00000.parquet: image shard corrupt: a page checksum"):
+        _read_images(st, 0)
