@@ -50,7 +50,10 @@ def crc32c(data: bytes) -> str:
 
 
 def _goog_crc32c(headers) -> str | None:
-    """The object's crc32c from a download's `X-Goog-Hash: crc32c=...,md5=...` (None if absent)."""
+    """The object's crc32c from a download's `X-Goog-Hash: crc32c=...,md5=...` (None if absent, or
+    if the object is stored gzip-encoded: the hash is then of the stored bytes, not those served)."""
+    if (headers.get("X-Goog-Stored-Content-Encoding") or "identity") != "identity":
+        return None
     for part in (headers.get("X-Goog-Hash") or "").split(","):
         name, _, value = part.strip().partition("=")
         if name == "crc32c":
