@@ -159,3 +159,15 @@ def test_encode_refuses_an_image_shard_with_changed_bytes(tmp_path):
     flip(st, "images/00000.parquet", page_byte(st.read_bytes("images/00000.parquet"), 0, "image"))
     with pytest.raises(EncodeError, match="images/00000.parquet: image shard corrupt: a page checksum"):
         _read_images(st, 0)
+
+
+def test_default_trainer_on_gcs_names_a_flipped_bit(tmp_path, gcs_root, capsys):
+    """The same on gs:// (in-process: the exit status is the local case's)."""
+    config = tiny_config(tmp_path, gcs_root, max_steps=4)
+    make_data(config, shards=2, rows=24, row_group_size=8)
+    st = Storage.from_config(load_config(config))
+    rel = shard_name(dataset_dir(load_config(config)), 0)
+    flip(st, rel, page_byte(st.read_bytes(rel), 1, "t5"))
+    assert train.main(["--config", str(config)]) == 2
+    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("muse train: ")][-1]
+    assert line.startswith("muse train: gs://") and f"{st.url(rel)} row group 1: corrupt: a page checksum" in line
