@@ -139,7 +139,7 @@ class Storage:
     def read_bytes(self, rel: str) -> bytes:
         if self.is_local:
             return self.fs.cat_file(self.path(rel))
-        for attempt in (1, 2):  # crc32c checked (see the module docstring); once more on a mismatch
+        for _ in range(2):  # crc32c checked (see the module docstring); once more on a mismatch
             headers, data = self.fs.call("GET", self.fs.url(self.path(rel)))
             stored = _goog_crc32c(headers)
             if stored is None or stored == crc32c(data):
@@ -228,20 +228,24 @@ class Storage:
         resource, or for a multi-chunk upload its URL: then asked for) with the bytes sent; a
         mismatch is uploaded once more (the object is whole either way, only its bytes differ), and
         after a second one deleted."""
-        for attempt in (1, 2):
+        for _ in range(2):
             answers = ([self.fs.pipe_file(*next(iter(files.items())))] if len(files) == 1
                        else self.fs.pipe(files, batch_size=batch_size))  # answers in the order of `files`
             bad = {}
             for (p, data), out in zip(files.items(), answers):
-                stored = (out if isinstance(out, dict) else self.fs.info(p)).get("crc32c")
+                if not isinstance(out, dict):  # a multi-chunk upload: ask (past any cached listing)
+                    self.fs.invalidate_cache(p)
+                    out = self.fs.info(p)
+                stored = out.get("crc32c")
                 if stored is not None and stored != crc32c(data):
                     bad[p] = data
             if not bad:
                 return
             files = bad
         self.fs.rm(list(bad))  # wrong bytes under a final name would be trusted; none is safer
-        raise IntegrityError(f"{self.fs.unstrip_protocol(next(iter(bad)))} (and {len(bad) - 1} more): stored twice "
-                             "with a crc32c other than the bytes sent: the transfer corrupts data; check the network")
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise IntegrityError(f"{self.fs.unstrip_protocol(next(iter(bad)))}{more}: stored twice with a crc32c other "
+                             "than the bytes sent, so deleted: the transfer corrupts data; check the network")
 
     def write_many(self, files: dict[str, bytes], batch_size: int = 256) -> None:
         """Write many small files; on GCS in one concurrent batch (each object still appears whole)."""
