@@ -111,19 +111,22 @@ def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> Units:
 
 def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bool = False,
                   rank: int = 0, world: int = 1) -> None:
-    """Each shard's byte size (from one listing of the folder, whatever the shard count) and, with
-    sha256, its hash (a full read) against the manifest; rank r checks shards r, r + world, ...
-    -> DataError naming it."""
-    sizes = storage.sizes(dataset_dir)
+    """Each shard's byte size and, on GCS, its crc32c (both from one listing of the folder, whatever
+    the shard count: GCS lists every object's crc32c) and, with sha256, its hash (a full read)
+    against the manifest; rank r checks shards r, r + world, ... -> DataError naming it."""
+    listing = storage.stat(dataset_dir)
     for shard in sorted(manifest["shards"], key=lambda s: s["id"])[rank::world]:
         rel = f"{dataset_dir}/{shard['path']}"
         fix = "re-run `muse encode` (or set train.verify: none to train on it anyway)"
-        size = sizes.get(rel)
-        if size is None:
+        if rel not in listing:
             raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}")
+        size, crc = listing[rel]
         if "bytes" in shard and size != shard["bytes"]:
             raise DataError(f"{storage.url(rel)}: {size} bytes, the manifest says {shard['bytes']}: "
                             f"the shard changed or was cut short after encoding: {fix}")
+        if crc and shard.get("crc32c") and crc != shard["crc32c"]:
+            raise DataError(f"{storage.url(rel)}: crc32c {crc}, the manifest says {shard['crc32c']}: "
+                            f"the shard changed after encoding: {fix}")
         if sha256 and "sha256" in shard:
             h = hashlib.sha256()
             with storage.open(rel) as f:

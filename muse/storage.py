@@ -191,12 +191,18 @@ class Storage:
 
     def sizes(self, prefix: str) -> dict[str, int]:
         """{relative path: bytes} of the files directly under `prefix`, from one listing."""
+        return {rel: size for rel, (size, _) in self.stat(prefix).items()}
+
+    def stat(self, prefix: str) -> dict[str, tuple[int, str | None]]:
+        """{relative path: (bytes, crc32c)} of the files directly under `prefix`, from one listing;
+        the crc32c is GCS's (free in its listing), None locally."""
         self.invalidate()
         base = self.path(prefix)
         if not self.fs.exists(base):
             return {}
-        return {f"{prefix.rstrip('/')}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}": int(e.get("size") or 0)
-                for e in self.fs.ls(base, detail=True) if e.get("type") == "file"}
+        return {f"{prefix.rstrip('/')}/{e['name'].rstrip('/').rsplit('/', 1)[-1]}":
+                (int(e.get("size") or 0), e.get("crc32c")) for e in self.fs.ls(base, detail=True)
+                if e.get("type") == "file"}
 
     def invalidate(self) -> None:
         """Forget cached listings (another process may have written since)."""

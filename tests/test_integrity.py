@@ -162,12 +162,36 @@ def test_encode_refuses_an_image_shard_with_changed_bytes(tmp_path):
 
 
 def test_default_trainer_on_gcs_names_a_flipped_bit(tmp_path, gcs_root, capsys):
-    """The same on gs:// (in-process: the exit status is the local case's)."""
+    """The same on gs:// (in-process: the exit status is the local case's): named at start by the
+    listing's crc32c; with a manifest that recorded none (encoded before), at its row group."""
     config = tiny_config(tmp_path, gcs_root, max_steps=4)
-    make_data(config, shards=2, rows=24, row_group_size=8)
+    manifest = make_data(config, shards=2, rows=24, row_group_size=8)
     st = Storage.from_config(load_config(config))
-    rel = shard_name(dataset_dir(load_config(config)), 0)
+    ds = dataset_dir(load_config(config))
+    rel = shard_name(ds, 0)
     flip(st, rel, page_byte(st.read_bytes(rel), 1, "t5"))
-    assert train.main(["--config", str(config)]) == 2
-    line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("muse train: ")][-1]
-    assert line.startswith("muse train: gs://") and f"{st.url(rel)} row group 1: corrupt: a page checksum" in line
+    for said in (f"{st.url(rel)}: crc32c ", f"{st.url(rel)} row group 1: corrupt: a page checksum"):
+        assert train.main(["--config", str(config)]) == 2
+        line = [x for x in capsys.readouterr().err.splitlines() if x.startswith("muse train: ")][-1]
+        assert line.startswith(f"muse train: {said}"), line
+        st.write_json(f"{ds}/_MANIFEST.json", {**manifest, "shards": [
+            {k: v for k, v in shard.items() if k != "crc32c"} for shard in manifest["shards"]]})
+
+
+def test_size_check_on_gcs_compares_the_listed_crc32c(gcs_root):
+    """On gs:// `train.verify: size` also compares each shard's crc32c, free in GCS's listing, with
+    the one encode recorded: a byte changed at the same size is named at start, before any row
+    group is read (and whatever the byte: a valid file that is not the one encoded too)."""
+    from muse.data import verify_shards
+    from muse.layout import read_manifest
+    from muse.storage import crc32c
+
+    st = Storage(gcs_root)
+    manifest = write_test_dataset(st, DS, shards=2)
+    assert manifest["shards"][1]["crc32c"] == crc32c(st.read_bytes(shard_name(DS, 1)))
+    assert read_manifest(st, DS)["shards"][1]["crc32c"] == manifest["shards"][1]["crc32c"]  # via the table
+    verify_shards(st, DS, manifest)
+    flip(st, shard_name(DS, 1), 4, mask=0x01)  # the first page header's first byte: same size
+    with pytest.raises(DataError, match=r"00001.parquet: crc32c .*, the manifest says .*changed after encoding"):
+        verify_shards(st, DS, manifest)
+    verify_shards(st, DS, {**manifest, "shards": [manifest["shards"][0]]})  # shard 0 still matches

@@ -43,7 +43,7 @@ from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, PAGE_CHECKS
                          format_shard_id, open_shard, read_problem, shard_name, t5_to_bytes, trainable_counts,
                          write_manifest)
 from muse.pictures import decode_picture
-from muse.storage import Storage
+from muse.storage import Storage, crc32c
 
 
 class EncodeError(RuntimeError):
@@ -180,7 +180,7 @@ def _read_images(storage: Storage, shard_id: int) -> pa.Table:
 
 
 def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None) -> dict:
-    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, source, replaced,
+    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, crc32c, source, replaced,
     train_rows: `layout.trainable_counts`).
     `table`: the image shard, when the caller has already read it."""
     storage = storage or Storage.from_config(cfg)
@@ -205,7 +205,8 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
         rel = shard_name(ds, shard_id)
         storage.write_bytes(rel, data)
         record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name(IMAGES, shard_id),
+                  "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c(data),  # crc32c: GCS's own
+                  "source": shard_name(IMAGES, shard_id),
                   "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))),
                   # so a loader with an eval slice or dropped placeholders reads no row group to plan
                   "train_rows": trainable_counts(out.column("key").to_pylist(), out.column("replaced").to_numpy(
