@@ -155,3 +155,49 @@ def test_read_many_and_sizes(any_root):
     assert st.sizes("d") == {rel: len(data) for rel, data in files.items()} and st.sizes("nowhere") == {}
     with pytest.raises(FileNotFoundError):
         st.read_many(["d/000.json", "d/missing.json"])
+
+
+def test_gcs_transfers_are_checked_with_crc32c(gcs_root, monkeypatch):
+    """fake-gcs-server, like GCS, answers each upload and download with the object's crc32c; a
+    transfer that changes bytes is done once more, and named when it does so again."""
+    import muse.storage as storage_module
+
+    st = Storage(gcs_root)
+    data = bytes(range(256)) * 64
+    st.write_bytes("images/a.bin", data)
+    assert st.fs.info(st.path("images/a.bin"))["crc32c"] == storage_module.crc32c(data)
+    assert st.read_bytes("images/a.bin") == data
+    real_call, real_pipe = st.fs.call, st.fs.pipe_file
+    flips = {"n": 0}
+
+    def flipped(body: bytes) -> bytes:
+        flips["n"] -= 1
+        return body[:100] + bytes([body[100] ^ 1]) + body[101:]
+
+    def corrupt_download(method, url, *args, **kw):  # a transfer that flips a bit on the way in
+        headers, body = real_call(method, url, *args, **kw)
+        return headers, flipped(body) if flips["n"] > 0 else body
+
+    def corrupt_upload(path, body, **kw):  # ... or on the way out: GCS stores what it received
+        return real_pipe(path, flipped(body) if flips["n"] > 0 else body, **kw)
+
+    monkeypatch.setattr(st.fs, "call", corrupt_download)
+    monkeypatch.setattr(st.fs, "pipe_file", corrupt_upload)
+    flips["n"] = 1  # once: the second try is right
+    assert st.read_bytes("images/a.bin") == data and flips["n"] == 0
+    flips["n"] = 1
+    st.write_bytes("images/b.bin", data)
+    assert flips["n"] == 0 and st.fs.info(st.path("images/b.bin"))["crc32c"] == storage_module.crc32c(data)
+    flips["n"] = 2  # every try
+    with pytest.raises(storage_module.IntegrityError, match="images/a.bin: read 16384 bytes twice with crc32c"):
+        st.read_bytes("images/a.bin")
+    flips["n"] = 2
+    with pytest.raises(storage_module.IntegrityError, match="images/b.bin: stored twice with a crc32c"):
+        st.write_bytes("images/b.bin", data)
+    assert not st.exists("images/b.bin")  # not left with bytes nobody wrote
+    monkeypatch.undo()
+    big = data * (51 * 64)  # 51 MiB: gcsfs uploads it in chunks and answers with a URL, not the object
+    st.write_bytes("images/big.bin", big)  # (checked through an info call; a real shard's path)
+    assert st.read_bytes("images/big.bin") == big
+    st.write_many({"images/c.bin": data, "images/d.bin": b"x"})  # the batch path, checked alike
+    assert st.read_many(["images/c.bin", "images/d.bin"]) == {"images/c.bin": data, "images/d.bin": b"x"}
