@@ -51,10 +51,23 @@ def exit_with_parent(what: str, interval: float = 0.5) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval)
-        print(f"muse train: {what} (pid {parent}) is gone: stopping this process", file=sys.stderr, flush=True)
+        # the message is best effort, the exit is not: stderr is often a pipe whose reader (the
+        # Prefect task that pumped our output) died with our parent. A print then raised
+        # BrokenPipeError and ended this thread before os._exit, and the rank trained on
+        # (issue 30 item 6); a full pipe nobody reads would block a write for ever.
+        note = f"muse train: {what} (pid {parent}) is gone: stopping this process\n".encode()
+        threading.Thread(target=_write_quietly, args=(2, note), daemon=True).start()
+        time.sleep(0.2)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _write_quietly(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except OSError:  # closed, broken or bad: nobody to tell
+        pass
 
 
 def child_pids(pid: int) -> list[int]:
