@@ -29,7 +29,11 @@ PREFECT = [sys.executable, "-m", "prefect"]
 
 
 def free_port(preferred: int) -> int:
+    """`preferred` when a server could listen on it, else any free port. Probed with SO_REUSEADDR,
+    as uvicorn (the Prefect server) binds: a port left in TIME_WAIT by the last run is free to
+    it, and without the option a restart within a minute moved the UI off 4200 (issue 30 item 7)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", preferred))
         except OSError:
