@@ -12,10 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 from prefect import get_run_logger
+from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -58,6 +59,19 @@ def root_lease(cfg: PipelineConfig, timeout_s: float | None = None):
     name = lease_name(cfg)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    get_run_logger().info(f"waiting for the storage root {cfg.storage.root} (concurrency limit {name})")
-    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
+    with ExitStack() as held:
+        try:  # one try without waiting first: "waiting" is logged only when this run does wait
+            held.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True))
+        except ConcurrencySlotAcquisitionError as e:
+            if not _slot_taken(e):
+                raise
+            get_run_logger().info(f"waiting for the storage root {cfg.storage.root}: another pipeline or "
+                                  f"data-refresh run holds it (concurrency limit {name})")
+            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
         yield name
+
+
+def _slot_taken(e: ConcurrencySlotAcquisitionError) -> bool:
+    """The server's answer to a full limit is 423 Locked (anything else is a real error)."""
+    response = getattr(e.__cause__, "response", None)
+    return getattr(response, "status_code", None) == 423
