@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from typing import Any
 
 from prefect import get_run_logger
-from prefect.concurrency.asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.futures import PrefectFuture
 from prefect.task_runners import ThreadPoolTaskRunner
@@ -59,19 +58,11 @@ def root_lease(cfg: PipelineConfig, timeout_s: float | None = None):
     name = lease_name(cfg)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    with ExitStack() as held:
-        try:  # one try without waiting first: "waiting" is logged only when this run does wait
-            held.enter_context(concurrency(name, occupy=1, max_retries=0, strict=True))
-        except ConcurrencySlotAcquisitionError as e:
-            if not _slot_taken(e):
-                raise
-            get_run_logger().info(f"waiting for the storage root {cfg.storage.root}: another pipeline or "
-                                  f"data-refresh run holds it (concurrency limit {name})")
-            held.enter_context(concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True))
+        # said only when another run holds the root (on main every run said it waits). Read just
+        # before asking, not by a failed try: Prefect logs a refused try as an ERROR in the worker
+        held = client.read_global_concurrency_limit_by_name(name).active_slots > 0
+    if held:
+        get_run_logger().info(f"waiting for the storage root {cfg.storage.root}: another pipeline or "
+                              f"data-refresh run holds it (concurrency limit {name})")
+    with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
         yield name
-
-
-def _slot_taken(e: ConcurrencySlotAcquisitionError) -> bool:
-    """The server's answer to a full limit is 423 Locked (anything else is a real error)."""
-    response = getattr(e.__cause__, "response", None)
-    return getattr(response, "status_code", None) == 423
