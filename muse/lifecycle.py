@@ -12,6 +12,8 @@
   signal to the CLI's process group reaches it: `exit_with_parent` (a rank) exits as soon as
   its parent, torchrun, is gone.
 * DataLoader workers get the kernel's parent-death signal (`die_with_parent`, see data.py).
+* A process that owns a whole tree of them (`flows.demo_ui`: Prefect server, workers, flow runs,
+  torchrun, ranks) calls `adopt_orphans` at start and `end_descendants` when it stops.
 """
 
 from __future__ import annotations

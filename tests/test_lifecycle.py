@@ -69,3 +69,31 @@ def test_the_watchdog_exits_when_its_parent_dies_with_stderr_broken_or_closed(tm
         parent.wait()
         if child is not None and _running(child):
             os.kill(child, signal.SIGKILL)
+
+
+# a demo-ui in small: adopts orphans, leaves two (one ignores SIGTERM), then ends what is below it
+REAPER = """
+import os, subprocess, sys
+from muse.lifecycle import adopt_orphans, descendants, end_descendants
+adopt_orphans()
+def orphan(script):   # the shell exits at once: its background child is re-parented
+    return int(subprocess.run(["sh", "-c", script], capture_output=True, text=True, check=True).stdout)
+polite = orphan("sleep 300 > /dev/null 2>&1 & echo $!")
+stubborn = orphan("(trap '' TERM; exec sleep 300) > /dev/null 2>&1 & echo $!")
+assert set(descendants(os.getpid())) == {polite, stubborn}, descendants(os.getpid())
+killed = end_descendants(grace_s=1)
+print(polite, stubborn, killed, descendants(os.getpid()))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+def test_an_adopted_orphan_is_found_and_ended_and_one_that_ignores_sigterm_is_killed():
+    """What demo-ui relies on to leave nothing behind (issue 30 item 6): a rank whose torchrun
+    died, a flow run whose worker was stopped."""
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-c", REAPER], env=env, capture_output=True, text=True, timeout=60,
+                       check=False)
+    assert r.returncode == 0, r.stderr
+    polite, stubborn, killed, left = r.stdout.split(" ", 3)
+    assert killed == f"[{stubborn}]" and left.strip() == "[]", r.stdout
+    assert not _running(int(polite)) and not _running(int(stubborn))
