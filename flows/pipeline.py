@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.states import Failed, State
 
 from flows.common import ConfigError, cfg_from, missing_sources
@@ -57,8 +59,21 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
            "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
     if sr_checkpoint is not None:
         out["superres_checkpoint"] = sr_checkpoint
-    print(f"pipeline done: {out}")
+    # the whole result (every sample's path) as an artifact; the log's last line stays readable
+    # (it was this dict, ~1,000 characters on the demo: issue 30 item 8)
+    create_markdown_artifact(key="pipeline-result", markdown=f"```json\n{json.dumps(out, indent=2)}\n```",
+                             description="what the pipeline run returned")
+    print(summary_line(out))
     return out
+
+
+def summary_line(out: dict) -> str:
+    """One short line for the end of the pipeline run's log."""
+    replaced = out["rows"] - out["succeeded"]
+    sr = ", super-res checkpoint too" if "superres_checkpoint" in out else ""
+    return (f"pipeline done: {out['rows']} rows ({replaced} replaced by placeholders, {out['filtered']} filtered "
+            f"out), {out['encoded_rows']} encoded (dataset {out['dataset_version']}), checkpoint "
+            f"{out['checkpoint']}{sr}, {len(out['samples'])} sample files; all in the artifact pipeline-result")
 
 
 @flow(name="data-refresh", log_prints=True)

@@ -161,3 +161,96 @@ def test_a_refresh_whose_url_list_is_missing_fails_with_one_line_naming_the_key_
     errors = [x.message for x in records if x.level >= 40]
     assert len(errors) == 1 and errors[0] == state.message, errors
     assert not any("Traceback" in x.message for x in records), [x.message for x in records]
+
+
+def _run_logs(flow_run_id=None, after=None) -> list:
+    """The server's log records of one flow run, or of all runs since `after`, oldest first."""
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId, LogFilterTimestamp
+    from prefect.client.schemas.sorting import LogSort
+    from prefect.logging.handlers import APILogHandler
+
+    APILogHandler().flush()   # logs reach the server in batches
+    log_filter = (LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])) if flow_run_id
+                  else LogFilter(timestamp=LogFilterTimestamp(after_=after)))
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_logs(log_filter=log_filter, sort=LogSort.TIMESTAMP_ASC)
+
+    return asyncio.run(read())
+
+
+WAITING = "waiting for the storage root"
+
+
+def test_waiting_for_the_root_is_logged_only_while_another_run_holds_it(harness, config, monkeypatch):
+    """Issue 30 item 8: every run logged "waiting for the storage root", the root free or not."""
+    from datetime import datetime, timezone
+
+    from prefect.concurrency.sync import concurrency
+
+    import flows.pipeline as pl
+    from flows.common import cfg_from
+    from flows.limits import lease_name
+
+    phase = Recorder({"rows_in": 0, "rows": 0, "version": "v"}, sleep_s=0.1)
+    monkeypatch.setattr(pl, "download_flow", phase)
+    monkeypatch.setattr(pl, "encode_flow", phase)
+    alone = pl.data_refresh_flow(config, [], return_state=True)
+    assert alone.is_completed()
+    messages = [x.message for x in _run_logs(alone.state_details.flow_run_id)]
+    assert messages and not any(WAITING in m for m in messages), messages
+
+    states, since = [], datetime.now(timezone.utc)
+    with concurrency(lease_name(cfg_from(config, [])), occupy=1, strict=True):   # another run holds the root
+        blocked = threading.Thread(target=lambda: states.append(pl.data_refresh_flow(config, [], return_state=True)))
+        blocked.start()
+        deadline = time.monotonic() + 60
+        while not (waits := [x for x in _run_logs(after=since) if WAITING in x.message]):
+            assert time.monotonic() < deadline, "the second run never said it waits"
+            time.sleep(0.5)
+        assert len(phase.spans) == 2   # (the first run's two phases): the second one waits
+    blocked.join(120)
+    assert states and states[0].is_completed() and len(phase.spans) == 4
+    assert [x.flow_run_id for x in waits] == [states[0].state_details.flow_run_id]
+
+
+def test_the_pipeline_ends_with_a_one_line_summary_and_keeps_the_whole_result_as_an_artifact(harness, config,
+                                                                                               monkeypatch):
+    """Issue 30 item 8: the run's last line was its ~1,000-character result dict."""
+    import asyncio
+    import json
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
+
+    import flows.pipeline as pl
+
+    samples = [f"/root/samples/demo-{i:03d}.png" for i in range(24)] + ["/root/samples/demo-grid.png"]
+    monkeypatch.setattr(pl, "missing_sources", lambda cfg, path: None)
+    monkeypatch.setattr(pl, "download_flow", lambda *a: {"rows_in": 1202, "succeeded": 1198,
+                                                         "filtered_by_reason": {"too_small": 2}})
+    monkeypatch.setattr(pl, "encode_flow", lambda *a: {"rows": 1200, "version": "v1-abc"})
+    monkeypatch.setattr(pl, "train_flow", lambda *a, **k: "/root/checkpoints/demo/step-00002500")
+    monkeypatch.setattr(pl, "sample_task", lambda *a: samples)
+    monkeypatch.setattr(pl, "report_task", lambda *a: None)
+    state = pl.pipeline_flow(config, [], return_state=True)
+    assert state.is_completed()
+    run_id = state.state_details.flow_run_id
+    mine = [x.message for x in _run_logs(run_id) if not x.message.startswith(("Beginning flow run", "Finished in"))]
+    assert mine[-1] == ("pipeline done: 1200 rows (2 replaced by placeholders, 2 filtered out), 1200 encoded "
+                        "(dataset v1-abc), checkpoint /root/checkpoints/demo/step-00002500, 25 sample files; "
+                        "all in the artifact pipeline-result"), mine
+
+    async def artifacts():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(
+                any_=[run_id])))
+
+    result = [a for a in asyncio.run(artifacts()) if a.key == "pipeline-result"]
+    assert len(result) == 1
+    body = result[0].data.removeprefix("```json\n").removesuffix("\n```")
+    assert json.loads(body) == state.result()
