@@ -53,19 +53,20 @@ def test_pipeline_flow_end_to_end_on_gcs(harness, demo_subset, gcs_root, tmp_pat
     assert result["checkpoint"].startswith(gcs_root) and storage.exists("checkpoints/demo/LATEST")
     assert len(result["samples"]) == 3 and all(s.startswith(gcs_root) for s in result["samples"])
     assert storage.read_bytes("samples/demo-grid.png")[:8] == b"\x89PNG\r\n\x1a\n"
-    arts = asyncio.run(_artifacts(["download-stats", "encode-stats", "training-summary"]))
+    arts = asyncio.run(_artifacts(["download-stats", "encode-stats", "training-summary", "sample-grid"]))
     keys = {a.key for a in arts}
-    assert keys == {"download-stats", "encode-stats", "training-summary"}
+    assert keys == {"download-stats", "encode-stats", "training-summary", "sample-grid"}
     summaries = [a for a in arts if a.key == "training-summary"]
     assert len(summaries) == 1          # one per run (train inside pipeline leaves it to pipeline)
     md = summaries[0].data
-    assert "loss" in md and len(md) < 60_000, len(md)   # links and small thumbnails, not full PNGs
-    assert "data:image/png;base64," not in md
+    assert "loss" in md and len(md) < 250_000, len(md)   # pictures sized to the page, not full PNGs
     cfg_prompts = cfg.sample.prompts
-    for i, prompt in enumerate(cfg_prompts):   # each sample labelled with its prompt, linked to its file
-        assert f"| {prompt} | ![{prompt}](data:image/jpeg;base64," in md
-        assert f"[demo-{i:03d}.png]({storage.url(f'samples/demo-{i:03d}.png').replace('gs://', 'https://storage.cloud.google.com/')})" in md
-    assert "[demo-grid.png](" in md and "[loss.png](" in md
+    for i, prompt in enumerate(cfg_prompts):   # each prompt in a row with its thumbnail, linked to its file
+        assert f"| {i} | {prompt} | ![sample {i}](data:image/" in md
+        assert f"[demo-{i:03d}.png]({storage.browser_url(f'samples/demo-{i:03d}.png')})" in md
+    grid_url = storage.browser_url("samples/demo-grid.png")   # the emulator cannot sign: the console URL
+    assert f"[demo-grid.png]({grid_url})" in md and "[loss.png](" in md
+    assert [a.data for a in arts if a.key == "sample-grid"] == [grid_url]
     progress = asyncio.run(_artifacts(["training-progress"]))   # updated at each checkpoint, 100 at the last
     assert progress and float(progress[-1].data) == 100.0 and "loss" in progress[-1].description
 
