@@ -215,9 +215,22 @@ def retire(storage: Storage, entry: dict) -> None:
         storage.delete(shard_name(IMAGES, sid))
 
 
+@dataclass
+class SourcePlan:
+    """`plan_sources`' answer: the files with unfinished shards, and how many files it looked at."""
+    parts: list[DownloadPart]
+    files: int      # source files planned (source.paths expanded, up to source.max_samples)
+    unchanged: int  # of those, registered before with the same fingerprint, selection and rows
+
+
 def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[DownloadPart]:
     """Assign shard ids to new/changed files, retire stale shards; return unfinished parts.
     `done`: the finished shards, when the caller has `whole_image_shards` already."""
+    return plan_sources(storage, cfg, done).parts
+
+
+def plan_sources(storage: Storage, cfg, done: set[int] | None = None) -> SourcePlan:
+    """`plan_parts`, with the count of files planned and of unchanged ones among them."""
     reg = load_registry(storage)
     gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
     remaining = src.max_samples
@@ -225,6 +238,7 @@ def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[Down
     if done is None:
         done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
     spec = selection_spec(src)
+    files = unchanged_files = 0
     for uri in expand_sources(src.paths, gp):
         if remaining == 0:
             break
@@ -240,6 +254,8 @@ def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[Down
             rows = len(sel.indices)
         if remaining is not None:
             remaining -= rows
+        files += 1
+        unchanged_files += bool(unchanged and entry["rows"] == rows)
         if not (unchanged and entry["rows"] == rows):
             if entry is not None:
                 retire(storage, entry)
@@ -255,4 +271,4 @@ def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[Down
         if not done.issuperset(part.shard_ids()):
             parts.append(part)
     storage.write_json(REGISTRY, reg)
-    return parts
+    return SourcePlan(parts, files, unchanged_files)

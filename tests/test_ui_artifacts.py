@@ -1,6 +1,7 @@
-"""The `training-summary` and `sample-grid` artifacts as a real Prefect server stores them: pictures
-sized to the page, short captions, the prompts in a table of their own, and full-size files that
-are links a browser opens (gs:// roots) or plain paths, never a broken link (local roots)."""
+"""The `training-summary` and `sample-grid` artifacts as a real Prefect server stores them (issue 30,
+item 1): pictures sized to the page, short captions, the prompts in a table of their own, and
+full-size files as links a browser opens (gs:// roots) or plain paths, never a broken link (local
+roots). (A refresh with nothing new, item 5: tests/test_flows.py, after the pipeline run.)"""
 
 import asyncio
 import base64
@@ -121,3 +122,4 @@ def test_gcs_root_links_open_the_console_and_the_grid_is_an_image_artifact(harne
     grid = arts["sample-grid"]
     assert grid.type == "image" and grid.data == links[0][1]
     assert "Google accounts that can read the bucket" in grid.description
+
