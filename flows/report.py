@@ -25,6 +25,7 @@ from muse.storage import Storage
 
 DISPLAY = 640  # px, widest: the artifact page's text column is ~1,000 px at a 1,280 px window
 THUMB = 96     # px, longest side of a sample in the prompts table
+MAX_THUMBS = 48  # thumbnails in that table (~4 KB each); later prompts are in the grid only
 SIGNED_S = 7 * 24 * 3600  # a V4 signed URL's longest life
 
 
@@ -102,9 +103,9 @@ def pictures(storage: Storage, run: str, samples: list[str], prompts: list[str])
     if singles:
         lines += ["## Prompts", "", "| # | prompt | sample | file |", "|---|---|---|---|"]
         for i, (rel, prompt) in enumerate(zip(singles, prompts)):
-            thumb = embed(storage.read_bytes(rel), THUMB)
+            thumb = f"![sample {i}]({embed(storage.read_bytes(rel), THUMB)})" if i < MAX_THUMBS else "in the grid"
             cell = prompt.replace("|", "\\|")  # a | in a prompt would end its table cell
-            lines.append(f"| {i} | {cell} | ![sample {i}]({thumb}) | {file_ref(storage, rel)} |")
+            lines.append(f"| {i} | {cell} | {thumb} | {file_ref(storage, rel)} |")
     return lines
 
 
