@@ -123,3 +123,23 @@ def test_gcs_root_links_open_the_console_and_the_grid_is_an_image_artifact(harne
     assert grid.type == "image" and grid.data == links[0][1]
     assert "Google accounts that can read the bucket" in grid.description
 
+
+
+def test_thumbnails_stop_after_max_thumbs_and_every_prompt_keeps_its_row(tmp_path):
+    """A long prompt list keeps the artifact small: rows for all, thumbnails for the first MAX_THUMBS."""
+    from flows.report import MAX_THUMBS, summary_markdown
+
+    prompts = [f"prompt {i} | with a bar" for i in range(MAX_THUMBS + 2)]
+    cfg = load_config(None, [f"storage.root={tmp_path}", f"source.paths=[{tmp_path / 'urls.jsonl'}]",
+                             "train.run_name=demo"], data={})
+    storage = Storage.from_config(cfg)
+    img = png_bytes(np.full((16, 16, 3), 200, np.uint8))
+    samples = []
+    for i in range(len(prompts)):
+        storage.write_bytes(f"samples/p-{i:03d}.png", img)
+        samples.append(storage.url(f"samples/p-{i:03d}.png"))
+    md = summary_markdown(cfg, samples, prompts)
+    rows = [ln for ln in md.splitlines() if ln.startswith("| ") and "with a bar" in ln]
+    assert len(rows) == len(prompts) and all("\\| with" in r for r in rows)  # a | in a prompt escaped
+    assert sum("![sample " in r for r in rows) == MAX_THUMBS
+    assert rows[-1].split(" | ")[2] == "in the grid"
