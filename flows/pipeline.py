@@ -92,7 +92,12 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
                 return Failed(message=downloaded.message)  # its message here, not a second traceback
             downloaded = downloaded.result()
         encoded = encode_flow(config_path, overrides)
-    return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    out = {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    if "note" in downloaded:  # (the tests' stand-ins for download_flow have none) what this run did, then the dataset
+        out = {"note": downloaded["note"], "this_run": downloaded["this_run"], **out}
+        print(f"data-refresh: {downloaded['note']}; this run: {downloaded['this_run']['shards']} shard(s), "
+              f"{downloaded['this_run']['rows_in']} rows in; dataset: {out['rows']} rows, version {out['dataset_version']}")
+    return out
 
 
 def superres_run(cfg, overrides: list[str], extra: list[str]) -> list[str]:

@@ -28,6 +28,7 @@ import tempfile
 import uuid
 from pathlib import Path
 from typing import Any, Iterable
+from urllib.parse import quote
 
 # gcsfs 2026.x probes hierarchical-namespace support on every bucket operation, which
 # takes 40-80 s against an emulator; it must be switched off before gcsfs is imported.
@@ -121,6 +122,26 @@ class Storage:
         """Full URI of `rel` (gs://bucket/prefix/rel or /abs/path/rel)."""
         p = self.path(rel)
         return p if self.is_local else f"{self.protocol}://{p}"
+
+    def browser_url(self, rel: str) -> str | None:
+        """An https URL a browser opens for `rel`, or None. gs:// roots: the Cloud console's
+        authenticated download (https://storage.cloud.google.com/BUCKET/PATH), which opens for
+        anyone signed in to Google with read access and never expires. Local roots: None, since a
+        path is no URL for a browser elsewhere (the Prefect UI would resolve it against itself)."""
+        if self.protocol not in ("gs", "gcs"):
+            return None
+        return "https://storage.cloud.google.com/" + quote(self.path(rel))
+
+    def signed_url(self, rel: str, expires_s: int = 7 * 24 * 3600) -> str | None:
+        """A V4 signed URL of `rel` that anyone can open for `expires_s` (at most 7 days), or None
+        where the credentials cannot sign: only service-account keys can (user logins, the metadata
+        server's tokens and the emulator's anonymous access cannot)."""
+        if self.protocol not in ("gs", "gcs"):
+            return None
+        try:
+            return self.fs.sign(self.path(rel), expiration=expires_s, version="v4")
+        except (AttributeError, TypeError, ValueError, ImportError):  # no signing key: say None
+            return None
 
     def relative(self, ref: str) -> str | None:
         """`ref` relative to the root: a relative path as is; a URI or absolute path under the root

@@ -66,12 +66,15 @@ def test_25_encode_shards_with_a_limit_of_2_never_run_more_than_2_at_once(harnes
 
 def test_download_tasks_respect_max_parallel_tasks(harness, config, monkeypatch):
     import flows.download as dl
+    from muse.download import DownloadPlan
 
     part = Recorder([])
     monkeypatch.setattr(dl, "download_chunk", part)
-    monkeypatch.setattr(dl, "plan_chunks", lambda cfg: [SimpleNamespace(label=f"s{i}.jsonl") for i in range(6)])
+    monkeypatch.setattr(dl, "plan_run", lambda cfg: DownloadPlan([SimpleNamespace(label=f"s{i}.jsonl") for i in range(6)],
+                                                                  6, 0))
     monkeypatch.setattr(dl, "finalize_download", lambda cfg: {})
-    monkeypatch.setattr(dl, "summary_rows", lambda summary: [{"rows": 0}])
+    monkeypatch.setattr(dl, "summarize_run", lambda cfg, stats: {"rows_in": 0, "succeeded": 0, "shards": []})
+    monkeypatch.setattr(dl, "run_rows", lambda run, summary: [{"rows": 0}])
     dl.download_flow(config, ["download.max_parallel_tasks=3"])
     assert len(part.spans) == 6 and part.most_at_once() == 3
 

@@ -201,3 +201,41 @@ def test_gcs_transfers_are_checked_with_crc32c(gcs_root, monkeypatch):
     assert st.read_bytes("images/big.bin") == big
     st.write_many({"images/c.bin": data, "images/d.bin": b"x"})  # the batch path, checked alike
     assert st.read_many(["images/c.bin", "images/d.bin"]) == {"images/c.bin": data, "images/d.bin": b"x"}
+
+
+def test_browser_urls_gcs_only_and_signed_urls_verify_with_a_service_account_key(tmp_path, monkeypatch):
+    """The console URL for gs:// (quoted), none for a local root; a V4 signed URL from a service-account
+    key (made here: signing is local, no network) whose signature the key's public half verifies."""
+    import hashlib
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    assert Storage(str(tmp_path)).browser_url("samples/a.png") is None
+    assert Storage(str(tmp_path)).signed_url("samples/a.png") is None
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    sa = {"type": "service_account", "project_id": "p", "private_key_id": "k1", "private_key": pem,
+          "client_email": "muse@p.iam.gserviceaccount.com", "client_id": "1",
+          "token_uri": "https://oauth2.googleapis.com/token"}
+    (tmp_path / "sa.json").write_text(json.dumps(sa))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)  # the real endpoint, never contacted
+    st = Storage("gs://bucket/runs one", "p")
+    assert st.browser_url("samples/a b.png") == "https://storage.cloud.google.com/bucket/runs%20one/samples/a%20b.png"
+    url = st.signed_url("samples/a b.png", 3600)
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    assert (parts.netloc, parts.path) == ("storage.googleapis.com", "/bucket/runs%20one/samples/a%20b.png")
+    assert query["X-Goog-Expires"] == ["3600"] and query["X-Goog-Credential"][0].startswith(sa["client_email"])
+    # GCS's V4 scheme: the string to sign hashes the canonical request (query minus the signature)
+    canonical = "\n".join(["GET", parts.path, parts.query.split("&X-Goog-Signature=")[0],
+                           "host:storage.googleapis.com\n", "host", "UNSIGNED-PAYLOAD"])
+    scope = query["X-Goog-Credential"][0].split("/", 1)[1]
+    to_sign = "\n".join(["GOOG4-RSA-SHA256", query["X-Goog-Date"][0], scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key.public_key().verify(bytes.fromhex(query["X-Goog-Signature"][0]), to_sign.encode(), padding.PKCS1v15(),
+                            hashes.SHA256())  # raises InvalidSignature when it does not hold

@@ -219,12 +219,14 @@ def retire(storage: Storage, entry: dict) -> None:
 class SourcePlan:
     """What registering the source files would do, computed without writing anything:
     `parts` the unfinished ones, `current` every part of the listed files, `registry` the new
-    `_SOURCES.json`, `retired` the old entries of changed files (their shards get deleted)."""
+    `_SOURCES.json`, `retired` the old entries of changed files (their shards get deleted),
+    `unchanged` how many of the listed files were registered before as they are now."""
 
     parts: list[DownloadPart]
     current: list[DownloadPart]
     registry: dict
     retired: list[dict]
+    unchanged: int = 0
 
 
 def shards_for(rows: int, shard_size: int) -> int:
@@ -234,7 +236,7 @@ def shards_for(rows: int, shard_size: int) -> int:
 
 def plan_sources(storage: Storage, cfg, done: set[int], rows: int | None = None) -> SourcePlan:
     """Assign shard ids to new/changed files and say which shards would be retired: the pure
-    step of `plan_parts` (reads the registry and the source files, writes nothing; `muse plan`).
+    step of `register_sources` (reads the registry and the source files, writes nothing; `muse plan`).
     `done`: the finished image shards. `rows`: plan a declared row count as one new file instead
     of reading `source.paths` (`muse plan --rows N`, when the URL lists are not at hand)."""
     reg = load_registry(storage)
@@ -259,7 +261,9 @@ def plan_sources(storage: Storage, cfg, done: set[int], rows: int | None = None)
             n = len(sel.indices)
         if remaining is not None:
             remaining -= n
-        if not (unchanged and entry["rows"] == n):
+        if unchanged and entry["rows"] == n:
+            plan.unchanged += 1
+        else:
             if entry is not None:
                 plan.retired.append(entry)
             entry = {"fingerprint": fp, "rows": n, "max_samples": src.max_samples,
@@ -277,13 +281,18 @@ def plan_sources(storage: Storage, cfg, done: set[int], rows: int | None = None)
     return plan
 
 
+def register_sources(storage: Storage, cfg, done: set[int]) -> SourcePlan:
+    """`plan_sources`, then do it: retire the changed files' shards, write the registry."""
+    plan = plan_sources(storage, cfg, done)
+    for entry in plan.retired:
+        retire(storage, entry)
+    storage.write_json(REGISTRY, plan.registry)
+    return plan
+
+
 def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[DownloadPart]:
     """Assign shard ids to new/changed files, retire stale shards; return unfinished parts.
     `done`: the finished shards, when the caller has `whole_image_shards` already."""
     if done is None:
         done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
-    plan = plan_sources(storage, cfg, done)
-    for entry in plan.retired:
-        retire(storage, entry)
-    storage.write_json(REGISTRY, plan.registry)
-    return plan.parts
+    return register_sources(storage, cfg, done).parts
