@@ -7,7 +7,7 @@ from typing import Literal
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
-from prefect.states import Failed, State
+from prefect.states import Failed
 
 from flows.common import ConfigError, cfg_from, missing_sources
 from flows.download import download_flow
@@ -87,16 +87,15 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
     overrides = list(overrides or [])
     with root_lease(cfg_from(config_path, overrides)):  # waits while a pipeline holds this root
         downloaded = download_flow(config_path, overrides, return_state=True)
-        if isinstance(downloaded, State):  # (tests put plain functions in its place)
-            if downloaded.is_failed():  # e.g. no URL list: one line in the download run's log, and
-                return Failed(message=downloaded.message)  # its message here, not a second traceback
-            downloaded = downloaded.result()
+        if downloaded.is_failed():  # e.g. no URL list: one line in the download run's log, and
+            return Failed(message=downloaded.message)  # its message here, not a second traceback
+        downloaded = downloaded.result()
         encoded = encode_flow(config_path, overrides)
-    out = {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
-    if "note" in downloaded:  # (the tests' stand-ins for download_flow have none) what this run did, then the dataset
-        out = {"note": downloaded["note"], "this_run": downloaded["this_run"], **out}
-        print(f"data-refresh: {downloaded['note']}; this run: {downloaded['this_run']['shards']} shard(s), "
-              f"{downloaded['this_run']['rows_in']} rows in; dataset: {out['rows']} rows, version {out['dataset_version']}")
+    out = {"note": downloaded["note"], "this_run": downloaded["this_run"], **row_counts(downloaded),
+           "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    # what this run did, then the dataset it leaves
+    print(f"data-refresh: {downloaded['note']}; this run: {downloaded['this_run']['shards']} shard(s), "
+          f"{downloaded['this_run']['rows_in']} rows in; dataset: {out['rows']} rows, version {out['dataset_version']}")
     return out
 
 

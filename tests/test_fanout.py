@@ -29,8 +29,15 @@ def config(tmp_path):
     return str(path)
 
 
+# what download_flow and encode_flow return, as far as the flows above them read it (one
+# stand-in plays both phases)
+PHASE_RESULT = {"rows_in": 0, "rows": 0, "version": "v", "note": "nothing new: 1 source file unchanged",
+                "this_run": {"rows_in": 0, "succeeded": 0, "shards": 0}}
+
+
 class Recorder:
-    """Stands in for a library call: records (start, end) and sleeps a little."""
+    """Stands in for a library call or a flow: records (start, end) and sleeps a little; with
+    `return_state=True` its result comes in a Completed state, as a flow's does."""
 
     def __init__(self, result, sleep_s=0.3):
         self.result, self.sleep_s, self.spans, self.lock = result, sleep_s, [], threading.Lock()
@@ -40,7 +47,12 @@ class Recorder:
         time.sleep(self.sleep_s)
         with self.lock:
             self.spans.append((start, time.monotonic()))
-        return self.result(*args) if callable(self.result) else self.result
+        out = self.result(*args) if callable(self.result) else self.result
+        if kwargs.get("return_state"):
+            from prefect.states import Completed
+
+            return Completed(data=out)
+        return out
 
     def most_at_once(self) -> int:
         events = sorted([(s, 1) for s, _ in self.spans] + [(e, -1) for _, e in self.spans])
@@ -83,7 +95,7 @@ def test_two_data_refresh_runs_on_one_root_never_overlap(harness, config, monkey
     """A scheduled and a manual data-refresh at once: the second waits for the root."""
     import flows.pipeline as pl
 
-    phase = Recorder({"rows_in": 0, "rows": 0, "version": "v"}, sleep_s=1.0)
+    phase = Recorder(PHASE_RESULT, sleep_s=1.0)
     monkeypatch.setattr(pl, "download_flow", phase)
     monkeypatch.setattr(pl, "encode_flow", phase)
     errors = []
@@ -199,7 +211,7 @@ def test_waiting_for_the_root_is_logged_only_while_another_run_holds_it(harness,
     from flows.common import cfg_from
     from flows.limits import lease_name
 
-    phase = Recorder({"rows_in": 0, "rows": 0, "version": "v"}, sleep_s=0.1)
+    phase = Recorder(PHASE_RESULT, sleep_s=0.1)
     monkeypatch.setattr(pl, "download_flow", phase)
     monkeypatch.setattr(pl, "encode_flow", phase)
     alone = pl.data_refresh_flow(config, [], return_state=True)
