@@ -195,3 +195,12 @@ def test_torchrun_ends_with_one_line_unless_debug(tmp_path, monkeypatch, capsys)
     time.sleep(0.01)
     (tmp_path / "rank0").write_text("rank 0 stopped after rank 1")
     assert first_cause(tmp_path) == (1, "rank 1's cause")
+
+
+def test_on_data_error_is_stop_or_skip(tmp_path):
+    from muse.config import ConfigError
+
+    config = tiny_config(tmp_path, "r")
+    assert load_config(config).train.on_data_error == "stop"
+    with pytest.raises(ConfigError, match="train.on_data_error: Input should be 'stop' or 'skip'"):
+        load_config(config, ["train.on_data_error=ignore"])
