@@ -291,6 +291,9 @@ class TrainConfig(_Section):
     on_data_change: Literal["stop", "new_pass"] = Field(
         "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
         "new_pass: keep weights, optimizer and step and start a new pass over the data")
+    on_data_error: Literal["stop", "skip"] = Field(
+        "stop", description="a row group that cannot be read while training (after the storage retries): "
+        "stop every rank at the last checkpoint, or skip it (logged, metrics.jsonl skipped_row_groups)")
     # train_on=deployment (flows/handoff.py): the GPU run is a deployment on another work pool
     handoff_start_timeout_s: float = Field(
         900.0, gt=0, description="the GPU run must start within this many seconds, else it is cancelled")
