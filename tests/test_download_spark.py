@@ -66,7 +66,8 @@ def test_spark_standalone_cluster_matches_multiprocessing(tmp_path, monkeypatch)
         for k, v in cluster.env().items():  # the driver binds to 127.0.0.1 and reads no user conf
             if k.startswith(("SPARK_", "PYSPARK_")):
                 monkeypatch.setenv(k, v)
-        monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", f"--master {cluster.master_url} pyspark-shell")
+        # "--master spark://127.0.0.1:PORT ... pyspark-shell", as a user points it at a cluster
+        monkeypatch.setenv("PYSPARK_SUBMIT_ARGS", cluster.submit_args())
         summary, out = _download(tmp_path / "sp", src, "spark")
         assert len(cluster.alive()) == 2  # master and worker were up all along
     assert cluster.alive() == [], "the master or worker left a process behind"
