@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 
 MASTER = "org.apache.spark.deploy.master.Master"
+WORKER = "org.apache.spark.deploy.worker.Worker"
 # short-lived JVMs on a busy 2-core machine: the C1 compiler alone and the serial collector
 # start faster and burn less CPU than C2 + G1's threads (these JVMs run seconds, not hours)
 LIGHT_JVM = "-XX:TieredStopAtLevel=1 -XX:+UseSerialGC"
-WORKER = "org.apache.spark.deploy.worker.Worker"
 
 
 def spark_home() -> Path:
