@@ -38,7 +38,7 @@ ROUTES = {
     "/status/410": "http_410", "/status/403": "http_403", "/status/401": "http_401", "https": "ssl",
     "/noai/1.jpg": "disallowed", "file:///etc/hostname": "bad_url", "/tiny/1.jpg": "too_small",
     "/wide/2.jpg": "aspect_ratio", "/html": "decode_error", "/truncated.jpg": "decode_error",
-    "/png16/3.png": "blank_image",
+    "/png16/3.png": "blank_image", "nonnumeric port": "bad_url", "http://[::1/img/1.jpg": "bad_url",
 }
 
 
@@ -47,6 +47,8 @@ def _url(srv, route: str) -> str:
         return refused_url()
     if route == "https":  # TLS to a plain-HTTP port: the handshake fails
         return f"https://127.0.0.1:{srv.port}/img/1.jpg"
+    if route == "nonnumeric port":
+        return "http://127.0.0.1:port/img/1.jpg"
     return route if "://" in route else srv.url(route)
 
 

@@ -36,7 +36,8 @@ REASONS: dict[str, tuple[bool, str]] = {
     "ssl": (False, "TLS failed, e.g. a bad certificate (\"<urlopen error [SSL: ...]>\")"),
     "redirect": (False, "a redirect urllib refuses to follow"),
     "disallowed": (False, "the host forbids AI use (\"Use of image disallowed by X-Robots-Tag directive\")"),
-    "bad_url": (False, "not an http(s) URL (empty, null, file:, data:): never fetched"),
+    "bad_url": (False, "not an http(s) URL (empty, null, file:, data:): never fetched; or one urllib refuses "
+                       "(\"nonnumeric port: 'x'\", \"Invalid IPv6 URL\")"),
     "too_small": (False, "smaller than `download.min_image_size` (\"image too small\")"),
     "aspect_ratio": (False, "beyond `download.max_aspect_ratio` (\"aspect ratio too large\")"),
     "decode_error": (False, "not a picture PIL or OpenCV can decode (\"Image decoding error\"; HTML, truncated)"),

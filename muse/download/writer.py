@@ -32,6 +32,10 @@ def is_http(url) -> bool:
 def reason_of(status: str | None, message: str | None) -> str:
     """Normalise img2dataset's status + error message into a short reason."""
     m = (message or "").lower()
+    # urllib refusing the URL's syntax (a bad port, a broken IPv6 host; spaces never get there:
+    # the reader percent-encodes them): first, as such a message may quote the URL
+    if any(n in m for n in ("nonnumeric port", "invalid ipv6 url")):
+        return "bad_url"
     code = re.search(r"http error (\d{3})", m)
     if code:
         return "http_5xx" if code.group(1).startswith("5") else f"http_{code.group(1)}"
