@@ -157,3 +157,73 @@ def test_request_counts_against_a_fault_free_run(gcs_emulator, gcs_proxy):
     # gcsfs's `info` races an object GET against a one-item listing and cancels the loser, whose
     # retry (after a fault) may then never be sent: at most one more request per fault there
     assert all(faulted[k] <= clean[k] + per_kind[k] for k in ("info", "list")), (clean, faulted, faults)
+
+
+# -- end to end: the encode phase on gs:// through the proxy
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    from muse.testing.tiny import build_tiny_encoders
+
+    return build_tiny_encoders(tmp_path_factory.mktemp("enc"))
+
+
+def _encode(tmp_path, root, encoders, before=lambda: None):
+    """Phase 1 shards written, then `run_encode`; {path under the root: bytes} of what it wrote
+    (the root's own name and the manifest's creation time taken out: they differ by design)."""
+    import json
+
+    import yaml
+
+    from muse.config import load_config
+    from muse.encode import run_encode
+    from muse.testing.image_shards import write_image_shard
+    from muse.testing.tiny import tiny_encode_overrides
+
+    path = tmp_path / f"pipeline-{root.rsplit('/', 2)[-2]}.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": root, "retries": 8, "timeout_s": 1.0},
+                                    "source": {"paths": ["unused.parquet"]},
+                                    "encode": {"batch_size": 2, "row_group_size": 2}}))
+    cfg = load_config(path, tiny_encode_overrides(encoders))
+    st = Storage.from_config(cfg)
+    for sid in range(3):
+        write_image_shard(st, sid, [f"a caption {sid}-{i}" for i in range(4)])
+    before()
+    summary = run_encode(cfg)
+    assert summary["rows"] == 12 and summary["shards"] == 3
+    out = {}
+    for p in st.fs.find(st.path("encoded")):
+        rel = st.relative(st.fs.unstrip_protocol(p))
+        data = st.read_bytes(rel).replace(root.encode(), b"ROOT")
+        if rel.endswith("_MANIFEST.json"):
+            data = json.loads(data)
+            data.pop("created")
+        out[rel] = data
+    return out
+
+
+@pytest.mark.slow
+def test_encode_through_faults_is_byte_identical(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders, caplog):
+    """Encode on gs:// at 5% faults, then in a storm (50% for 3 s, then clear): every encoded shard
+    and the manifest (minus its timestamp) equal a fault-free run's, and the log shows retries."""
+    import threading
+
+    clean = _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders)
+    assert len([p for p in clean if p.endswith(".parquet")]) >= 4  # 3 shards + the shard table
+    gcs_proxy.reset_counts()  # the schedule counts from here
+    gcs_proxy.rate, gcs_proxy.seed = 0.05, 32  # a seed whose 5% meets reads and uploads
+    started = time.monotonic()
+    assert _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders) == clean
+    assert sum(n for (kind, _), n in gcs_proxy.faults().items() if kind in ("read", "upload")) >= 3, \
+        gcs_proxy.faults()
+    assert any("retrying in" in r.getMessage() for r in caplog.records if r.name == "muse.storage")
+    gcs_proxy.rate = 0.0
+
+    def storm():  # from the start of run_encode
+        gcs_proxy.reset_counts()
+        gcs_proxy.rate = 0.5
+        threading.Timer(3.0, lambda: setattr(gcs_proxy, "rate", 0.0)).start()
+
+    assert _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders, before=storm) == clean
+    assert sum(gcs_proxy.faults().values()) >= 2, gcs_proxy.faults()  # how many: as fast as the machine
+    assert time.monotonic() - started < 150  # hang guard
