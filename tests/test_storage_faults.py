@@ -227,3 +227,17 @@ def test_encode_through_faults_is_byte_identical(tmp_path, gcs_emulator, gcs_pro
     assert _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders, before=storm) == clean
     assert sum(gcs_proxy.faults().values()) >= 2, gcs_proxy.faults()  # how many: as fast as the machine
     assert time.monotonic() - started < 150  # hang guard
+
+
+def test_policy_comes_from_the_config_and_bad_values_name_the_key(tmp_path):
+    import yaml
+
+    from muse.config import ConfigError, load_config
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "root")}, "source": {"paths": ["x.parquet"]}}))
+    cfg = load_config(path, ["storage.retries=2", "storage.timeout_s=1.5", "storage.deadline_s=9"])
+    assert Storage.from_config(cfg).retry == RetryPolicy(retries=2, timeout_s=1.5, deadline_s=9)
+    for bad in ("storage.retries=-1", "storage.timeout_s=0", "storage.deadline_s=-3", "storage.retries=x"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(path, [bad])
