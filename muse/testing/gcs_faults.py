@@ -33,6 +33,7 @@ import os
 import re
 import socket
 import struct
+import sys
 import threading
 from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -106,8 +107,7 @@ class GCSFaultProxy:
         self._faults: Counter = Counter()  # (kind, fault) injected
         self._stop = threading.Event()
         self._set_env, self._old_env = set_env, None
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _handler(self))
-        self._server.daemon_threads = True
+        self._server = _Server(("127.0.0.1", 0), _handler(self))
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread: threading.Thread | None = None
 
@@ -184,6 +184,15 @@ class GCSFaultProxy:
         self.stop()
 
 
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if isinstance(sys.exc_info()[1], ConnectionError):  # a client that went away (a reset, a
+            return                                          # closed file): no traceback on stderr
+        super().handle_error(request, client_address)
+
+
 def _handler(proxy: GCSFaultProxy):
     class Handler(_ProxyHandler):
         pass
@@ -221,6 +230,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
             conn.request(self.command, self.path, body=body, headers=headers)
             resp = conn.getresponse()
             self._answer(resp, fault)
+        except (BrokenPipeError, ConnectionResetError):  # the client went away: nothing to answer
+            self.close_connection = True
         finally:
             conn.close()
 
