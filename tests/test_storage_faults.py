@@ -241,3 +241,22 @@ def test_policy_comes_from_the_config_and_bad_values_name_the_key(tmp_path):
     for bad in ("storage.retries=-1", "storage.timeout_s=0", "storage.deadline_s=-3", "storage.retries=x"):
         with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
             load_config(path, [bad])
+
+
+def test_what_the_policy_retries_is_transient_py_s_word():
+    """The errors a fault produces are transient by muse/transient.py (the one owner of that list);
+    a missing object or a refusal is not; a StorageError keeps its cause, so the flow's task retry
+    sees a give-up on a 503 as transient too."""
+    import aiohttp
+    from gcsfs.retry import HttpError
+
+    from muse.transient import TransferError, is_transient
+
+    for exc in (TransferError("short read"), aiohttp.ClientPayloadError("cut"), TimeoutError(),
+                HttpError({"code": 429, "message": "slow down"}), ConnectionResetError()):
+        assert is_transient(exc), exc
+    for exc in (FileNotFoundError("gs://b/x"), PermissionError(), HttpError({"code": 400, "message": "bad"})):
+        assert not is_transient(exc), exc
+    with pytest.raises(StorageError) as err:
+        RetryPolicy(retries=0).delay(0, HttpError({"code": 503, "message": "x"}), time.monotonic(), "GET gs://b/o")
+    assert is_transient(err.value) and "GET gs://b/o: failed after 1 try" in str(err.value)
