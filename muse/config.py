@@ -32,6 +32,13 @@ class StorageConfig(_Section):
     work_dir: Optional[str] = Field(
         None, description="local scratch folder for img2dataset (default: a temp dir)"
     )
+    # One retry policy for every request to gs:// (muse/storage.py RetryPolicy); local roots ignore it.
+    retries: int = Field(6, ge=0, le=20, description="gs://: tries after the first of a failed idempotent request "
+                         "(429, 5xx, reset, stall, short read); full-jitter backoff from 0.5 s, at most 30 s a wait")
+    timeout_s: float = Field(60.0, gt=0, description="gs://: seconds one try may wait to connect or for its next "
+                             "bytes before it counts as failed (a stalled read)")
+    deadline_s: float = Field(300.0, gt=0, description="gs://: seconds one request may take with all its tries "
+                              "and waits (Retry-After included) before it fails, naming the object")
 
 
 class SourceFilter(_Section):
