@@ -62,7 +62,7 @@ from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, check_en
                          t5_from_bytes, trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
-from muse.storage import Storage
+from muse.storage import RetryPolicy, Storage
 
 if TYPE_CHECKING:
     from muse.config import PipelineConfig
@@ -345,10 +345,11 @@ class StreamingDataset(IterableDataset):
 
     def __init__(self, root_uri: str, dataset_dir: str, settings: LoaderSettings = LoaderSettings(),
                  rank: int = 0, world_size: int = 1, *, gcs_project: str | None = None,
-                 page_checksums: bool = True):
+                 retry: RetryPolicy | None = None, page_checksums: bool = True):
         s = self.settings = settings
         self.page_checksums = page_checksums  # off only to measure their cost (bench/loader.py)
-        storage = Storage(root_uri, gcs_project)
+        self.retry = retry  # storage.retries / timeout_s / deadline_s, in every worker too
+        storage = Storage(root_uri, gcs_project, retry)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
         self.root_uri, self.gcs_project, self.dataset_dir = root_uri, gcs_project, dataset_dir
@@ -470,7 +471,7 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"train.num_workers ({nw}) must divide train.loader_streams ({self.streams})")
         if info:
             torch.set_num_threads(1)  # decoding threads fight the trainer on small machines
-        storage = Storage(self.root_uri, self.gcs_project)  # per worker: gcsfs is not fork-safe
+        storage = Storage(self.root_uri, self.gcs_project, self.retry)  # per worker: gcsfs is not fork-safe
         g = self._start["batch"] + wid
         streams: dict[int, _Stream] = {}
         while True:

@@ -39,7 +39,7 @@ from muse.layout import dataset_dir, empty_caption, read_manifest
 from muse.launch import CAUSE_DIR_ENV
 from muse.lifecycle import exit_with_parent
 from muse.memory import free_memory, resolve_batch
-from muse.storage import Storage
+from muse.storage import RetryPolicy, Storage
 from muse.train_callbacks import StepCallback
 
 # ----------------------------------------------------------------------------- the job's pieces
@@ -201,7 +201,7 @@ def dataset(cfg: PipelineConfig, data_dir: str, d: Dist) -> StreamingDataset:
     mix) is reported once, by rank 0."""
     t = cfg.train
     ds = StreamingDataset(cfg.storage.root, data_dir, LoaderSettings.from_config(cfg), d.rank, d.world,
-                          gcs_project=cfg.storage.gcs_project)
+                          gcs_project=cfg.storage.gcs_project, retry=RetryPolicy.from_config(cfg.storage))
     d.log(f"epoch: {ds.train_rows} trainable rows = {d.world} ranks x {ds.batches_per_epoch} batches x "
           f"{t.batch_size} + {ds.dropped_rows} dropped (the remainder of the last global batch; other rows "
           "each epoch)")

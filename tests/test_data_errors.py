@@ -5,6 +5,7 @@ with train.on_data_error: skip, skips it, says so in the log and metrics.jsonl, 
 
 import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -18,7 +19,7 @@ from muse import checkpoint
 from muse.config import load_config
 from muse.data import LoaderSettings, RowGroupError, StreamingDataset, _read_failed, worker_init
 from muse.layout import DataError, dataset_dir, metrics_file, shard_name
-from muse.storage import Storage
+from muse.storage import RetryPolicy, Storage
 from muse.testing.datasets import write_test_dataset
 from tests.test_integrity import flip, page_byte
 from tests.train_helpers import REPO, make_data, read_trace, run_train, tiny_config
@@ -106,6 +107,21 @@ def test_an_object_replaced_mid_run_on_gcs(gcs_root):
     with pytest.raises(DataError, match="row groups read all failed.*on_data_error is skip"):
         for _ in range(24):
             skip.consume(next(skip_it))
+
+
+def test_the_loader_reads_with_the_configured_retry_policy(gcs_root, gcs_proxy):
+    """A permanent 503 on one shard's reads, behind the fault proxy: the loader (and the streams it
+    builds per worker) retries as storage.retries says, then names the shard and row group."""
+    st = Storage(gcs_root)
+    write_test_dataset(st, DS, shards=1, rows=16, row_group_size=8)
+    policy = RetryPolicy(retries=2, timeout_s=2.0, deadline_s=30, base_s=0.01, cap_s=0.05)
+    ds = StreamingDataset(gcs_root, DS, LoaderSettings(batch_size=4, streams=1, shuffle_buffer=4), retry=policy)
+    assert pickle.loads(pickle.dumps(ds)).retry == policy  # what a DataLoader worker gets
+    gcs_proxy.reset_counts()
+    gcs_proxy.fail_always(shard_name(DS, 0).rsplit("/", 1)[1], "503", kind="read")
+    with pytest.raises(RowGroupError, match=rf"{st.url(shard_name(DS, 0))} row group \d"):
+        next(iter(ds))
+    assert gcs_proxy.counts().get("read") == policy.retries + 1  # one failing read: 1 try + 2 retries
 
 
 def _metrics(storage: Storage, run: str) -> list[dict]:
