@@ -141,6 +141,19 @@ class EncodeConfig(_Section):
     devices: Union[Literal["all"], list[str], None] = Field(
         None, description="all (one worker process per visible GPU; the CPU alone: one), or a list such as "
         "[cuda:0, cuda:1]; null: `device` only")
+    # How the encode flow runs its chunks: threads (this flow run's machine), ray (a Ray cluster),
+    # deployments (one flow run of encode.chunk_deployment per chunk, on that deployment's work pool)
+    fanout: Literal["threads", "ray", "deployments"] = "threads"
+    # fanout: deployments (flows/encode_remote.py, docs/encode.md "Across machines")
+    chunk_deployment: str = Field("encode-chunk/encode-chunk", description="flow/deployment that encodes one "
+                                  "chunk (prefect.yaml; work pool gpu)")
+    chunk_tries: int = Field(3, ge=1, description="flow runs submitted per chunk at most: a run that ends "
+                             "Crashed (its machine or worker died) is submitted again")
+    # A chunk run with no heartbeat for this long is marked Crashed by a Prefect automation (then
+    # re-submitted). Must exceed the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's
+    # default 180 s, minimum 30 s) with room for a late beat.
+    crashed_after_s: int = Field(600, gt=30, description="seconds without a heartbeat after which a chunk "
+                                 "run is marked Crashed (> the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
 
     @model_validator(mode="after")
     def _check_devices(self):
@@ -150,6 +163,13 @@ class EncodeConfig(_Section):
             bad = [d for d in self.devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
             if bad:
                 raise ValueError(f"encode.devices: {bad} are not devices (cpu, cuda, cuda:N)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_chunk_deployment(self):
+        if not re.fullmatch(r"[^/\s]+/[^/\s]+", self.chunk_deployment):
+            raise ValueError(f"encode.chunk_deployment: {self.chunk_deployment!r} is not a deployment name "
+                             "'<flow>/<deployment>' (e.g. encode-chunk/encode-chunk)")
         return self
 
     @property
