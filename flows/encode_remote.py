@@ -46,8 +46,15 @@ TERMINAL = ("Completed", "Failed", "Cancelled", "Crashed")
 
 @flow(name="encode-chunk", log_prints=True)
 def encode_chunk_flow(config_path: str, overrides: list[str], shard_ids: list[int]) -> dict:
-    """One chunk of image shards -> encoded shards (the body of the threads fan-out's task, with its
-    transient-error retries); returns {shard id: record} of the shards it encoded now."""
+    """One chunk of image shards -> encoded shards (the threads fan-out's task, with its
+    transient-error retries); returns {shard id: record} of the shards it encoded now.
+    Started by the `encode` flow with `encode.fanout: deployments`, one run per chunk.
+
+    Args:
+        config_path: the pipeline.yaml of the encode run: a path on the worker or a gs:// URL
+        overrides: `key=value` strings applied on top (as `muse --set`), those of the encode run
+        shard_ids: the image shards of this chunk; shards already encoded are skipped
+    """
     from flows.encode import encode_chunk_task  # here: flows/encode.py imports this module
 
     return encode_chunk_task(config_path, list(overrides or []), list(shard_ids))
