@@ -137,6 +137,14 @@ def test_chunks_as_flow_runs_survive_a_killed_worker_with_identical_bytes(server
         state = result["state"]
         assert state.is_completed(), f"{state.name}: {state.message}"
     finally:
+        from prefect.events.worker import EventsWorker
+        from prefect.logging.handlers import APILogWorker
+
+        with temporary_settings({PREFECT_API_URL: server["PREFECT_API_URL"]}):
+            # Prefect keeps one log and one events worker per process: send this server's before it
+            # stops, or they keep trying it during later tests (as in tests/test_deployments.py)
+            APILogWorker.drain_all(timeout=60)
+            EventsWorker.drain_all(timeout=60)
         for w in workers:
             if w.poll() is None:
                 stop(w)
