@@ -8,6 +8,7 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import task_run
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
+from flows.encode_remote import run_chunks
 from flows.fanout import on_worker_device, submit_encode_chunks
 from flows.limits import encode_parallelism
 from muse.encode import encode_shard, finalize_manifest, plan_encode
@@ -70,8 +71,9 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
                                         description=f"0/{len(shards)} shards encoded" if chunks else
                                         "nothing to do: every image shard is encoded already")
     limit = encode_parallelism(cfg)
-    futures = submit_encode_chunks(cfg, encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
-                                                             "shard_ids": ids} for ids in chunks), limit)
+    futures = run_chunks(cfg, config_path, overrides, chunks) if cfg.encode.fanout == "deployments" else \
+        submit_encode_chunks(cfg, encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
+                                                       "shard_ids": ids} for ids in chunks), limit)
     failed, rows = [], []
     for i, fut in enumerate(futures):
         try:

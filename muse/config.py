@@ -155,13 +155,23 @@ class EncodeConfig(_Section):
         "[cuda:0, cuda:1]; null: `device` only")
     # How the `encode` flow spreads its chunk tasks (docs/encode.md): threads of the flow's own
     # process; ray: prefect-ray tasks on the cluster at `ray_address`; deployments: one flow run
-    # per chunk on a work pool.
+    # per chunk on a work pool (`chunk_deployment`).
     fanout: Literal["threads", "ray", "deployments"] = "threads"
     ray_address: Optional[str] = Field(None, description="fanout ray: the cluster, e.g. ray://head:10001 or "
                                        "head:6379; null: $RAY_ADDRESS")
     # One Ray task per chunk asks for this many GPUs: 1 gives each chunk its own GPU and process
     # (its own models); 0 lets chunks run on CPU-only nodes.
     gpus_per_task: float = Field(1, ge=0, description="fanout ray: GPUs one chunk task reserves (Ray num_gpus)")
+    # fanout: deployments (flows/encode_remote.py, docs/encode.md "Across machines")
+    chunk_deployment: str = Field("encode-chunk/encode-chunk", description="flow/deployment that encodes one "
+                                  "chunk (prefect.yaml; work pool gpu)")
+    chunk_tries: int = Field(3, ge=1, description="flow runs submitted per chunk at most: a run that ends "
+                             "Crashed (its machine or worker died) is submitted again")
+    # A chunk run with no heartbeat for this long is marked Crashed by a Prefect automation (then
+    # re-submitted). Must exceed the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY (Prefect's
+    # default 180 s, minimum 30 s) with room for a late beat.
+    crashed_after_s: int = Field(600, gt=30, description="seconds without a heartbeat after which a chunk "
+                                 "run is marked Crashed (> the workers' PREFECT_FLOWS_HEARTBEAT_FREQUENCY)")
 
     @model_validator(mode="after")
     def _check_devices(self):
@@ -171,6 +181,13 @@ class EncodeConfig(_Section):
             bad = [d for d in self.devices if not re.fullmatch(r"cpu|cuda(:\d+)?", d)]
             if bad:
                 raise ValueError(f"encode.devices: {bad} are not devices (cpu, cuda, cuda:N)")
+        return self
+
+    @model_validator(mode="after")
+    def _check_chunk_deployment(self):
+        if not re.fullmatch(r"[^/\s]+/[^/\s]+", self.chunk_deployment):
+            raise ValueError(f"encode.chunk_deployment: {self.chunk_deployment!r} is not a deployment name "
+                             "'<flow>/<deployment>' (e.g. encode-chunk/encode-chunk)")
         return self
 
     @property

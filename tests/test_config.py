@@ -27,6 +27,8 @@ def test_defaults_and_override():
     (["encode.fanout=dask"], "encode.fanout"),
     (["encode.gpus_per_task=-1"], "encode.gpus_per_task"),
     (["encode.superres=true"], "download.image_size >= 512"),
+    (["encode.chunk_deployment=encode-chunk"], "encode.chunk_deployment: 'encode-chunk' is not a deployment name"),
+    (["encode.crashed_after_s=30"], "encode.crashed_after_s"),
     (["download.image_size=4"], "download.image_size"),
     (["train.num_workers=3"], "train.num_workers (3) must divide train.loader_streams (8)"),
 ])

@@ -94,13 +94,14 @@ def test_flow_parameters_explain_themselves_in_the_custom_run_form():
     """The schema Prefect builds for the UI: choices as enums, every parameter described."""
     from prefect.utilities.callables import parameter_schema
 
+    from flows.encode_remote import encode_chunk_flow
     from flows.pipeline import data_refresh_flow, pipeline_flow
     from flows.train import train_flow
 
     props = parameter_schema(pipeline_flow.fn).model_dump()["properties"]
     assert props["train_on"]["enum"] == ["local", "deployment"]
     assert {"enum": ["latest", "none"], "type": "string"} in props["resume"]["anyOf"]
-    for fn in (pipeline_flow, data_refresh_flow, train_flow):
+    for fn in (pipeline_flow, data_refresh_flow, train_flow, encode_chunk_flow):
         props = parameter_schema(fn.fn).model_dump()["properties"]
         missing = [k for k, v in props.items() if not v.get("description")]
         assert not missing, f"{fn.name}: no description for {missing}"
