@@ -283,6 +283,9 @@ class TrainConfig(_Section):
     rdzv_id: Optional[str] = Field(None, min_length=1, description="the job's id, the same on every node "
                                    "(default muse-<run_name>)")
     device: str = "auto"
+    cpu_threads: Optional[PositiveInt] = Field(
+        None, description="torch threads per rank when training on the CPU; null: torch's default (the cores). "
+        "A fixed count gives the same weights on machines with other core counts")
     dist_timeout_s: float = Field(
         1800.0, gt=0, description="collective timeout of the torchrun job: the longest rank 0 may save, "
         "sample or evaluate alone while the other ranks wait (NCCL's own 600 s can kill a job saving ~10 GB)")
