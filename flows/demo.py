@@ -5,8 +5,9 @@
 
 Makes 1,200 coloured-shape pictures and serves them on 127.0.0.1, builds a tiny T5 and
 trains a VQ tokenizer on the shapes (once per machine), writes `<output>/pipeline.yaml`,
-runs download -> encode -> train -> sample, then scores every colour x shape prompt
-(`muse.testing.demo.score`) and prints the adherence table and where everything is.
+runs download -> encode -> train (evaluating every 500 steps) -> sample, then scores every
+colour x shape prompt (`muse.testing.demo.score`) and prints the adherence table and where
+everything is. Everything runs on `demo.THREADS` torch threads: the same table on any machine.
 """
 
 from __future__ import annotations
@@ -34,6 +35,9 @@ def main(argv=None) -> int:
     ap.add_argument("--no-prefect", action="store_true", help="run the library directly (muse run)")
     args = ap.parse_args(argv)
     t0 = time.time()
+    import torch
+
+    torch.set_num_threads(demo.THREADS)  # encode and scoring here; the trainer has train.cpu_threads
     config, images = demo.prepare(args.output)
     with ImageServer(images, port=demo.PORT) as srv:
         url = srv.url()
@@ -53,8 +57,10 @@ def main(argv=None) -> int:
           f"  image shards    {out}/data/images/\n"
           f"  encoded shards  {out}/data/encoded/<version>/ (+ _MANIFEST.json)\n"
           f"  checkpoints     {out}/data/checkpoints/demo/ (+ metrics.jsonl, loss.png, tb/)\n"
+          f"  evaluations     {out}/data/checkpoints/demo/eval/ (every 500 steps; curves in tb/ as eval/*)\n"
           f"  samples         {out}/data/samples/\n"
-          f"Re-run the phases yourself: muse run --config {config}", flush=True)
+          f"Re-run the phases yourself: muse run --config {config}\n"
+          f"Evaluate the last checkpoint on the held-out rows: muse eval --config {config}", flush=True)
     return 0
 
 
