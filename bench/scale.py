@@ -32,7 +32,7 @@ import yaml
 from muse.config import load_config
 from muse.data import LoaderSettings, StreamingDataset
 from muse.download import plan_download
-from muse.download.sources import REGISTRY, fingerprint, selection_spec
+from muse.download.sources import REGISTRY, selection_spec, source_fingerprint
 from muse.encode.shards import finalize_manifest, plan_encode
 from muse.layout import IMAGES_VERSION, dataset_dir, done_marker
 from muse.storage import Storage
@@ -54,7 +54,7 @@ def setup(gcs: GCSEmulator, tmp: Path, n: int):
     ids = list(range(first, first + n))
     t0 = time.perf_counter()
     write_synthetic_shards(storage, dataset_dir(cfg), ids, rows=ROWS)
-    entry = {"fingerprint": fingerprint(str(source)), "rows": n * ROWS, "max_samples": None,
+    entry = {"fingerprint": source_fingerprint(str(source)), "rows": n * ROWS, "max_samples": None,
              "first_shard": first, "num_shards": n, "shard_size": ROWS, "selection": selection_spec(cfg.source),
              "rows_in": n * ROWS, "filtered": {}}
     storage.write_json(REGISTRY, {"schema_version": IMAGES_VERSION, "next_shard": first + n,

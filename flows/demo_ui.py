@@ -8,6 +8,10 @@ one worker per pool, makes the demo config every deployment's default `config_pa
 the Run buttons, data-refresh's included, work), keeps the demo's image server alive, triggers the `pipeline`
 deployment on the demo config with `train_on=deployment`, prints the UI address and waits.
 `--until-done` exits when that run ends instead (0 if Completed): what the test does.
+
+Ctrl-C, SIGTERM or a closed terminal stop it all: workers, server, and every process below
+them (flow runs, torchrun and its ranks), which this process adopts when their parent goes
+(`muse.lifecycle.adopt_orphans`), so none is left training on.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,13 +28,18 @@ import urllib.request
 from pathlib import Path
 
 import flows.demo  # noqa: F401 - its environment defaults: offline hub, no telemetry
+from muse.lifecycle import adopt_orphans, end_descendants, reap_children
 
 REPO = Path(__file__).resolve().parents[1]
 PREFECT = [sys.executable, "-m", "prefect"]
 
 
 def free_port(preferred: int) -> int:
+    """`preferred` when a server could listen on it, else any free port. Probed with SO_REUSEADDR,
+    as uvicorn (the Prefect server) binds: a port left in TIME_WAIT by the last run is free to
+    it, and without the option a restart within a minute moved the UI off 4200 (issue 30 item 7)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", preferred))
         except OSError:
@@ -90,14 +100,32 @@ async def point_deployments_at(config: str) -> None:
             await client.update_deployment(dep.id, DeploymentUpdate(parameters=params))
 
 
-async def trigger_and_wait(config: str, wait: bool):
+async def free_stale_root(config: str, overrides: list[str]) -> None:
+    """Drop the demo storage root's concurrency limit before the run starts. Nothing of this demo
+    runs yet, so a slot still held is a leftover of a demo-ui stopped mid-run (a killed flow run
+    does not give it back), and the server kept that lease in memory: after its restart nothing
+    frees the slot, and the new run waited for the root (seen for minutes, until stopped)."""
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    from flows.limits import lease_name
+    from muse.config import load_config
+
+    async with get_client() as client:
+        try:
+            await client.delete_global_concurrency_limit_by_name(lease_name(load_config(config, overrides)))
+        except ObjectNotFound:  # a first run: root_lease creates it
+            pass
+
+
+async def trigger_and_wait(config: str, overrides: list[str], wait: bool):
     """Start the `pipeline` deployment (what the UI's Run button does); with `wait`, poll to the end."""
     from prefect.client.orchestration import get_client
 
     async with get_client() as client:
         dep = await client.read_deployment_by_name("pipeline/pipeline")
         run = await client.create_flow_run_from_deployment(
-            dep.id, parameters={"config_path": config, "overrides": [], "train_on": "deployment"})
+            dep.id, parameters={"config_path": config, "overrides": overrides, "train_on": "deployment"})
         print(f"demo-ui: started flow run {run.name} ({run.id})", flush=True)
         while wait and not (run.state and run.state.is_final()):
             await asyncio.sleep(2)
@@ -105,7 +133,51 @@ async def trigger_and_wait(config: str, wait: bool):
         return run
 
 
+def serve(args, config: Path, home: Path, log, procs: list[subprocess.Popen]) -> int:
+    """Server, pools, deployments, workers (each appended to `procs` as started), the pipeline run."""
+    server, env = start_server(home, free_port(args.port), log)
+    procs.append(server)
+    for pool in ("cpu", "gpu"):  # both on this machine; in production gpu is a GPU pool
+        prefect_cli(env, "work-pool", "create", pool, "--type", "process")
+    prefect_cli(env, "--no-prompt", "deploy", "--all")
+    procs += [subprocess.Popen(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env=env,
+                               cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    ui = env["PREFECT_API_URL"].removesuffix("/api")
+    print(f"demo-ui: Prefect UI at {ui} (logs {log.name}); Ctrl-C stops the server, workers and runs", flush=True)
+    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
+        asyncio.run(point_deployments_at(str(config)))
+        asyncio.run(free_stale_root(str(config), args.set))
+        run = asyncio.run(trigger_and_wait(str(config), args.set, args.until_done))
+    if args.until_done:
+        print(f"demo-ui: pipeline run ended {run.state.name}", flush=True)
+        return 0 if run.state.is_completed() else 1
+    while True:
+        time.sleep(5)
+        reap_children()  # processes adopted by `adopt_orphans` that have exited (img2dataset's helpers)
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _interrupt(signum, _frame) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def shutdown(procs: list[subprocess.Popen]) -> None:
+    """Workers, then the server, then every process still below this one: flow runs a stopped
+    worker left, torchrun and its ranks (adopted here by `adopt_orphans` when their parent went)."""
+    for s in STOP_SIGNALS:  # a second Ctrl-C must not cut the clean-up short and leave orphans
+        signal.signal(s, signal.SIG_IGN)
+    for p in reversed(procs):
+        stop(p)
+    if killed := end_descendants(grace_s=20):
+        print(f"demo-ui: killed {len(killed)} processes that had not stopped 20 s after SIGTERM", flush=True)
+
+
 def main(argv=None) -> int:
+    from muse.config import load_config
     from muse.testing import demo
     from muse.testing.imageserver import ImageServer
 
@@ -114,40 +186,29 @@ def main(argv=None) -> int:
     ap.add_argument("--port", type=int, default=4200, help="the UI's port (another if taken)")
     ap.add_argument("--quick", action="store_true", help="the tests' smaller world (50 rows, 40 steps)")
     ap.add_argument("--until-done", action="store_true", help="exit when the pipeline run ends")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="a setting on top of the demo config for the run it starts, e.g. train.max_steps=100")
     args = ap.parse_args(argv)
     out = Path(args.output).resolve()
-    config, images = demo.prepare(out, quick=args.quick)
-    home = out / "prefect-home"
-    home.mkdir(parents=True, exist_ok=True)
+    # SIGTERM (kill, a service manager) and a closed terminal stop everything as Ctrl-C does: on
+    # main SIGTERM skipped the clean-up and left the server, workers and training running
+    for s in STOP_SIGNALS:
+        signal.signal(s, _interrupt)
+    adopt_orphans()
     procs: list[subprocess.Popen] = []
-    with ImageServer(images, port=demo.PORT) as srv, open(home / "server-and-workers.log", "ab") as log:
-        demo.write_urls(out, srv.url())
-        try:
-            server, env = start_server(home, free_port(args.port), log)
-            procs.append(server)
-            for pool in ("cpu", "gpu"):  # both on this machine; in production gpu is a GPU pool
-                prefect_cli(env, "work-pool", "create", pool, "--type", "process")
-            prefect_cli(env, "--no-prompt", "deploy", "--all")
-            procs += [subprocess.Popen(PREFECT + ["worker", "start", "--pool", pool, "--type", "process"], env=env,
-                                       cwd=REPO, stdout=log, stderr=subprocess.STDOUT) for pool in ("cpu", "gpu")]
-            from prefect.settings import PREFECT_API_URL, temporary_settings
-
-            ui = env["PREFECT_API_URL"].removesuffix("/api")
-            print(f"demo-ui: Prefect UI at {ui} (logs {log.name}); Ctrl-C stops the server and workers", flush=True)
-            with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-                asyncio.run(point_deployments_at(str(config)))
-                run = asyncio.run(trigger_and_wait(str(config), args.until_done))
-            if args.until_done:
-                print(f"demo-ui: pipeline run ended {run.state.name}", flush=True)
-                return 0 if run.state.is_completed() else 1
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            print("\ndemo-ui: stopping", flush=True)
-            return 0
-        finally:
-            for p in reversed(procs):
-                stop(p)
+    try:
+        config, images = demo.prepare(out, quick=args.quick)
+        load_config(config, args.set)  # a bad --set fails here, naming its key, before any server starts
+        home = out / "prefect-home"
+        home.mkdir(parents=True, exist_ok=True)
+        with ImageServer(images, port=demo.PORT) as srv, open(home / "server-and-workers.log", "ab") as log:
+            demo.write_urls(out, srv.url())
+            return serve(args, config, home, log, procs)
+    except KeyboardInterrupt as e:
+        print(f"\ndemo-ui: {e.args[0] if e.args else 'SIGINT'}: stopping the server, workers and runs", flush=True)
+        return 0
+    finally:
+        shutdown(procs)
 
 
 if __name__ == "__main__":

@@ -10,13 +10,10 @@ from prefect.runtime import task_run
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
 from flows.limits import encode_parallelism, submit_bounded
 from muse.encode import encode_shard, finalize_manifest, plan_encode
+from muse.encode.shards import task_chunks
 from muse.layout import dataset_dir, done_among, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
-
-
-def chunked(ids: list[int], size: int) -> list[list[int]]:
-    return [ids[i:i + size] for i in range(0, len(ids), size)]
 
 
 def chunk_name() -> str:
@@ -66,8 +63,11 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
     overrides = list(overrides or [])
     cfg = cfg_from(config_path, overrides)  # once; tasks get the path (docs/flows.md) and load their own
     shards = plan_task(config_path, overrides)
-    chunks = chunked(shards, cfg.encode.shards_per_task)
-    progress = create_progress_artifact(0.0, key="encode-progress", description="shards encoded")
+    chunks = task_chunks(shards, cfg.encode.shards_per_task)
+    # nothing to do is done: 100%, not a bar left at 0% (issue 30, item 5)
+    progress = create_progress_artifact(0.0 if chunks else 100.0, key="encode-progress",
+                                        description=f"0/{len(shards)} shards encoded" if chunks else
+                                        "nothing to do: every image shard is encoded already")
     limit = encode_parallelism(cfg)
     futures = submit_bounded(encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
                                                   "shard_ids": ids} for ids in chunks), limit)
@@ -79,10 +79,13 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
                              "bytes": rec["bytes"]})
         except Exception as exc:  # noqa: BLE001 - the others complete; reported below
             failed.append(str(exc))
-        update_progress_artifact(progress, 100.0 * (i + 1) / max(len(chunks), 1))
+        done = sum(len(ids) for ids in chunks[:i + 1])
+        update_progress_artifact(progress, 100.0 * (i + 1) / len(chunks), description=f"{done}/{len(shards)} shards encoded")
     summary = manifest_task(config_path, overrides)
+    this_run = f"{len(rows)} shard(s) encoded by this run" if rows else "nothing new: no shard to encode"
     stats_table("encode-stats", rows + [{"shard": "total", "rows": summary["rows"], "replaced": summary["replaced"],
-                                         "bytes": ""}], f"dataset version {summary['version']}")
+                                         "bytes": ""}], f"dataset version {summary['version']}: {this_run}, "
+                                                        "then the dataset's total")
     if failed:
         raise RuntimeError(f"{len(failed)} encode task(s) failed, the rest are in the manifest (re-run to "
                            "retry): " + "; ".join(failed))

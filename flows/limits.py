@@ -58,6 +58,11 @@ def root_lease(cfg: PipelineConfig, timeout_s: float | None = None):
     name = lease_name(cfg)
     with get_client(sync_client=True) as client:
         client.upsert_global_concurrency_limit_by_name(name, limit=1)
-    get_run_logger().info(f"waiting for the storage root {cfg.storage.root} (concurrency limit {name})")
+        # said only when another run holds the root (on main every run said it waits). Read just
+        # before asking, not by a failed try: Prefect logs a refused try as an ERROR in the worker
+        held = client.read_global_concurrency_limit_by_name(name).active_slots > 0
+    if held:
+        get_run_logger().info(f"waiting for the storage root {cfg.storage.root}: another pipeline or "
+                              f"data-refresh run holds it (concurrency limit {name})")
     with concurrency(name, occupy=1, timeout_seconds=timeout_s, strict=True):
         yield name

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from typing import Literal
 
 from prefect import flow, task
-from prefect.states import Failed, State
+from prefect.artifacts import create_markdown_artifact
+from prefect.states import Failed
 
 from flows.common import ConfigError, cfg_from, missing_sources
 from flows.download import download_flow
@@ -57,8 +59,21 @@ def pipeline_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
            "dataset_version": encoded["version"], "checkpoint": checkpoint, "samples": samples}
     if sr_checkpoint is not None:
         out["superres_checkpoint"] = sr_checkpoint
-    print(f"pipeline done: {out}")
+    # the whole result (every sample's path) as an artifact; the log's last line stays readable
+    # (it was this dict, ~1,000 characters on the demo: issue 30 item 8)
+    create_markdown_artifact(key="pipeline-result", markdown=f"```json\n{json.dumps(out, indent=2)}\n```",
+                             description="what the pipeline run returned")
+    print(summary_line(out))
     return out
+
+
+def summary_line(out: dict) -> str:
+    """One short line for the end of the pipeline run's log."""
+    replaced = out["rows"] - out["succeeded"]
+    sr = ", super-res checkpoint too" if "superres_checkpoint" in out else ""
+    return (f"pipeline done: {out['rows']} rows ({replaced} replaced by placeholders, {out['filtered']} filtered "
+            f"out), {out['encoded_rows']} encoded (dataset {out['dataset_version']}), checkpoint "
+            f"{out['checkpoint']}{sr}, {len(out['samples'])} sample files; all in the artifact pipeline-result")
 
 
 @flow(name="data-refresh", log_prints=True)
@@ -72,12 +87,16 @@ def data_refresh_flow(config_path: str = "pipeline.yaml", overrides: list[str] |
     overrides = list(overrides or [])
     with root_lease(cfg_from(config_path, overrides)):  # waits while a pipeline holds this root
         downloaded = download_flow(config_path, overrides, return_state=True)
-        if isinstance(downloaded, State):  # (tests put plain functions in its place)
-            if downloaded.is_failed():  # e.g. no URL list: one line in the download run's log, and
-                return Failed(message=downloaded.message)  # its message here, not a second traceback
-            downloaded = downloaded.result()
+        if downloaded.is_failed():  # e.g. no URL list: one line in the download run's log, and
+            return Failed(message=downloaded.message)  # its message here, not a second traceback
+        downloaded = downloaded.result()
         encoded = encode_flow(config_path, overrides)
-    return {**row_counts(downloaded), "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    out = {"note": downloaded["note"], "this_run": downloaded["this_run"], **row_counts(downloaded),
+           "encoded_rows": encoded["rows"], "dataset_version": encoded["version"]}
+    # what this run did, then the dataset it leaves
+    print(f"data-refresh: {downloaded['note']}; this run: {downloaded['this_run']['shards']} shard(s), "
+          f"{downloaded['this_run']['rows_in']} rows in; dataset: {out['rows']} rows, version {out['dataset_version']}")
+    return out
 
 
 def superres_run(cfg, overrides: list[str], extra: list[str]) -> list[str]:

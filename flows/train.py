@@ -8,15 +8,16 @@ pool; the job reads the encoded shards straight from the storage root.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
+from prefect.artifacts import create_image_artifact, create_markdown_artifact
 from prefect.context import FlowRunContext
 
 from flows.common import cfg_from
 from flows.handoff import hand_off, run_link
-from flows.report import summary_markdown
+from flows.report import grid_image_url, is_grid, summary_markdown
 from flows.train_log import TrainLog
 from muse import checkpoint
 from muse.storage import Storage
@@ -41,13 +42,19 @@ def torchrun_task(config_path: str, overrides: list[str], resume: str) -> str:
 
 @task
 def report_task(config_path: str, overrides: list[str], samples: list[str] | None = None) -> str:
-    """Markdown artifact `training-summary`: last metrics, eval metrics, the loss curve and the
-    samples as labelled links with small thumbnails (pictures stay under the storage root)."""
+    """Markdown artifact `training-summary`: last metrics, eval metrics, the sample grid and the
+    loss curve at page size, the prompts with thumbnails (flows/report.py); and an image artifact
+    `sample-grid` of the grid where its file has a URL (gs:// roots; a local path has none)."""
     from muse.sample import read_prompts
 
     cfg = cfg_from(config_path, overrides)
     md = summary_markdown(cfg, samples, read_prompts(cfg) if samples else [])
     create_markdown_artifact(key="training-summary", markdown=md, description=f"run {cfg.train.run_name}")
+    storage = Storage.from_config(cfg)
+    for rel in (storage.relative(s) for s in samples or []):
+        if rel and is_grid(rel) and (found := grid_image_url(storage, rel)):
+            create_image_artifact(image_url=found[0], key="sample-grid",
+                                  description=f"samples of run {cfg.train.run_name}: {Path(rel).name} ({found[1]})")
     return md
 
 

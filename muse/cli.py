@@ -1,4 +1,4 @@
-"""`muse download|encode|train|sample|eval|run --config pipeline.yaml --set key=value`.
+"""`muse download|encode|train|sample|eval|run|plan --config pipeline.yaml --set key=value`.
 
 Each subcommand loads and validates the one config, runs the cheap checks of
 `muse.preflight` (storage root, inputs, output location, hub models) and only then calls
@@ -28,6 +28,7 @@ SECTIONS = {
     "sample": "storage, encode (text and VQ models), train (run_name), sample",
     "eval": "storage, encode, model, train (run_name, eval_holdout), eval",
     "run": "all: storage, source, download, encode, model, train, sample",
+    "plan": "storage, source, download, encode, model, train (writes nothing)",
 }
 
 
@@ -66,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
                         ("train", "train the model with torchrun from the encoded shards"),
                         ("sample", "text -> image with parallel decoding"),
                         ("eval", "FID and CLIP score of a checkpoint on the held-out eval slice"),
-                        ("run", "download, encode, train and sample in order")]:
+                        ("run", "download, encode, train and sample in order"),
+                        ("plan", "what `muse run` would do and roughly cost, before anything runs")]:
         p = sub.add_parser(name, help=help_, description=f"{help_}\n\nReads config sections: {SECTIONS[name]}",
                            formatter_class=argparse.RawDescriptionHelpFormatter)  # one line per fact, unwrapped
         _common(p)
@@ -81,10 +83,41 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--checkpoint", help="base model checkpoint (default: latest of the run)")
             p.add_argument("--superres-checkpoint", help="super-resolution checkpoint (optional)")
             p.add_argument("--out", help="output PNG path")
+        if name == "plan":
+            _plan_args(p)
         if name == "eval":
             p.add_argument("--checkpoint", help="checkpoint dir (default: latest of train.run_name)")
             p.add_argument("--max-samples", type=int, help="eval rows to score (default: eval.max_samples)")
     return parser
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _plan_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--rows", type=_positive(int), metavar="N",
+                   help="plan N selected rows instead of reading source.paths (URL lists not at hand)")
+    p.add_argument("--encode-rate", type=_positive(float), metavar="IMG_PER_S",
+                   help="measured encode pictures/s per device (bench/gpu_check.sh); default: FLOP-derived")
+    p.add_argument("--gpu", metavar="NAME",  # the default lives in muse.plan (imported only when planning)
+                   help="the GPU the estimates are for, as torch names it (default: H100 80GB HBM3)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def _plan(args, cfg: PipelineConfig) -> None:
+    """`muse plan`: no preflight (it would probe the storage root by writing); the plan reads only."""
+    import json
+
+    from muse.plan import DEFAULT_GPU, format_plan, plan_run
+
+    plan = plan_run(cfg, rows=args.rows, encode_rate=args.encode_rate, gpu=args.gpu or DEFAULT_GPU)
+    print(json.dumps(plan, indent=1) if args.json else format_plan(plan), flush=True)
 
 
 def _node_overrides(args) -> list[str]:
@@ -174,6 +207,8 @@ def _run(args, cfg: PipelineConfig, overrides: list[str]) -> None:
     """Preflight, then the phase(s); `muse run` checks each later phase again just before it."""
     from muse import preflight
 
+    if args.command == "plan":
+        return _plan(args, cfg)
     if args.command == "run":
         preflight.check_run(cfg, args)
         phases = ["download", "encode", "train", "sample"]

@@ -48,9 +48,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, format_shard_id,
-                         in_eval_slice, parse_shard_id, read_manifest, read_shard_table, t5_from_bytes,
-                         trainable_column, trainable_mask)
+from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, check_encoded_columns, format_shard_id,
+                         in_eval_slice, open_shard, parse_shard_id, read_manifest, read_problem, read_shard_table,
+                         t5_from_bytes, trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import Storage
@@ -111,19 +111,22 @@ def list_units(storage: Storage, dataset_dir: str, manifest: dict) -> Units:
 
 def verify_shards(storage: Storage, dataset_dir: str, manifest: dict, sha256: bool = False,
                   rank: int = 0, world: int = 1) -> None:
-    """Each shard's byte size (from one listing of the folder, whatever the shard count) and, with
-    sha256, its hash (a full read) against the manifest; rank r checks shards r, r + world, ...
-    -> DataError naming it."""
-    sizes = storage.sizes(dataset_dir)
+    """Each shard's byte size and, on GCS, its crc32c (both from one listing of the folder, whatever
+    the shard count: GCS lists every object's crc32c) and, with sha256, its hash (a full read)
+    against the manifest; rank r checks shards r, r + world, ... -> DataError naming it."""
+    listing = storage.stat(dataset_dir)
     for shard in sorted(manifest["shards"], key=lambda s: s["id"])[rank::world]:
         rel = f"{dataset_dir}/{shard['path']}"
         fix = "re-run `muse encode` (or set train.verify: none to train on it anyway)"
-        size = sizes.get(rel)
-        if size is None:
+        if rel not in listing:
             raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: {fix}")
+        size, crc = listing[rel]
         if "bytes" in shard and size != shard["bytes"]:
             raise DataError(f"{storage.url(rel)}: {size} bytes, the manifest says {shard['bytes']}: "
                             f"the shard changed or was cut short after encoding: {fix}")
+        if crc and shard.get("crc32c") and crc != shard["crc32c"]:
+            raise DataError(f"{storage.url(rel)}: crc32c {crc}, the manifest says {shard['crc32c']}: "
+                            f"the shard changed after encoding: {fix}")
         if sha256 and "sha256" in shard:
             h = hashlib.sha256()
             with storage.open(rel) as f:
@@ -263,6 +266,29 @@ def collate(rows: list[tuple[_UnitData, int]], replaced_weight: float | None = N
     return out
 
 
+def batches_per_epoch(train_rows: int, world_size: int, batch_size: int, streams: int, grad_accum: int) -> int:
+    """M: micro-batches per rank per epoch, a multiple of lcm(streams, grad_accum) (the epoch plan
+    of the module docstring; `StreamingDataset` and `muse plan` both call this)."""
+    if not train_rows:
+        raise DataError("no row of the dataset can be trained on: every row is a replaced "
+                        "placeholder (set train.replaced_rows to keep or downweight) or in the "
+                        "eval slice (lower train.eval_holdout)")
+    step = math.lcm(streams, grad_accum)
+    m = train_rows // (world_size * batch_size) // step * step
+    if not m:
+        raise DataError(f"{train_rows} trainable rows make fewer than {step} batches of "
+                        f"{batch_size} per rank for {world_size} rank(s): an epoch needs at least "
+                        f"lcm(train.loader_streams, train.grad_accum) = {step} per rank; lower "
+                        "train.loader_streams or train.batch_size, or encode more data")
+    return m
+
+
+def total_steps(max_steps: int | None, epochs: int, batches_per_epoch: int, grad_accum: int) -> int:
+    """Optimizer steps of a run: train.max_steps, else train.epochs exact passes (M is a multiple of
+    grad_accum, so the last step ends the last epoch exactly). The trainer and `muse plan` use it."""
+    return max_steps or epochs * batches_per_epoch // grad_accum
+
+
 @dataclass(frozen=True)
 class LoaderSettings:
     """What fixes the batches and their order: the `train.*` keys of pipeline.yaml named in
@@ -298,8 +324,10 @@ class StreamingDataset(IterableDataset):
     """
 
     def __init__(self, root_uri: str, dataset_dir: str, settings: LoaderSettings = LoaderSettings(),
-                 rank: int = 0, world_size: int = 1, *, gcs_project: str | None = None):
+                 rank: int = 0, world_size: int = 1, *, gcs_project: str | None = None,
+                 page_checksums: bool = True):
         s = self.settings = settings
+        self.page_checksums = page_checksums  # off only to measure their cost (bench/loader.py)
         storage = Storage(root_uri, gcs_project)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
@@ -338,22 +366,11 @@ class StreamingDataset(IterableDataset):
         if recorded is not None and len(recorded) == len(self.units):
             return recorded
         return np.array([len(self.trainable(t.column("key").to_pylist(), t.column("replaced").to_numpy(zero_copy_only=False)))
-                         for t in (read_unit(storage, u, ["key", "replaced"]) for u in self.units)], dtype=np.int64)
+                         for t in (read_unit(storage, u, ["key", "replaced"], self.page_checksums)
+                                   for u in self.units)], dtype=np.int64)
 
     def _plan(self, grad_accum: int) -> int:
-        """M: micro-batches per rank per epoch, a multiple of lcm(streams, grad_accum)."""
-        if not self.train_rows:
-            raise DataError("no row of the dataset can be trained on: every row is a replaced "
-                            "placeholder (set train.replaced_rows to keep or downweight) or in the "
-                            "eval slice (lower train.eval_holdout)")
-        step = math.lcm(self.streams, grad_accum)
-        m = self.train_rows // (self.world_size * self.batch_size) // step * step
-        if not m:
-            raise DataError(f"{self.train_rows} trainable rows make fewer than {step} batches of "
-                            f"{self.batch_size} per rank for {self.world_size} rank(s): an epoch needs at least "
-                            f"lcm(train.loader_streams, train.grad_accum) = {step} per rank; lower "
-                            "train.loader_streams or train.batch_size, or encode more data")
-        return m
+        return batches_per_epoch(self.train_rows, self.world_size, self.batch_size, self.streams, grad_accum)
 
     def epoch_order(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
         """(unit permutation, cumulative trainable rows before each position [U + 1]) of an epoch."""
@@ -451,16 +468,20 @@ def _stream_json(stream_state: dict) -> dict:
             "buffer": np.asarray(stream_state["buffer"]).tolist()}
 
 
-def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None) -> pa.Table:
-    """One row group (optionally some columns), every read error as a DataError naming it."""
+def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None,
+              page_checksums: bool = True) -> pa.Table:
+    """One row group (optionally some columns), its page checksums verified, every read error
+    (a checksum mismatch included) as a DataError naming the shard and row group."""
     where = f"{storage.url(unit.path)} row group {unit.row_group}"
     try:
         with storage.open(unit.path) as f:
-            table = pq.ParquetFile(f).read_row_group(unit.row_group, columns=columns)
+            pf = open_shard(f, page_checksums)
+            check_encoded_columns(pf.schema_arrow, where)
+            table = pf.read_row_group(unit.row_group, columns=columns)
     except FileNotFoundError:
         raise DataError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
     except (OSError, pa.ArrowException) as e:  # truncated, corrupt, unreachable
-        raise DataError(f"{where}: unreadable ({type(e).__name__}: {e}): re-run `muse encode` "
+        raise DataError(f"{where}: {read_problem(e)}: re-run `muse encode` "
                         "for this shard, or check the storage") from None
     if table.num_rows != unit.rows:
         raise DataError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
@@ -494,7 +515,8 @@ class _Stream:
         if u not in self.cache:
             unit = self.ds.units[u]
             where = f"{self.storage.url(unit.path)} row group {unit.row_group}"
-            data = _UnitData(read_unit(self.storage, unit), self.ds.text_dim, self.ds.superres, where)
+            data = _UnitData(read_unit(self.storage, unit, page_checksums=self.ds.page_checksums),
+                             self.ds.text_dim, self.ds.superres, where)
             rows = self.ds.trainable(data.keys, data.replaced)
             if len(rows) != self.ds.counts[u]:
                 raise DataError(f"{where}: {len(rows)} trainable rows, {self.ds.counts[u]} when the run "
@@ -542,17 +564,40 @@ def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
     if not eval_holdout:
         return
     for shard in sorted(manifest["shards"], key=lambda s: s["id"]):
-        with storage.open(f"{dataset_dir}/{shard['path']}") as f:
-            pf = pq.ParquetFile(f)
+        rel = f"{dataset_dir}/{shard['path']}"
+        if not storage.exists(rel):
+            raise DataError(f"{storage.url(rel)}: listed in the manifest but missing: re-run `muse encode`")
+        with storage.open(rel) as f:
+            pf = _open_checked(f, storage.url(rel))
             for rg in range(pf.metadata.num_row_groups):
-                keys = pf.read_row_group(rg, columns=["key"]).column("key").to_pylist()
-                picked = [i for i, k in enumerate(keys) if in_eval_slice(k, eval_holdout)]
-                if not picked:
-                    continue
-                cols = pf.read_row_group(rg, columns=["key", "caption", "replaced", "t5"]).take(picked)
+                cols = _eval_slice(pf, rg, eval_holdout, f"{storage.url(rel)} row group {rg}")
                 for key, caption, replaced, t5 in zip(*(cols.column(c).to_pylist() for c in cols.column_names)):
                     yield {"key": key, "caption": caption, "replaced": bool(replaced), "shard_id": shard["id"],
                            "t5": t5_from_bytes(t5, dim).astype(np.float32)}
+
+
+def _open_checked(f, where: str) -> pq.ParquetFile:
+    """An encoded shard for `iter_eval_rows`, page checksums on; a bad footer is a DataError."""
+    try:
+        pf = open_shard(f)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{where}: {read_problem(e)}: re-run `muse encode` for this shard") from None
+    check_encoded_columns(pf.schema_arrow, where)
+    return pf
+
+
+def _eval_slice(pf: pq.ParquetFile, rg: int, eval_holdout: float, where: str) -> pa.Table:
+    """The eval-slice rows of one row group (the key column first, the others only where a key is
+    in the slice); a read error (a page checksum mismatch included) is a DataError naming it."""
+    try:
+        keys = pf.read_row_group(rg, columns=["key"]).column("key").to_pylist()
+        picked = [i for i, k in enumerate(keys) if in_eval_slice(k, eval_holdout)]
+        columns = ["key", "caption", "replaced", "t5"]
+        if not picked:
+            return pf.schema_arrow.empty_table().select(columns)
+        return pf.read_row_group(rg, columns=columns).take(picked)
+    except (OSError, pa.ArrowException) as e:
+        raise DataError(f"{where}: {read_problem(e)}: re-run `muse encode` for this shard") from None
 
 
 def worker_init(_: int) -> None:

@@ -37,7 +37,8 @@ import torch
 from muse import checkpoint
 from muse.config import PipelineConfig, resolve_device
 from muse.data import iter_eval_rows
-from muse.layout import dataset_dir, empty_caption, eval_results, read_manifest, shard_name, step_of
+from muse.layout import (dataset_dir, empty_caption, eval_results, open_shard, read_manifest, read_problem, shard_name,
+                         step_of)
 from muse.sample import SamplingModels, generate_images, load_checkpoint_model, load_decoder, make_grid, png_bytes
 from muse.storage import Storage
 
@@ -226,7 +227,7 @@ def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[
 
 def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
     """The rows' phase-1 images (same shard id), decoded RGB and resized to size x size."""
-    import pyarrow.parquet as pq
+    import pyarrow as pa
 
     from muse.pictures import decode_picture
 
@@ -237,8 +238,12 @@ def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
             raise EvalError(f"{storage.url(rel)} is missing: the eval slice's real images come from the "
                             "phase-1 shards (run `muse download`, or keep them next to the encoded data)")
         wanted = {r["key"] for r in rows if r["shard_id"] == sid}
-        with storage.open(rel) as f:
-            table = pq.read_table(f, columns=["key", "image"])
+        try:
+            with storage.open(rel) as f:  # page checksums verified: a changed byte is named
+                table = open_shard(f).read(columns=["key", "image"])
+        except (OSError, pa.ArrowException) as e:
+            raise EvalError(f"{storage.url(rel)}: image shard {read_problem(e)}; re-run `muse download` "
+                            "to rebuild it") from None
         for key, jpeg in zip(table.column("key").to_pylist(), table.column("image").to_pylist()):
             if key in wanted:
                 out[key] = decode_picture(jpeg, size)

@@ -32,10 +32,38 @@ PEAK_FLOPS = {
 }
 
 
+# fp32 without tensor cores (NVIDIA's datasheets): what the encoders run at, since encode keeps
+# the VQ in exact fp32 with TF32 off (`muse plan`'s FLOP-derived encode rate)
+PEAK_FP32_FLOPS = {
+    "H100 80GB HBM3": 67e12,
+    "H100 PCIe": 51e12,
+    "H200": 67e12,
+    "A100-SXM4-80GB": 19.5e12,
+    "A100-SXM4-40GB": 19.5e12,
+    "A100-PCIE-40GB": 19.5e12,
+    "A100 80GB PCIe": 19.5e12,
+    "L4": 30.3e12,
+    "L40S": 91.6e12,
+    "A10": 31.2e12,
+    "Tesla T4": 8.1e12,
+    "Tesla V100-SXM2-16GB": 15.7e12,
+    "Tesla V100-SXM2-32GB": 15.7e12,
+}
+
+
+def _lookup(table: dict, device_name: str) -> float | None:
+    name = device_name.strip()
+    return table.get(name) or table.get(name.removeprefix("NVIDIA ").strip())
+
+
 def peak_flops(device_name: str) -> float | None:
     """Dense peak FLOP/s of the GPU named `device_name`, or None when it is not known."""
-    name = device_name.strip()
-    return PEAK_FLOPS.get(name) or PEAK_FLOPS.get(name.removeprefix("NVIDIA ").strip())
+    return _lookup(PEAK_FLOPS, device_name)
+
+
+def peak_flops_fp32(device_name: str) -> float | None:
+    """Peak fp32 FLOP/s (no tensor cores) of the GPU named `device_name`, or None when not known."""
+    return _lookup(PEAK_FP32_FLOPS, device_name)
 
 
 def mfu_text(mfu: float | None) -> str:

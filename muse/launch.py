@@ -21,14 +21,19 @@ class TrainError(RuntimeError):
     """The training job failed; its own log says why."""
 
 
+def procs_per_node(t: TrainConfig) -> int:
+    """Ranks torchrun starts on each machine: train.nproc_per_node, `auto`/`gpu` = the visible GPUs
+    (at least 1). The world size is train.nnodes x this (also `muse plan`)."""
+    n = t.nproc_per_node
+    return max(torch.cuda.device_count(), 1) if n in ("auto", "gpu") else int(n)
+
+
 def rendezvous_args(t: TrainConfig) -> list[str]:
     """torchrun's flags for this machine. One node: --standalone (a free local port). train.nnodes > 1:
     c10d rendezvous at train.rdzv_endpoint, whose store node 0 hosts (is_host; the others connect to
     it, waiting up to a minute for it); the rendezvous numbers the ranks, and global rank 0 (on any
     node) writes the checkpoints. torchrun ignores --node-rank under c10d, so it is not passed."""
-    n = t.nproc_per_node
-    if n in ("auto", "gpu"):
-        n = str(max(torch.cuda.device_count(), 1))
+    n = procs_per_node(t)
     if t.nnodes == 1:
         return ["--standalone", f"--nproc-per-node={n}"]
     return [f"--nnodes={t.nnodes}", f"--nproc-per-node={n}", "--rdzv-backend=c10d",

@@ -283,6 +283,41 @@ def encoded_schema(superres: bool, info: dict | None = None) -> pa.Schema:
     return pa.schema(fields, metadata=meta)
 
 
+# Every shard (images/ and encoded/) is written with Parquet page checksums (a CRC32 of each data
+# and dictionary page) and read with them verified, so a byte changed after writing is an error at
+# its row group whatever train.verify says. Readers take files without checksums (written before)
+# as they are: re-encode to protect them.
+PAGE_CHECKSUMS = {"write_page_checksum": True}  # the pq.write_table argument of every shard writer
+
+
+def open_shard(f, verify: bool = True) -> pq.ParquetFile:
+    """A Parquet shard from an open file, its page checksums checked on every read (`verify`)."""
+    return pq.ParquetFile(f, page_checksum_verification=verify)
+
+
+def read_problem(e: BaseException) -> str:
+    """A Parquet read error as the phrase a DataError gives: a checksum mismatch says the bytes
+    changed after writing, anything else (truncated, corrupt footer, unreachable) is unreadable."""
+    text = " ".join(str(e).split())
+    if "checksum" in text.lower():
+        return f"corrupt: a page checksum does not match, the bytes changed after writing ({text})"
+    return f"unreadable ({type(e).__name__}: {text})"
+
+
+def check_encoded_columns(schema: pa.Schema, where: str) -> None:
+    """The columns a reader uses must have `encoded_schema`'s types: a flipped byte in the footer
+    can rename a column or drop the Arrow schema (vq16 as a variable-size list) and still parse."""
+    want = encoded_schema(superres=True)
+    for field in want:
+        i = schema.get_field_index(field.name)
+        if i < 0 and field.name != "vq64":  # vq64: only with encode.superres (the reader says so)
+            raise DataError(f"{where}: no column {field.name!r} (columns: {', '.join(schema.names)}): "
+                            "the footer is corrupt or this is not an encoded shard; re-run `muse encode`")
+        if i >= 0 and schema.field(i).type != field.type:
+            raise DataError(f"{where}: column {field.name!r} is {schema.field(i).type}, encoded shards have "
+                            f"{field.type}: the footer is corrupt; re-run `muse encode` for this shard")
+
+
 def t5_to_bytes(emb: np.ndarray) -> bytes:
     """[L, D] float array -> raw little-endian fp16 bytes, C order."""
     return np.ascontiguousarray(emb, dtype="<f2").tobytes()
@@ -370,6 +405,7 @@ SHARD_RECORD_SCHEMA = pa.schema([
     pa.field("id", pa.int64()), pa.field("path", pa.string()), pa.field("rows", pa.int64()),
     pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
     pa.field("replaced", pa.int64()),
+    pa.field("crc32c", pa.string()),  # GCS's checksum of the file (`storage.crc32c`); null before it was recorded
 ])
 TRAINABLE_COLUMNS = [trainable_column(f, drop) for f, drop in TRAINABLE_SETTINGS]
 SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_RECORD_SCHEMA) + [pa.field(c, pa.list_(pa.int32()))

@@ -12,6 +12,8 @@
   signal to the CLI's process group reaches it: `exit_with_parent` (a rank) exits as soon as
   its parent, torchrun, is gone.
 * DataLoader workers get the kernel's parent-death signal (`die_with_parent`, see data.py).
+* A process that owns a whole tree of them (`flows.demo_ui`: Prefect server, workers, flow runs,
+  torchrun, ranks) calls `adopt_orphans` at start and `end_descendants` when it stops.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PR_SET_CHILD_SUBREAPER = 36
 
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
@@ -51,10 +54,23 @@ def exit_with_parent(what: str, interval: float = 0.5) -> None:
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(interval)
-        print(f"muse train: {what} (pid {parent}) is gone: stopping this process", file=sys.stderr, flush=True)
+        # the message is best effort, the exit is not: stderr is often a pipe whose reader (the
+        # Prefect task that pumped our output) died with our parent. A print then raised
+        # BrokenPipeError and ended this thread before os._exit, and the rank trained on
+        # (issue 30 item 6); a full pipe nobody reads would block a write for ever.
+        note = f"muse train: {what} (pid {parent}) is gone: stopping this process\n".encode()
+        threading.Thread(target=_write_quietly, args=(2, note), daemon=True).start()
+        time.sleep(0.2)
         os._exit(1)
 
     threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
+
+
+def _write_quietly(fd: int, data: bytes) -> None:
+    try:
+        os.write(fd, data)
+    except OSError:  # closed, broken or bad: nobody to tell
+        pass
 
 
 def child_pids(pid: int) -> list[int]:
@@ -68,6 +84,68 @@ def child_pids(pid: int) -> list[int]:
         if ppid == pid:
             out.append(int(stat.parent.name))
     return out
+
+
+def adopt_orphans() -> None:
+    """Become the child subreaper (Linux): a descendant whose parent dies is re-parented to this
+    process instead of init, so `end_descendants` still finds it (a rank left by a killed
+    torchrun, a flow run left by a stopped Prefect worker). No-op off Linux."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1)
+
+
+def _proc_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, state letter) of every process, from one /proc scan."""
+    table = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            table[int(stat.parent.name)] = (int(fields[1]), fields[0])
+        except (OSError, IndexError, ValueError):
+            continue
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """The processes below `pid` (children, theirs, ...) that still run (zombies left out)."""
+    table = _proc_table()
+    children: dict[int, list[int]] = {}
+    for p, (ppid, _) in table.items():
+        children.setdefault(ppid, []).append(p)
+    out, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        todo += children.get(p, [])
+        if table[p][1] != "Z":
+            out.append(p)
+    return out
+
+
+def reap_children() -> None:
+    """Collect the exit status of our exited children, so that adopted orphans do not stay zombies."""
+    while True:
+        try:
+            if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                return
+        except ChildProcessError:
+            return
+
+
+def end_descendants(grace_s: float = 20.0) -> list[int]:
+    """SIGTERM every process below this one (ranks checkpoint and stop), SIGKILL those still
+    running after `grace_s`, reap them -> the pids that needed SIGKILL. Call it last: it reaps
+    children that subprocess.Popen objects may still want to wait for."""
+    me, told = os.getpid(), set()
+    deadline = time.monotonic() + grace_s
+    while (left := descendants(me)) and time.monotonic() < deadline:
+        _kill([p for p in left if p not in told], signal.SIGTERM)  # once each: a second may mean "now"
+        told.update(left)  # (those started since the last look too: a rank torchrun was starting)
+        reap_children()
+        time.sleep(0.2)
+    _kill(left, signal.SIGKILL)
+    time.sleep(0.1)
+    reap_children()
+    return left
 
 
 def _kill(pids: list[int], sig: int) -> None:

@@ -26,8 +26,8 @@ import torch
 from muse import checkpoint, ema, tracking
 from muse.checkpoint import CheckpointError, TrainState, rng_state, set_rng_state
 from muse.config import ConfigError, PipelineConfig, load_config
-from muse.data import (DataError, LoaderSettings, StreamingDataset, close_loader, loader_changes, verify_shards,
-                       worker_init)
+from muse.data import (DataError, LoaderSettings, StreamingDataset, close_loader, loader_changes, total_steps,
+                       verify_shards, worker_init)
 from muse.distributed import Dist, StopRequest, setup_distributed
 from muse.gpus import amp_dtype, peak_flops
 from muse.layout import dataset_dir, empty_caption, read_manifest
@@ -127,14 +127,13 @@ def build(cfg: PipelineConfig, manifest: dict, d: Dist, batches_per_epoch: int =
     global_batch = t.batch_size * t.grad_accum * d.world
     if not (t.max_steps or batches_per_epoch):
         raise ValueError("build: train.epochs needs the loader's batches_per_epoch")
-    # M is a multiple of grad_accum: the last step ends the last epoch exactly
-    total_steps = t.max_steps or t.epochs * batches_per_epoch // t.grad_accum
-    optimizer, scheduler = build_optimizer(cfg, raw_model, total_steps, fused=d.cuda)
+    steps = total_steps(t.max_steps, t.epochs, batches_per_epoch, t.grad_accum)
+    optimizer, scheduler = build_optimizer(cfg, raw_model, steps, fused=d.cuda)
     return Job(cfg, d, raw_model, model, optimizer, scheduler,
                torch.amp.GradScaler("cuda", enabled=precision == torch.float16), precision,
                ema.init(raw_model) if t.ema else None,
                torch.Generator(device=d.device).manual_seed(t.seed * 1000 + d.rank),
-               empty_caption(manifest).to(d.device), total_steps, global_batch, batches_per_epoch)
+               empty_caption(manifest).to(d.device), steps, global_batch, batches_per_epoch)
 
 
 def to_fp32(job: Job) -> None:

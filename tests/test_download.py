@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from muse.config import load_config
-from muse.download import REGISTRY, DownloadError, SourceError, download_part, plan_download, run_download
+from muse.download import (REGISTRY, DownloadError, SourceError, download_part, plan_download, plan_run, run_download,
+                           run_rows, summarize_run)
 from muse.download.runner import verify_shard
 from muse.download.sources import read_source
 from muse.layout import IMAGES, done_shards
@@ -159,6 +160,17 @@ def test_stats_registry_and_config_written(reference, tmp_path):
     assert (entry["first_shard"], entry["num_shards"], entry["rows"]) == (0, 3, len(rows))
     assert "image_size: 32" in st.read_bytes("images/_config.yaml").decode()
     assert plan_download(make_cfg(root, [src], tmp_path)) == []  # complete: nothing to do
+    plan = plan_run(make_cfg(root, [src], tmp_path))    # what a refresh says then (issue 30, item 5)
+    assert (plan.chunks, plan.files, plan.unchanged) == ([], 1, 1)
+    assert plan.note() == "nothing new: 1 source file unchanged"
+    cfg = make_cfg(root, [src], tmp_path)
+    run = summarize_run(cfg, stats[1:])  # a run that wrote the last two shards, beside the totals
+    assert run["shards"] == [1, 2] and run["rows_in"] == sum(s["rows_in"] for s in stats[1:])
+    table = {r["what"]: r for r in run_rows(run, summary)}
+    assert (table["shards"]["this run"], table["shards"]["dataset"]) == (2, 3)
+    assert (table["rows in"]["this run"], table["rows in"]["dataset"]) == (run["rows_in"], len(rows))
+    nothing = {r["what"]: r for r in run_rows(summarize_run(cfg, []), summary)}
+    assert {r["this run"] for r in nothing.values()} == {0} and nothing["rows in"]["dataset"] == len(rows)
 
 
 @pytest.mark.slow

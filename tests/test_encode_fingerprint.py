@@ -12,7 +12,7 @@ import yaml
 
 from muse.config import load_config
 from muse.encode import EncodeError, encode_shard, plan_encode, run_encode
-from muse.encode.fingerprint import fingerprint
+from muse.encode.fingerprint import weights_fingerprint
 from muse.encode.image import load_vq, vq_from_ref
 from muse.encode.shards import Encoders
 from muse.layout import ENCODERS, dataset_dir, done_marker
@@ -38,14 +38,14 @@ def test_weights_rebuilt_at_the_same_path_are_refused_and_the_same_weights_accep
     Encoders._cache.clear()
     run_encode(cfg)
     recorded = storage.read_json(f"{ds}/{ENCODERS}")["info"]["fingerprints"]
-    assert recorded["vq_model"] == fingerprint(paths["vq_model"], None, None, "encode.vq_model")
+    assert recorded["vq_model"] == weights_fingerprint(paths["vq_model"], None, None, "encode.vq_model")
     assert recorded["vq_model"].startswith("sha256:") and set(recorded) == {"text_model", "vq_model"}
 
     write_image_shard(storage, 1, ["a green circle", "two cats"])
     build_tiny_vq(tmp_path / "vq", seed=1)  # other weights, same folder, same config: same version
     Encoders._cache.clear()  # a new worker process
     assert dataset_dir(cfg) == ds
-    new = fingerprint(paths["vq_model"], None, None, "encode.vq_model")
+    new = weights_fingerprint(paths["vq_model"], None, None, "encode.vq_model")
     assert new != recorded["vq_model"]
     with pytest.raises(EncodeError) as err:
         run_encode(cfg)
@@ -93,14 +93,14 @@ def test_hub_fingerprint_is_the_commit_the_cache_resolves(tmp_path, monkeypatch)
     (repo / "refs" / "main").write_text(commit)
     (repo / "refs" / "v1").write_text(tagged)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))
-    assert fingerprint("org/vq", "vqvae", None, "encode.vq_model") == f"hub:org/vq@{commit}"
-    assert fingerprint("org/vq", "vqvae", "v1", "encode.vq_model") == f"hub:org/vq@{tagged}"
+    assert weights_fingerprint("org/vq", "vqvae", None, "encode.vq_model") == f"hub:org/vq@{commit}"
+    assert weights_fingerprint("org/vq", "vqvae", "v1", "encode.vq_model") == f"hub:org/vq@{tagged}"
 
 
 def test_a_revision_on_a_local_folder_is_an_error(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ValueError, match="encode.vq_model.*local folder.*revision"):
-        fingerprint(str(tmp_path), None, "v1", "encode.vq_model")
+        weights_fingerprint(str(tmp_path), None, "v1", "encode.vq_model")
 
 
 def test_pinned_revision_changes_the_version_unpinned_keeps_it(tmp_path):
@@ -144,7 +144,7 @@ def test_a_pinned_revision_loads_that_commit_and_is_its_fingerprint(tmp_path, mo
         got = load_decoder(e, torch.device("cpu")).model.state_dict()  # what `muse sample` decodes with
         ref = revision or "main"
         assert all(torch.equal(got[k], want[ref][k]) for k in want[ref])
-        assert fingerprint("org/vq", "vqvae", revision, "encode.vq_model") == f"hub:org/vq@{commits[ref]}"
+        assert weights_fingerprint("org/vq", "vqvae", revision, "encode.vq_model") == f"hub:org/vq@{commits[ref]}"
 
 
 def test_preflight_looks_for_the_pinned_revision_in_the_cache(tmp_path, monkeypatch):

@@ -155,3 +155,87 @@ def test_read_many_and_sizes(any_root):
     assert st.sizes("d") == {rel: len(data) for rel, data in files.items()} and st.sizes("nowhere") == {}
     with pytest.raises(FileNotFoundError):
         st.read_many(["d/000.json", "d/missing.json"])
+
+
+def test_gcs_transfers_are_checked_with_crc32c(gcs_root, monkeypatch):
+    """fake-gcs-server, like GCS, answers each upload and download with the object's crc32c; a
+    transfer that changes bytes is done once more, and named when it does so again."""
+    import muse.storage as storage_module
+
+    st = Storage(gcs_root)
+    data = bytes(range(256)) * 64
+    st.write_bytes("images/a.bin", data)
+    assert st.fs.info(st.path("images/a.bin"))["crc32c"] == storage_module.crc32c(data)
+    assert st.read_bytes("images/a.bin") == data
+    real_call, real_pipe = st.fs.call, st.fs.pipe_file
+    flips = {"n": 0}
+
+    def flipped(body: bytes) -> bytes:
+        flips["n"] -= 1
+        return body[:100] + bytes([body[100] ^ 1]) + body[101:]
+
+    def corrupt_download(method, url, *args, **kw):  # a transfer that flips a bit on the way in
+        headers, body = real_call(method, url, *args, **kw)
+        return headers, flipped(body) if flips["n"] > 0 else body
+
+    def corrupt_upload(path, body, **kw):  # ... or on the way out: GCS stores what it received
+        return real_pipe(path, flipped(body) if flips["n"] > 0 else body, **kw)
+
+    monkeypatch.setattr(st.fs, "call", corrupt_download)
+    monkeypatch.setattr(st.fs, "pipe_file", corrupt_upload)
+    flips["n"] = 1  # once: the second try is right
+    assert st.read_bytes("images/a.bin") == data and flips["n"] == 0
+    flips["n"] = 1
+    st.write_bytes("images/b.bin", data)
+    assert flips["n"] == 0 and st.fs.info(st.path("images/b.bin"))["crc32c"] == storage_module.crc32c(data)
+    flips["n"] = 2  # every try
+    with pytest.raises(storage_module.IntegrityError, match="images/a.bin: read 16384 bytes twice with crc32c"):
+        st.read_bytes("images/a.bin")
+    flips["n"] = 2
+    with pytest.raises(storage_module.IntegrityError, match="images/b.bin: stored twice with a crc32c"):
+        st.write_bytes("images/b.bin", data)
+    assert not st.exists("images/b.bin")  # not left with bytes nobody wrote
+    monkeypatch.undo()
+    big = data * (51 * 64)  # 51 MiB: gcsfs uploads it in chunks and answers with a URL, not the object
+    st.write_bytes("images/big.bin", big)  # (checked through an info call; a real shard's path)
+    assert st.read_bytes("images/big.bin") == big
+    st.write_many({"images/c.bin": data, "images/d.bin": b"x"})  # the batch path, checked alike
+    assert st.read_many(["images/c.bin", "images/d.bin"]) == {"images/c.bin": data, "images/d.bin": b"x"}
+
+
+def test_browser_urls_gcs_only_and_signed_urls_verify_with_a_service_account_key(tmp_path, monkeypatch):
+    """The console URL for gs:// (quoted), none for a local root; a V4 signed URL from a service-account
+    key (made here: signing is local, no network) whose signature the key's public half verifies."""
+    import hashlib
+    import json
+    from urllib.parse import parse_qs, urlsplit
+
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+    assert Storage(str(tmp_path)).browser_url("samples/a.png") is None
+    assert Storage(str(tmp_path)).signed_url("samples/a.png") is None
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                            serialization.NoEncryption()).decode()
+    sa = {"type": "service_account", "project_id": "p", "private_key_id": "k1", "private_key": pem,
+          "client_email": "muse@p.iam.gserviceaccount.com", "client_id": "1",
+          "token_uri": "https://oauth2.googleapis.com/token"}
+    (tmp_path / "sa.json").write_text(json.dumps(sa))
+    monkeypatch.setenv("GOOGLE_APPLICATION_CREDENTIALS", str(tmp_path / "sa.json"))
+    monkeypatch.delenv("STORAGE_EMULATOR_HOST", raising=False)  # the real endpoint, never contacted
+    st = Storage("gs://bucket/runs one", "p")
+    assert st.browser_url("samples/a b.png") == "https://storage.cloud.google.com/bucket/runs%20one/samples/a%20b.png"
+    url = st.signed_url("samples/a b.png", 3600)
+    parts = urlsplit(url)
+    query = parse_qs(parts.query)
+    assert (parts.netloc, parts.path) == ("storage.googleapis.com", "/bucket/runs%20one/samples/a%20b.png")
+    assert query["X-Goog-Expires"] == ["3600"] and query["X-Goog-Credential"][0].startswith(sa["client_email"])
+    # GCS's V4 scheme: the string to sign hashes the canonical request (query minus the signature)
+    canonical = "\n".join(["GET", parts.path, parts.query.split("&X-Goog-Signature=")[0],
+                           "host:storage.googleapis.com\n", "host", "UNSIGNED-PAYLOAD"])
+    scope = query["X-Goog-Credential"][0].split("/", 1)[1]
+    to_sign = "\n".join(["GOOG4-RSA-SHA256", query["X-Goog-Date"][0], scope,
+                         hashlib.sha256(canonical.encode()).hexdigest()])
+    key.public_key().verify(bytes.fromhex(query["X-Goog-Signature"][0]), to_sign.encode(), padding.PKCS1v15(),
+                            hashes.SHA256())  # raises InvalidSignature when it does not hold

@@ -2,8 +2,11 @@
 
     plan_download(cfg)         -> [DownloadPart]   new/changed/unfinished source files
     plan_chunks(cfg)           -> [DownloadChunk]  those cut into tasks of download.shards_per_task shards
+    plan_run(cfg)              -> DownloadPlan     the chunks, and how many source files are unchanged
+                                                   (the pure steps: sources.plan_sources, todo_chunks)
     download_chunk(cfg, chunk) -> [shard stats]    img2dataset in a subprocess, our writer as it goes
     finalize_download(cfg)     -> summary          images/_config.yaml + a table on stderr
+    summarize_run(cfg, stats)  -> summary          the same counts over the shards one run wrote
     run_download(cfg)          -> summary          plan, every chunk in turn, finalize
 
 img2dataset writes one chunk to a local work dir (`storage.work_dir`, default a temp dir),
@@ -19,6 +22,7 @@ import hashlib
 import shutil
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,13 +32,14 @@ import pyarrow.parquet as pq
 from muse.download.intact import whole_image_shards
 from muse.download.runner import DownloadError, run_img2dataset, verify_shard
 from muse.download.sources import (REGISTRY, ROW, DownloadChunk, DownloadPart, SourceError,
-                                   load_registry, plan_parts, read_source)
+                                   load_registry, plan_parts, read_source, register_sources)
 from muse.download.writer import build_shard, is_http
 from muse.layout import IMAGES, done_among, done_marker, done_shards, shard_name
 from muse.storage import Storage
 
-__all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "download_part", "download_chunk",
-           "finalize_download", "summary_rows", "DownloadPart", "DownloadChunk", "DownloadError", "SourceError"]
+__all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "plan_run", "download_part", "download_chunk",
+           "finalize_download", "summarize_run", "summary_rows", "run_rows", "todo_chunks", "DownloadPlan",
+           "DownloadPart", "DownloadChunk", "DownloadError", "SourceError"]
 
 
 def plan_download(cfg) -> list[DownloadPart]:
@@ -42,14 +47,41 @@ def plan_download(cfg) -> list[DownloadPart]:
     return plan_parts(Storage.from_config(cfg), cfg)
 
 
-def plan_chunks(cfg) -> list[DownloadChunk]:
+@dataclass
+class DownloadPlan:
+    """A download run's work: its chunks, and what it found among the source files."""
+    chunks: list[DownloadChunk]
+    files: int      # source files planned
+    unchanged: int  # of those, registered before as they are now
+
+    def note(self) -> str:
+        """One line for the run's log and artifacts: what this run has to do."""
+        files = f"{self.files} source file{'s' * (self.files != 1)}"
+        if not self.chunks:
+            return f"nothing new: {files} unchanged"
+        changed = self.files - self.unchanged
+        return (f"{changed} of {files} new or changed, {len(self.chunks)} download task(s)" if changed else
+                f"{files} unchanged, {len(self.chunks)} download task(s) to finish unfinished shards")
+
+
+def plan_run(cfg) -> DownloadPlan:
     """The download tasks: chunks of `download.shards_per_task` shards with unfinished shards."""
     storage = Storage.from_config(cfg)
     # one listing of images/ for the whole plan: the ids retired by plan_parts are in no part
     done = set(whole_image_shards(storage))
-    parts = plan_parts(storage, cfg, done)
-    return [c for p in parts for c in p.chunks(cfg.download.shards_per_task)
-            if not done.issuperset(c.shard_ids())]
+    plan = register_sources(storage, cfg, done)
+    return DownloadPlan(todo_chunks(plan.parts, cfg.download.shards_per_task, done), len(plan.current),
+                        plan.unchanged)
+
+
+def todo_chunks(parts: list[DownloadPart], shards_per_task: int, done: set[int]) -> list[DownloadChunk]:
+    """The parts cut into download tasks, those with every shard done left out (also `muse plan`)."""
+    return [c for p in parts for c in p.chunks(shards_per_task) if not done.issuperset(c.shard_ids())]
+
+
+def plan_chunks(cfg) -> list[DownloadChunk]:
+    """`plan_run`'s chunks."""
+    return plan_run(cfg).chunks
 
 
 def work_dir_for(cfg, storage: Storage, chunk: DownloadChunk) -> Path:
@@ -127,8 +159,10 @@ def _write_shard(cfg, storage, part, sid, table, out_dir, label, k) -> dict:
     return stats
 
 
-def summarize(storage: Storage) -> dict:
-    """Totals over the current shards; rows_in counts every input row, filtered ones included."""
+def summarize(storage: Storage, only: set[int] | None = None) -> dict:
+    """Totals over the current shards (or those of them in `only`); rows_in counts every input
+    row, filtered ones included: a file's filtered rows count once all its shards are in (and,
+    with `only`, one of them is among `only`)."""
     reg = load_registry(storage)
     done = set(done_shards(storage, IMAGES))
     live = {s for e in reg["sources"].values()
@@ -136,15 +170,16 @@ def summarize(storage: Storage) -> dict:
     summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "filtered_by_reason": {},
                "shards": []}
     for sid in sorted(done):
-        if live and sid not in live:
+        if (live and sid not in live) or (only is not None and sid not in only):
             continue
         st = storage.read_json(done_marker(IMAGES, sid))
         summary["shards"].append(sid)
         summary["rows_in"] += st["rows_in"]
         summary["succeeded"] += st["succeeded"]
         _add(summary["replaced_by_reason"], st["replaced_by_reason"])
-    for e in reg["sources"].values():  # a file's filtered rows count once all its shards are in
-        if done.issuperset(range(e["first_shard"], e["first_shard"] + e["num_shards"])):
+    for e in reg["sources"].values():
+        ids = range(e["first_shard"], e["first_shard"] + e["num_shards"])
+        if done.issuperset(ids) and (only is None or not only.isdisjoint(ids)):
             _add(summary["filtered_by_reason"], e.get("filtered", {}))
     summary["rows_in"] += sum(summary["filtered_by_reason"].values())
     return summary
@@ -169,6 +204,15 @@ def summary_rows(summary: dict) -> list[dict]:
     return rows
 
 
+def run_rows(run: dict, total: dict) -> list[dict]:
+    """The `download-stats` table: this run's counts beside the dataset's totals (a refresh that
+    fetched nothing shows 0 beside them), share of the dataset's rows in."""
+    mine = {r["what"]: r["count"] for r in summary_rows(run)}
+    rows = [{"what": r["what"], "this run": mine.pop(r["what"], 0), "dataset": r["count"], "share": r["share"]}
+            for r in summary_rows(total)]
+    return rows + [{"what": what, "this run": c, "dataset": 0, "share": ""} for what, c in mine.items()]
+
+
 def format_summary(summary: dict) -> str:
     return "\n".join(f"{r['what']:<32}{r['count']:>10}  {r['share']:>6}".rstrip() for r in summary_rows(summary))
 
@@ -181,6 +225,11 @@ def finalize_download(cfg) -> dict:
     print(f"[download] summary for {storage.url(IMAGES)}\n{format_summary(summary)}",
           file=sys.stderr, flush=True)
     return summary
+
+
+def summarize_run(cfg, shard_stats: list[dict]) -> dict:
+    """`summarize` over the shards one run wrote (`download_chunk`'s stats): that run's counts."""
+    return summarize(Storage.from_config(cfg), only={st["shard"] for st in shard_stats})
 
 
 def run_download(cfg) -> dict:

@@ -25,19 +25,24 @@ def _problem(marker: dict, size: int | None) -> str | None:
     return None if size == marker["bytes"] else f"{size} bytes, its stats say {marker['bytes']}"
 
 
-def whole_image_shards(storage: Storage) -> list[int]:
-    """The finished image shards that are whole; the others lose their done marker (so the
-    download that is planning now fetches them again) and are named on stderr. Cost: one
-    listing and one concurrent batch of marker reads, whatever the number of shards."""
+def check_image_shards(storage: Storage) -> tuple[list[int], dict[int, str]]:
+    """(the finished image shards that are whole, {finished but broken shard: why}), read only
+    (`muse plan`). Cost: one listing and one concurrent batch of marker reads."""
     sizes = storage.sizes(IMAGES)
     done = done_shards(storage, IMAGES, sizes)  # the same listing: images/ is listed once
     markers = {rel: json.loads(data) for rel, data in
                storage.read_many([done_marker(IMAGES, sid) for sid in done]).items()}
     problems = {sid: _problem(markers[done_marker(IMAGES, sid)], sizes.get(shard_name(IMAGES, sid)))
                 for sid in done}
-    for sid, why in problems.items():
-        if why:
-            print(f"[download] {storage.url(shard_name(IMAGES, sid))}: {why}: fetching it again",
-                  file=sys.stderr, flush=True)
-            storage.delete(done_marker(IMAGES, sid))
-    return [sid for sid in done if not problems[sid]]
+    return [sid for sid in done if not problems[sid]], {sid: why for sid, why in problems.items() if why}
+
+
+def whole_image_shards(storage: Storage) -> list[int]:
+    """The finished image shards that are whole; the others lose their done marker (so the
+    download that is planning now fetches them again) and are named on stderr."""
+    whole, broken = check_image_shards(storage)
+    for sid, why in broken.items():
+        print(f"[download] {storage.url(shard_name(IMAGES, sid))}: {why}: fetching it again",
+              file=sys.stderr, flush=True)
+        storage.delete(done_marker(IMAGES, sid))
+    return whole

@@ -104,7 +104,7 @@ def expand_sources(paths: list[str], gcs_project: str | None = None) -> list[str
     return out
 
 
-def fingerprint(uri: str, gcs_project: str | None = None) -> str:
+def source_fingerprint(uri: str, gcs_project: str | None = None) -> str:
     """size + the best change marker the filesystem offers (md5/etag/generation/mtime)."""
     fs, path = source_fs(uri, gcs_project)
     info = fs.info(path)
@@ -215,36 +215,59 @@ def retire(storage: Storage, entry: dict) -> None:
         storage.delete(shard_name(IMAGES, sid))
 
 
-def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[DownloadPart]:
-    """Assign shard ids to new/changed files, retire stale shards; return unfinished parts.
-    `done`: the finished shards, when the caller has `whole_image_shards` already."""
+@dataclass
+class SourcePlan:
+    """What registering the source files would do, computed without writing anything:
+    `parts` the unfinished ones, `current` every part of the listed files, `registry` the new
+    `_SOURCES.json`, `retired` the old entries of changed files (their shards get deleted),
+    `unchanged` how many of the listed files were registered before as they are now."""
+
+    parts: list[DownloadPart]
+    current: list[DownloadPart]
+    registry: dict
+    retired: list[dict]
+    unchanged: int = 0
+
+
+def shards_for(rows: int, shard_size: int) -> int:
+    """Image shards a file's `rows` selected rows fill (the last one may be short)."""
+    return math.ceil(rows / shard_size)
+
+
+def plan_sources(storage: Storage, cfg, done: set[int], rows: int | None = None) -> SourcePlan:
+    """Assign shard ids to new/changed files and say which shards would be retired: the pure
+    step of `register_sources` (reads the registry and the source files, writes nothing; `muse plan`).
+    `done`: the finished image shards. `rows`: plan a declared row count as one new file instead
+    of reading `source.paths` (`muse plan --rows N`, when the URL lists are not at hand)."""
     reg = load_registry(storage)
     gp, src, size = cfg.storage.gcs_project, cfg.source, cfg.download.shard_size
     remaining = src.max_samples
-    parts: list[DownloadPart] = []
-    if done is None:
-        done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
+    plan = SourcePlan([], [], reg, [])
     spec = selection_spec(src)
-    for uri in expand_sources(src.paths, gp):
+    uris = [f"<{rows} declared rows>"] if rows is not None else expand_sources(src.paths, gp)
+    for uri in uris:
         if remaining == 0:
             break
-        fp = fingerprint(uri, gp)
+        fp = "declared" if rows is not None else source_fingerprint(uri, gp)
         entry = reg["sources"].get(uri)
         # a changed selection (source.filters, ...) is a changed file: new shard ids, no mixing
         unchanged = entry is not None and entry["fingerprint"] == fp and entry["selection"] == spec
-        if unchanged and remaining is None and entry["max_samples"] is None:
-            sel = None
-            rows = entry["rows"]
+        if rows is not None:
+            sel, n = None, rows if remaining is None else min(rows, remaining)
+        elif unchanged and remaining is None and entry["max_samples"] is None:
+            sel, n = None, entry["rows"]
         else:
             sel = select(uri, src, gp, remaining)
-            rows = len(sel.indices)
+            n = len(sel.indices)
         if remaining is not None:
-            remaining -= rows
-        if not (unchanged and entry["rows"] == rows):
+            remaining -= n
+        if unchanged and entry["rows"] == n:
+            plan.unchanged += 1
+        else:
             if entry is not None:
-                retire(storage, entry)
-            entry = {"fingerprint": fp, "rows": rows, "max_samples": src.max_samples,
-                     "first_shard": reg["next_shard"], "num_shards": math.ceil(rows / size),
+                plan.retired.append(entry)
+            entry = {"fingerprint": fp, "rows": n, "max_samples": src.max_samples,
+                     "first_shard": reg["next_shard"], "num_shards": shards_for(n, size),
                      "shard_size": size, "selection": spec}
             reg["next_shard"] += entry["num_shards"]
             reg["sources"][uri] = entry
@@ -252,7 +275,24 @@ def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[Down
             entry.update(rows_in=sel.rows_in, filtered=sel.filtered)
         part = DownloadPart(uri, fp, entry["first_shard"], entry["num_shards"], entry["rows"],
                             entry["shard_size"])
+        plan.current.append(part)
         if not done.issuperset(part.shard_ids()):
-            parts.append(part)
-    storage.write_json(REGISTRY, reg)
-    return parts
+            plan.parts.append(part)
+    return plan
+
+
+def register_sources(storage: Storage, cfg, done: set[int]) -> SourcePlan:
+    """`plan_sources`, then do it: retire the changed files' shards, write the registry."""
+    plan = plan_sources(storage, cfg, done)
+    for entry in plan.retired:
+        retire(storage, entry)
+    storage.write_json(REGISTRY, plan.registry)
+    return plan
+
+
+def plan_parts(storage: Storage, cfg, done: set[int] | None = None) -> list[DownloadPart]:
+    """Assign shard ids to new/changed files, retire stale shards; return unfinished parts.
+    `done`: the finished shards, when the caller has `whole_image_shards` already."""
+    if done is None:
+        done = set(whole_image_shards(storage))  # a truncated shard loses its marker: fetched again
+    return register_sources(storage, cfg, done).parts

@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from muse.download.sources import ROW
-from muse.layout import IMAGE_COLUMNS, IMAGE_SCHEMA, make_key
+from muse.layout import IMAGE_COLUMNS, IMAGE_SCHEMA, PAGE_CHECKSUMS, make_key
 from muse.placeholders import solid_color
 
 BAD_URL_MESSAGE = "not an http(s) URL: not fetched"
@@ -106,7 +106,7 @@ def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: in
             out[c].append(v)
     table = _to_table(out, rows)
     buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
+    pq.write_table(table, buf, compression="zstd", **PAGE_CHECKSUMS)
     stats = {"shard": shard_id, "rows_in": rows.num_rows, "succeeded": rows.num_rows - sum(counts.values()),
              "replaced": sum(counts.values()), "replaced_by_reason": dict(sorted(counts.items()))}
     return buf.getvalue(), stats

@@ -47,7 +47,7 @@ def hub_commit(repo_id: str, subfolder: str | None, revision: str | None) -> str
     return parts[parts.index("snapshots") + 1]  # <cache>/models--org--name/snapshots/<commit>/...
 
 
-def fingerprint(name_or_path: str, subfolder: str | None, revision: str | None, key: str) -> str:
+def weights_fingerprint(name_or_path: str, subfolder: str | None, revision: str | None, key: str) -> str:
     """The fingerprint of the model `key` names (after it has loaded). `key`: the config key, for errors."""
     local = Path(name_or_path).expanduser()
     if local.exists():

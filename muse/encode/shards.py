@@ -36,13 +36,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.config import resolve_device
-from muse.encode.fingerprint import encoder_changes, fingerprint
+from muse.encode.fingerprint import encoder_changes, weights_fingerprint
 from muse.encode.loading import LOAD_LOCK
-from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, SCHEMA_VERSION, check_version, dataset_dir,
-                         done_marker, done_shards, empty_caption_record, encoded_schema, format_shard_id,
-                         shard_name, t5_to_bytes, trainable_counts, write_manifest)
+from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, PAGE_CHECKSUMS, SCHEMA_VERSION, check_version,
+                         dataset_dir, done_marker, done_shards, empty_caption_record, encoded_schema,
+                         format_shard_id, open_shard, read_problem, shard_name, t5_to_bytes, trainable_counts,
+                         write_manifest)
 from muse.pictures import decode_picture
-from muse.storage import Storage
+from muse.storage import Storage, crc32c
 
 
 class EncodeError(RuntimeError):
@@ -96,7 +97,7 @@ class Encoders:
 
 def _fingerprints(e) -> dict:
     """Config key -> fingerprint of the weights it loaded (muse/encode/fingerprint.py)."""
-    return {ref.key.removeprefix("encode."): fingerprint(ref.path, ref.subfolder, ref.revision, ref.key)
+    return {ref.key.removeprefix("encode."): weights_fingerprint(ref.path, ref.subfolder, ref.revision, ref.key)
             for ref in e.encoder_refs()}
 
 
@@ -163,23 +164,23 @@ def encode_table(table: pa.Table, enc: Encoders, e, where: str) -> pa.Table:
 def _to_parquet(table: pa.Table, row_group_size: int) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd",
-                   use_dictionary=["key", "caption"], write_statistics=False)
+                   use_dictionary=["key", "caption"], write_statistics=False, **PAGE_CHECKSUMS)
     return buf.getvalue()
 
 
 def _read_images(storage: Storage, shard_id: int) -> pa.Table:
     src = shard_name(IMAGES, shard_id)
     try:
-        with storage.open(src) as f:
-            table = pq.read_table(f, columns=["key", "caption", "replaced", "image"])
+        with storage.open(src) as f:  # page checksums verified: a changed byte is named, not encoded
+            table = open_shard(f).read(columns=["key", "caption", "replaced", "image"])
     except Exception as err:  # noqa: BLE001
-        raise EncodeError(f"{storage.url(src)}: unreadable image shard ({type(err).__name__}: {err}); "
+        raise EncodeError(f"{storage.url(src)}: image shard {read_problem(err)}; "
                           f"re-run `muse download` to rebuild it") from err
     return table
 
 
 def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None) -> dict:
-    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, source, replaced,
+    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, crc32c, source, replaced,
     train_rows: `layout.trainable_counts`).
     `table`: the image shard, when the caller has already read it."""
     storage = storage or Storage.from_config(cfg)
@@ -204,7 +205,8 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
         rel = shard_name(ds, shard_id)
         storage.write_bytes(rel, data)
         record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
-                  "sha256": hashlib.sha256(data).hexdigest(), "source": shard_name(IMAGES, shard_id),
+                  "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c(data),  # crc32c: GCS's own
+                  "source": shard_name(IMAGES, shard_id),
                   "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))),
                   # so a loader with an eval slice or dropped placeholders reads no row group to plan
                   "train_rows": trainable_counts(out.column("key").to_pylist(), out.column("replaced").to_numpy(
@@ -218,8 +220,18 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
 def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
     """Image shards that are not yet done in this dataset version."""
     storage = storage or Storage.from_config(cfg)
-    done = set(done_shards(storage, dataset_dir(cfg)))
-    return [s for s in done_shards(storage, IMAGES) if s not in done]
+    return shards_to_encode(done_shards(storage, IMAGES), done_shards(storage, dataset_dir(cfg)))
+
+
+def shards_to_encode(image_shards, encoded) -> list[int]:
+    """The image shards (ids) without an encoded shard, in id order (also `muse plan`)."""
+    done = set(encoded)
+    return sorted(s for s in set(image_shards) if s not in done)
+
+
+def task_chunks(ids: list[int], shards_per_task: int) -> list[list[int]]:
+    """Shard ids cut into the encode flow's tasks of `encode.shards_per_task` (also `muse plan`)."""
+    return [ids[i:i + shards_per_task] for i in range(0, len(ids), shards_per_task)]
 
 
 def encoder_facts_to_write(enc: Encoders, e, storage: Storage, ds: str) -> dict | None:

@@ -13,10 +13,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, empty_caption_record, encoded_schema,
-                         format_shard_id, shard_name, t5_to_bytes, trainable_counts,
-                         write_manifest)
-from muse.storage import Storage
+from muse.layout import (GRID_BASE, GRID_SUPERRES, PAGE_CHECKSUMS, empty_caption_record, encoded_schema,
+                         format_shard_id, shard_name, t5_to_bytes, trainable_counts, write_manifest)
+from muse.storage import Storage, crc32c
 from muse.testing.image_shards import write_image_table
 
 
@@ -56,12 +55,13 @@ def write_test_dataset(storage: Storage, dataset_dir: str, shards: int = 2, rows
             _write_test_images(storage, sid, cols, rng, image_size)
         table = pa.table(cols, schema=encoded_schema(superres))
         buf = io.BytesIO()
-        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd")
+        pq.write_table(table, buf, row_group_size=row_group_size, compression="zstd", **PAGE_CHECKSUMS)
         data = buf.getvalue()
         rel = shard_name(dataset_dir, sid)
         storage.write_bytes(rel, data)
         entries.append({"id": sid, "path": rel.rsplit("/", 1)[-1], "rows": rows, "bytes": len(data),
-                        "sha256": hashlib.sha256(data).hexdigest(), "replaced": sum(cols["replaced"]),
+                        "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c(data),
+                        "replaced": sum(cols["replaced"]),
                         "train_rows": trainable_counts(cols["key"], cols["replaced"], row_group_size)})
     return write_manifest(storage, dataset_dir, shards=entries, text_dim=text_dim, codebook_size=codebook_size,
                           empty_caption=empty_caption_record(rng.standard_normal((2, text_dim))),

@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from muse.layout import IMAGE_SCHEMA, IMAGES, done_marker, make_key, shard_name
+from muse.layout import IMAGE_SCHEMA, IMAGES, PAGE_CHECKSUMS, done_marker, make_key, shard_name
 from muse.storage import Storage
 
 
@@ -37,7 +37,7 @@ def write_image_table(storage: Storage, shard_id: int, keys: list, captions: lis
         "status": ["success"] * n, "error_message": [""] * n, "reason": [""] * n,
     }, schema=IMAGE_SCHEMA)
     buf = io.BytesIO()
-    pq.write_table(table, buf)
+    pq.write_table(table, buf, **PAGE_CHECKSUMS)
     storage.write_bytes(shard_name(IMAGES, shard_id), buf.getvalue())
     storage.write_json(done_marker(IMAGES, shard_id), {"rows_in": n, "bytes": len(buf.getvalue())})
 
