@@ -261,13 +261,14 @@ def test_feature_and_inception_errors_are_one_line(models):
 
 
 def test_eval_without_a_slice_says_which_key(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, str(tmp_path / "root")))
+    # the default keeps a slice (train.eval_holdout 0.001): no slice is a user's explicit 0
+    cfg = load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_holdout=0))
     with pytest.raises(evaluate.EvalError, match="train.eval_holdout"):
         evaluate.eval_rows(cfg, Storage.from_config(cfg), 4)
     from muse.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.eval_every needs an eval slice"):
-        load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_every=2))
+        load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_holdout=0, eval_every=2))
 
 
 @pytest.mark.slow
