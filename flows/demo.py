@@ -22,6 +22,10 @@ os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+# the demo's fixed torch thread count (demo.THREADS) may exceed the free cores (a busy or 1-core
+# machine): threads that sleep while they wait, rather than spin, keep that from costing 8x
+# (bench/RESULTS.md, "demo threads"). Read when torch loads, so set before it; the trainer inherits it
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 # the temporary server's first start (database set-up) can pass Prefect's 20 s on 2 busy cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

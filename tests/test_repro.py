@@ -51,15 +51,23 @@ def _checkpoint_sha(root, run: str) -> str:
 
 @pytest.mark.slow
 def test_training_on_cpu_threads_is_bit_identical_on_1_and_2_machine_threads(tmp_path):
-    """The demo's model size (its GEMMs split over threads), 4 steps, train.cpu_threads=1 (the
-    demo's) under OMP_NUM_THREADS 1 and 2: the same weights (without cpu_threads they differ)."""
+    """The demo's model size (its GEMMs split over threads), 4 steps, train.cpu_threads at the
+    demo's count under OMP_NUM_THREADS 1 on one core (`taskset -c 0`, a 1-core machine) and 2 on
+    the machine's cores: the same weights (without cpu_threads they differ)."""
+    from muse.testing.demo import THREADS
+
     config = tiny_config(tmp_path, str(tmp_path / "root"), max_steps=4, batch_size=8, grad_accum=1,
-                         mixed_precision=False, cpu_threads=1)
+                         mixed_precision=False, cpu_threads=THREADS)
     data = yaml.safe_load(config.read_text())
     data["model"] = {"preset": "demo", "codebook_size": 64, "text_dim": 16}
     config.write_text(yaml.safe_dump(data))
     make_data(config, shards=2, rows=24, row_group_size=8)
+    cores = os.sched_getaffinity(0)
     for threads in (1, 2):
-        out = run_train(config, "--set", f"train.run_name=t{threads}", env={"OMP_NUM_THREADS": str(threads)})
+        os.sched_setaffinity(0, {min(cores)} if threads == 1 else cores)  # the child inherits it
+        try:
+            out = run_train(config, "--set", f"train.run_name=t{threads}", env={"OMP_NUM_THREADS": str(threads)})
+        finally:
+            os.sched_setaffinity(0, cores)
         assert out.returncode == 0, out.stdout + out.stderr
     assert _checkpoint_sha(tmp_path / "root", "t1") == _checkpoint_sha(tmp_path / "root", "t2")

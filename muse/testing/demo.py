@@ -14,8 +14,9 @@
 - `shapes_adherence`: the same scorer as a `muse eval` metric, named in the config's
   `eval.metrics`, so `muse eval` and the in-training evaluations (`train.eval_every`) import it
   and the library itself never imports this package;
-- `THREADS`: every torch computation of the demo (VQ training, encode, training, scoring) on a
-  fixed number of threads, so the table is the same on any machine with the same package versions.
+- `THREADS`: every torch computation of the demo (encode, training, scoring; the VQ has its
+  recipe's `threads`) on a fixed number of threads, so the table is the same on any machine with
+  the same package versions.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
 `quick=True` is the same on 48 rows with a VQ trained for seconds (the tests' subset).
 """
@@ -36,10 +37,13 @@ QUICK_VQ = dict(images=128, steps=200, decoder_steps=20, batch_size=16)
 # words whole (`text_encoder`); 32 leaves room. (At 16 with those words in pieces, 21 tokens,
 # "a picture of a yellow ..." lost its shape word.)
 TEXT_MAX_LENGTH = 32
-# torch threads of the demo's process and its trainer (CPU sums depend on the thread count). 1, not 2:
-# on a 2-core machine shared with other work, 2 threads spin-wait on each other (bench/RESULTS.md,
-# "reproducible demo"), and 1 thread on a 1-core machine (`taskset -c 0`) is the same table too
-THREADS = 1
+# torch threads of the demo's process and its trainer: CPU sums depend on the thread count, not on the
+# cores, so a fixed count is the same table on any machine (2 threads gave the same weights on one
+# core, `taskset -c 0`, as on two). 2, not 1: ~1.9x the training samples/s on a quiet 2-core machine,
+# which the 8-minute budget needs; the cost of 2 threads on a busy or 1-core machine (OpenMP threads
+# spinning while they wait on a descheduled peer, 8x slower) is removed by OMP_WAIT_POLICY=PASSIVE,
+# which flows/demo.py sets (bench/threads.py, bench/RESULTS.md "demo threads")
+THREADS = 2
 # rows kept out of training for `muse eval` (~60 of 1,200): a fraction encode counts (layout.EVAL_LEVELS)
 EVAL_HOLDOUT = 0.05
 
