@@ -50,8 +50,10 @@ class VQRecipe:
     world_seed: int = 1234
     seed: int = 0
     # torch intra-op threads of the training: the weights depend on the count, so it is fixed.
-    # 1, not 2: on a 2-core machine shared with other work, 2 threads spin-wait on each other
-    # (the quick VQ took 630 s at 2 threads, 74 s at 1, bench/RESULTS.md "reproducible demo")
+    # 1: on a 2-core machine shared with other work, 2 threads spin-wait on each other (the quick
+    # VQ took 630 s at 2 threads, 74 s at 1, bench/RESULTS.md "reproducible demo"). The demo's
+    # trainer now runs 2 with OMP_WAIT_POLICY=PASSIVE, which removes that ("demo threads"); 2 here
+    # too would change the weights and every machine's cached VQ (the count is in the key): not done
     threads: int = 1
 
     def key(self) -> str:
