@@ -10,12 +10,19 @@ configured model on the same batch size. The last line is loader / trainer sampl
     python bench/loader.py                # small CPU sizes
     python bench/loader.py --gpu          # real sizes on CUDA (T5-base 768, base preset)
     python bench/loader.py --checksum-cost  # + the loader with page checksums verified vs not
+    python bench/loader.py --faults 0,0.05,0.2  # + the loader from gs:// through the fault proxy
 
 The shards carry Parquet page checksums and the loader verifies them (muse/layout.py
 `PAGE_CHECKSUMS`); `--checksum-cost` times each root with verification on and off, alternated
 over `--rounds` rounds in the same run (best of each), and prints off / on per root: through the
 whole loader (samples/s) and for the row-group reads alone (`data.read_unit` of every row group in
 one thread, MB/s of shard: the part the checksums add to, without the loader's other work).
+
+`--faults` reads the emulator's shards through `muse.testing.gcs_faults.GCSFaultProxy` at each
+rate (every kind of request, the proxy's whole menu: 429/503 with and without Retry-After, resets,
+stalls of `--stall-s`, short and flipped bodies), rates alternated over `--rounds` rounds in the
+same run (best of each), and prints each rate's samples/s and its ratio to 0%. The loader runs
+under the default retry policy (muse/storage.py `RetryPolicy`: it builds its own Storage).
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from muse.layout import read_manifest
 from muse.storage import Storage
 from muse.testing.datasets import write_test_dataset
 from muse.testing.gcs import GCSEmulator
+from muse.testing.gcs_faults import GCSFaultProxy
 
 DIR = "encoded/bench"
 
@@ -78,6 +86,19 @@ def read_rates(root: str, a) -> tuple[float, float]:
     return max(rates[True]), max(rates[False])
 
 
+def fault_rates(gcs: GCSEmulator, root: str, a) -> dict[float, float]:
+    """Best samples/s of the loader on `root` through the fault proxy at each of `a.faults`,
+    the rates alternated round by round so that all see the same machine."""
+    best: dict[float, float] = {}
+    with GCSFaultProxy(gcs.url, seed=1, stall_s=a.stall_s, retry_after_s=0.5) as proxy:
+        for _ in range(a.rounds):
+            for rate in a.faults:
+                proxy.rate = rate
+                best[rate] = max(best.get(rate, 0.0), loader_rate(root, a))
+        print(f"faults injected: {sum(proxy.faults().values())} of {sum(proxy.counts().values())} requests")
+    return best
+
+
 def trainer_rate(a, device: torch.device) -> float:
     from muse.masking import mask_tokens, masked_loss
     from muse.models import build_model
@@ -119,6 +140,9 @@ def main() -> None:
     p.add_argument("--checksum-cost", action="store_true", help="also time the loader without page checksums")
     p.add_argument("--rounds", type=int, default=3, help="on/off rounds per root with --checksum-cost")
     p.add_argument("--batches", type=int, help="batches timed per loader measurement (default: by size)")
+    p.add_argument("--faults", type=lambda v: [float(x) for x in v.split(",")], default=[],
+                   help="fault rates for the loader from gs:// through the fault proxy, e.g. 0,0.05,0.2")
+    p.add_argument("--stall-s", type=float, default=1.0, help="how long the proxy's stalls last (--faults)")
     a = p.parse_args()
     batches = a.batches
     # sizes: (shards, rows, text_dim, max_len, batches, trainer steps, preset/hidden)
@@ -143,6 +167,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, GCSEmulator() as gcs:
         for name, root in [("local", os.path.join(tmp, "root")), ("gcs-emulator", gcs.new_root())]:
             fill(root)
+            if a.faults and name == "gcs-emulator":
+                got = fault_rates(gcs, root, a)
+                for rate, v in got.items():
+                    rows.append((f"loader gs:// through the proxy, {rate:.0%} faults", v))
+                    cost.append((f"  {rate:.0%} faults / {min(got):.0%}", v / got[min(got)]))
             if not a.checksum_cost:
                 rows.append((f"loader {name} ({a.workers} workers)", loader_rate(root, a)))
                 continue

@@ -8,7 +8,8 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.runtime import task_run
 
 from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient
-from flows.limits import encode_parallelism, submit_bounded
+from flows.fanout import on_worker_device, submit_encode_chunks
+from flows.limits import encode_parallelism
 from muse.encode import encode_shard, finalize_manifest, plan_encode
 from muse.encode.shards import task_chunks
 from muse.layout import dataset_dir, done_among, format_shard_id
@@ -26,7 +27,7 @@ def chunk_name() -> str:
 def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[int]) -> dict:
     """Encode a chunk of shards in turn; returns {shard id: record}. A failing shard does not stop
     the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
-    cfg = cfg_from(config_path, overrides)
+    cfg = on_worker_device(cfg_from(config_path, overrides))  # on a Ray worker: the device Ray gave it
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
     done = set(done_among(storage, ds, shard_ids))  # by an earlier try of this task: one listing
     records, failed = {}, {}
@@ -69,8 +70,8 @@ def encode_flow(config_path: str = "pipeline.yaml", overrides: list[str] | None 
                                         description=f"0/{len(shards)} shards encoded" if chunks else
                                         "nothing to do: every image shard is encoded already")
     limit = encode_parallelism(cfg)
-    futures = submit_bounded(encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
-                                                  "shard_ids": ids} for ids in chunks), limit)
+    futures = submit_encode_chunks(cfg, encode_chunk_task, ({"config_path": config_path, "overrides": overrides,
+                                                             "shard_ids": ids} for ids in chunks), limit)
     failed, rows = [], []
     for i, fut in enumerate(futures):
         try:

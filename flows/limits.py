@@ -11,6 +11,7 @@ behind each other instead of both rewriting images/_SOURCES.json.
 from __future__ import annotations
 
 import hashlib
+import sys
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,9 +36,12 @@ def submit_bounded(task, params: Iterable[dict[str, Any]], limit: int) -> Iterat
 
 
 def encode_parallelism(cfg: PipelineConfig) -> int:
-    """encode.max_parallel_shards, or one shard per visible GPU (1 on CPU)."""
+    """encode.max_parallel_shards, or one shard per visible GPU (1 on CPU); on Ray, as many as
+    the cluster has GPUs for (Ray's scheduler holds a task until its `gpus_per_task` are free)."""
     if cfg.encode.max_parallel_shards:
         return cfg.encode.max_parallel_shards
+    if cfg.encode.fanout == "ray":
+        return sys.maxsize
     if cfg.encode.device == "cpu":
         return 1
     import torch

@@ -48,6 +48,7 @@ class TrainState:
     loader: list = field(default_factory=list)
     fp32_fallback: bool = False       # train.nonfinite_fallback switched the run to fp32
     data_pass: int = 0                # new passes started on changed data (train.on_data_change)
+    skipped_row_groups: int = 0       # unreadable row groups skipped, all ranks (train.on_data_error)
     fingerprint: dict | None = None   # what `loader` is valid for (data.loader_fingerprint); loader.json
 
 

@@ -157,7 +157,8 @@ def run_phase(name: str, cfg: PipelineConfig, config_path: str | None, overrides
     elif name == "train":
         from muse.launch import launch
 
-        launch(cfg, config_path=config_path, overrides=overrides, resume=resume)
+        launch(cfg, config_path=config_path, overrides=overrides, resume=resume,
+               debug=bool(getattr(args, "debug", False)))
     elif name == "sample":
         from muse.sample import run_sample
 

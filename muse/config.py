@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
@@ -32,6 +33,13 @@ class StorageConfig(_Section):
     work_dir: Optional[str] = Field(
         None, description="local scratch folder for img2dataset (default: a temp dir)"
     )
+    # One retry policy for every request to gs:// (muse/storage.py RetryPolicy); local roots ignore it.
+    retries: int = Field(6, ge=0, le=20, description="gs://: tries after the first of a failed idempotent request "
+                         "(429, 5xx, reset, stall, short read); full-jitter backoff from 0.5 s, at most 30 s a wait")
+    timeout_s: float = Field(60.0, gt=0, description="gs://: seconds one try may wait to connect or for its next "
+                             "bytes before it counts as failed (a stalled read)")
+    deadline_s: float = Field(300.0, gt=0, description="gs://: seconds one request may take with all its tries "
+                              "and waits (Retry-After included) before it fails, naming the object")
 
 
 class SourceFilter(_Section):
@@ -86,7 +94,11 @@ class DownloadConfig(_Section):
     # disk is bounded by the chunk, and a lost machine loses at most the shards in flight.
     shards_per_task: int = Field(64, ge=1, description="shards per download task (one img2dataset run)")
     encode_quality: int = Field(95, ge=1, le=100)
-    distributor: Literal["multiprocessing", "spark"] = "multiprocessing"
+    # img2dataset's distributor: spark uses the active/configured SparkSession, ray the cluster at
+    # download.ray_address (or $RAY_ADDRESS)
+    distributor: Literal["multiprocessing", "spark", "ray"] = "multiprocessing"
+    ray_address: Optional[str] = Field(None, description="distributor ray: the cluster, e.g. head:6379; "
+                                       "null: $RAY_ADDRESS")
     user_agent_token: Optional[str] = None
     # img2dataset's own checks on the downloaded pixels; a row that fails one is replaced
     # (reason too_small / aspect_ratio), unlike source.filters, which skip rows before fetching.
@@ -141,6 +153,15 @@ class EncodeConfig(_Section):
     devices: Union[Literal["all"], list[str], None] = Field(
         None, description="all (one worker process per visible GPU; the CPU alone: one), or a list such as "
         "[cuda:0, cuda:1]; null: `device` only")
+    # How the `encode` flow spreads its chunk tasks (docs/encode.md): threads of the flow's own
+    # process; ray: prefect-ray tasks on the cluster at `ray_address`; deployments: one flow run
+    # per chunk on a work pool.
+    fanout: Literal["threads", "ray", "deployments"] = "threads"
+    ray_address: Optional[str] = Field(None, description="fanout ray: the cluster, e.g. ray://head:10001 or "
+                                       "head:6379; null: $RAY_ADDRESS")
+    # One Ray task per chunk asks for this many GPUs: 1 gives each chunk its own GPU and process
+    # (its own models); 0 lets chunks run on CPU-only nodes.
+    gpus_per_task: float = Field(1, ge=0, description="fanout ray: GPUs one chunk task reserves (Ray num_gpus)")
 
     @model_validator(mode="after")
     def _check_devices(self):
@@ -297,6 +318,9 @@ class TrainConfig(_Section):
     on_data_change: Literal["stop", "new_pass"] = Field(
         "stop", description="resuming after the manifest or loader settings changed: stop with an error, or "
         "new_pass: keep weights, optimizer and step and start a new pass over the data")
+    on_data_error: Literal["stop", "skip"] = Field(
+        "stop", description="a row group that cannot be read while training (after the storage retries): "
+        "stop every rank at the last checkpoint, or skip it (logged, metrics.jsonl skipped_row_groups)")
     # train_on=deployment (flows/handoff.py): the GPU run is a deployment on another work pool
     handoff_start_timeout_s: float = Field(
         900.0, gt=0, description="the GPU run must start within this many seconds, else it is cancelled")
@@ -459,6 +483,16 @@ def resolve_device(name: str):
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def ray_address(value: Optional[str], key: str) -> str:
+    """The Ray cluster to join: the config key's value, else $RAY_ADDRESS. Read where a run
+    connects, not at load time: Ray workers load the same config without that variable."""
+    address = value or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise ConfigError(f"{key}: no Ray cluster named; set it (e.g. head:6379 or ray://head:10001) "
+                          "or export RAY_ADDRESS")
+    return address
 
 
 # ----------------------------------------------------------------------------- loading

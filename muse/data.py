@@ -32,6 +32,15 @@ slice read, the buffer as (unit, row) indices, RNG state) in keys that only this
 number, which `state_dict()` returns (the loader state saved in checkpoints) and
 `load_state_dict()` continues from. A DataError in a DataLoader worker comes back in-band and
 `consume` raises it (raised in the main process it is raised as usual).
+
+Under faults: a row group that cannot be read once the storage layer's retries are spent (an I/O
+error, a corrupt page, a row count that is not the planned one) is a `RowGroupError` naming the
+shard and row group. With `on_data_error="skip"` the stream skips it instead: its rows are not in
+this epoch's slice, the stream reads on (into its next epoch when the slice runs dry, so it still
+cuts full batches: the rank's batch count, and so its collectives, do not change) and the batch
+carries the skipped row group's message (`consume` keeps it for `take_skipped`). A stream that
+can read none of `MAX_FAILED_IN_A_ROW` row groups in a row (or of all of them) stops with a
+DataError: the storage is down, not one shard.
 """
 
 from __future__ import annotations
@@ -53,7 +62,7 @@ from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, check_en
                          t5_from_bytes, trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
-from muse.storage import Storage
+from muse.storage import RetryPolicy, Storage
 
 if TYPE_CHECKING:
     from muse.config import PipelineConfig
@@ -64,6 +73,15 @@ class Unit:
     path: str        # relative to the storage root
     row_group: int
     rows: int
+
+
+class RowGroupError(DataError):
+    """A row group that cannot be read (storage error after the retries, corrupt bytes, a footer
+    that is not an encoded shard's) or holds other rows than planned; the message names the shard
+    and row group. `on_data_error="skip"` skips exactly these."""
+
+
+MAX_FAILED_IN_A_ROW = 64  # distinct unreadable row groups in a row after which skipping stops
 
 
 class Units:
@@ -302,13 +320,15 @@ class LoaderSettings:
     replaced_rows: str = "keep"        # keep | drop | downweight
     replaced_weight: float = 0.1
     eval_holdout: float = 0.0          # rows hashing below it are never trained on
+    on_data_error: str = "stop"        # stop | skip a RowGroupError (same order while every read succeeds)
 
     @classmethod
     def from_config(cls, cfg: PipelineConfig) -> LoaderSettings:
         t = cfg.train
         return cls(seed=t.seed, batch_size=t.batch_size, grad_accum=t.grad_accum, streams=t.loader_streams,
                    shuffle_buffer=t.shuffle_buffer, superres=cfg.model.kind == "superres",
-                   replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight, eval_holdout=t.eval_holdout)
+                   replaced_rows=t.replaced_rows, replaced_weight=t.replaced_weight, eval_holdout=t.eval_holdout,
+                   on_data_error=t.on_data_error)
 
 
 class StreamingDataset(IterableDataset):
@@ -325,10 +345,11 @@ class StreamingDataset(IterableDataset):
 
     def __init__(self, root_uri: str, dataset_dir: str, settings: LoaderSettings = LoaderSettings(),
                  rank: int = 0, world_size: int = 1, *, gcs_project: str | None = None,
-                 page_checksums: bool = True):
+                 retry: RetryPolicy | None = None, page_checksums: bool = True):
         s = self.settings = settings
         self.page_checksums = page_checksums  # off only to measure their cost (bench/loader.py)
-        storage = Storage(root_uri, gcs_project)
+        self.retry = retry  # storage.retries / timeout_s / deadline_s, in every worker too
+        storage = Storage(root_uri, gcs_project, retry)
         self.manifest = read_manifest(storage, dataset_dir)
         self.units = list_units(storage, dataset_dir, self.manifest)
         self.root_uri, self.gcs_project, self.dataset_dir = root_uri, gcs_project, dataset_dir
@@ -336,7 +357,8 @@ class StreamingDataset(IterableDataset):
         self.buffer_size, self.batch_size, self.streams = max(s.shuffle_buffer, s.batch_size), s.batch_size, s.streams
         self.superres, self.replaced_rows, self.replaced_weight = s.superres, s.replaced_rows, s.replaced_weight
         self.text_dim = int(self.manifest["text_dim"])
-        self.eval_holdout = s.eval_holdout
+        self.eval_holdout, self.on_data_error = s.eval_holdout, s.on_data_error
+        self._skipped: list[str] = []                  # skipped row groups' messages (`take_skipped`)
         self._start = {"batch": 0, "streams": {}}      # where iteration starts (load_state_dict)
         self._position = {"batch": 0, "streams": {}}   # after the last consumed batch
         self.counts = self._trainable_counts(storage)
@@ -406,9 +428,16 @@ class StreamingDataset(IterableDataset):
         keys `__iter__` added (recorded for `state_dict`); a DataError from a worker is raised here."""
         if "_error" in batch:  # a DataError in a worker, passed on as one line (see __iter__)
             raise DataError(batch["_error"])
+        self._skipped += batch.pop("_skipped")
         self._position["streams"][batch.pop("_stream")] = batch.pop("_state")
         self._position["batch"] = batch.pop("_batch") + 1
         return batch
+
+    def take_skipped(self) -> list[str]:
+        """Messages of the row groups skipped (on_data_error="skip") in the batches consumed since
+        the last call, one per skip."""
+        out, self._skipped = self._skipped, []
+        return out
 
     @property
     def next_batch(self) -> int:
@@ -442,7 +471,7 @@ class StreamingDataset(IterableDataset):
             raise ValueError(f"train.num_workers ({nw}) must divide train.loader_streams ({self.streams})")
         if info:
             torch.set_num_threads(1)  # decoding threads fight the trainer on small machines
-        storage = Storage(self.root_uri, self.gcs_project)  # per worker: gcsfs is not fork-safe
+        storage = Storage(self.root_uri, self.gcs_project, self.retry)  # per worker: gcsfs is not fork-safe
         g = self._start["batch"] + wid
         streams: dict[int, _Stream] = {}
         while True:
@@ -459,6 +488,7 @@ class StreamingDataset(IterableDataset):
                 yield {"_error": str(e)}
                 return
             batch["_batch"], batch["_stream"], batch["_state"] = g, s, streams[s].state()  # see `consume`
+            batch["_skipped"] = streams[s].take_skipped()
             yield batch
             g += nw
 
@@ -471,7 +501,8 @@ def _stream_json(stream_state: dict) -> dict:
 def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None,
               page_checksums: bool = True) -> pa.Table:
     """One row group (optionally some columns), its page checksums verified, every read error
-    (a checksum mismatch included) as a DataError naming the shard and row group."""
+    (a checksum mismatch, a storage error after its retries) as a RowGroupError naming the shard
+    and row group."""
     where = f"{storage.url(unit.path)} row group {unit.row_group}"
     try:
         with storage.open(unit.path) as f:
@@ -479,14 +510,29 @@ def read_unit(storage: Storage, unit: Unit, columns: list[str] | None = None,
             check_encoded_columns(pf.schema_arrow, where)
             table = pf.read_row_group(unit.row_group, columns=columns)
     except FileNotFoundError:
-        raise DataError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
-    except (OSError, pa.ArrowException) as e:  # truncated, corrupt, unreachable
-        raise DataError(f"{where}: {read_problem(e)}: re-run `muse encode` "
-                        "for this shard, or check the storage") from None
+        raise RowGroupError(f"{where}: listed in the manifest but missing: re-run `muse encode`") from None
+    except DataError as e:  # a footer that parses but is not an encoded shard's
+        raise RowGroupError(str(e)) from None
+    except Exception as e:  # truncated, corrupt, unreachable; anything else is a bug: raised as is
+        if not _read_failed(e):
+            raise
+        raise RowGroupError(f"{where}: {read_problem(e)}: re-run `muse encode` "
+                            "for this shard, or check the storage") from None
     if table.num_rows != unit.rows:
-        raise DataError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
-                        "the shard changed after encoding, re-run `muse encode`")
+        raise RowGroupError(f"{where}: {table.num_rows} rows, the manifest says {unit.rows}; "
+                            "the shard changed after encoding, re-run `muse encode`")
     return table
+
+
+def _read_failed(e: BaseException) -> bool:
+    """An error of reading stored bytes: I/O (OSError: the storage's IntegrityError, a 403, a
+    reset), Parquet decoding (ArrowException), or what gcsfs raises once its retries are spent
+    (HttpError, requests/aiohttp errors: not OSErrors)."""
+    from gcsfs.retry import HttpError
+
+    from muse.transient import is_transient
+
+    return isinstance(e, (OSError, pa.ArrowException, HttpError)) or is_transient(e)
 
 
 class _Stream:
@@ -495,6 +541,8 @@ class _Stream:
     def __init__(self, ds: StreamingDataset, storage: Storage, stream: int, state: dict | None):
         self.ds, self.storage, self.stream = ds, storage, stream
         self.cache: dict[int, tuple[_UnitData, np.ndarray]] = {}
+        self.skipped: list[str] = []        # messages of skipped row groups, until the next batch takes them
+        self.failing: set[int] = set()      # units that failed since the last one read (on_data_error=skip)
         self.first, self.rows = ds.stream_slice(stream)
         self._start_epoch(int(state["epoch"]) if state else 0)
         if state:
@@ -510,43 +558,77 @@ class _Stream:
         return {"epoch": self.epoch, "pos": self.j, "rng": self.rng.bit_generator.state,
                 "buffer": np.asarray(self.buffer, dtype=np.int64).reshape(-1, 2)}
 
-    def _load(self, u: int) -> tuple[_UnitData, np.ndarray]:
-        """A unit's data and its trainable row indices."""
+    def take_skipped(self) -> list[str]:
+        out, self.skipped = self.skipped, []
+        return out
+
+    def _load(self, u: int) -> tuple[_UnitData, np.ndarray] | None:
+        """A unit's data and its trainable row indices; None when it cannot be read and
+        on_data_error is skip (the message goes to `skipped`)."""
         if u not in self.cache:
-            unit = self.ds.units[u]
-            where = f"{self.storage.url(unit.path)} row group {unit.row_group}"
-            data = _UnitData(read_unit(self.storage, unit, page_checksums=self.ds.page_checksums),
-                             self.ds.text_dim, self.ds.superres, where)
-            rows = self.ds.trainable(data.keys, data.replaced)
-            if len(rows) != self.ds.counts[u]:
-                raise DataError(f"{where}: {len(rows)} trainable rows, {self.ds.counts[u]} when the run "
-                                "started: the shard changed during the run, re-run `muse encode`")
-            self.cache[u] = (data, rows)
+            try:
+                self.cache[u] = self._read(u)
+            except RowGroupError as e:
+                if self.ds.on_data_error != "skip":
+                    raise
+                self._skip(u, e)
+                return None
+            self.failing.clear()
         return self.cache[u]
 
+    def _read(self, u: int) -> tuple[_UnitData, np.ndarray]:
+        unit = self.ds.units[u]
+        where = f"{self.storage.url(unit.path)} row group {unit.row_group}"
+        data = _UnitData(read_unit(self.storage, unit, page_checksums=self.ds.page_checksums),
+                         self.ds.text_dim, self.ds.superres, where)
+        rows = self.ds.trainable(data.keys, data.replaced)
+        if len(rows) != self.ds.counts[u]:
+            raise RowGroupError(f"{where}: {len(rows)} trainable rows, {self.ds.counts[u]} when the run "
+                                "started: the shard changed during the run, re-run `muse encode`")
+        return data, rows
+
+    def _skip(self, u: int, e: RowGroupError) -> None:
+        """Skip a unit that cannot be read; give up when every recent read failed (storage down)."""
+        self.failing.add(u)
+        if len(self.failing) >= min(MAX_FAILED_IN_A_ROW, len(self.ds.units)):
+            raise DataError(f"rank {self.ds.rank}: the last {len(self.failing)} row groups read all failed, "
+                            f"the last with {e}: stopping although train.on_data_error is skip")
+        self.skipped.append(str(e))
+        self.buffer = [x for x in self.buffer if x[0] != u]  # rows of it restored from a checkpoint
+
     def _fill(self) -> None:
-        """Read on through the slice until the buffer is full (or the slice is read)."""
+        """Read on through the slice until the buffer is full (or the slice is read); a skipped
+        unit's rows are passed over."""
         perm, cum = self.ds.epoch_order(self.epoch)
         while len(self.buffer) < self.ds.buffer_size and self.j < self.rows:
             at = self.first + self.j
             p = int(np.searchsorted(cum, at, side="right")) - 1  # cum[p] <= at < cum[p + 1]
             u = int(perm[p])
-            _, rows = self._load(u)
             k = at - int(cum[p])
-            take = min(len(rows) - k, self.rows - self.j)
-            self.buffer += [(u, int(i)) for i in rows[k:k + take]]
+            take = min(int(self.ds.counts[u]) - k, self.rows - self.j)
+            if (loaded := self._load(u)) is not None:
+                self.buffer += [(u, int(i)) for i in loaded[1][k:k + take]]
             self.j += take
+
+    def _pick(self) -> tuple[int, int]:
+        """One (unit, row) drawn from the buffer, refilled first. Only after skips can the slice
+        run dry mid-batch: the stream then goes on into its next epoch."""
+        while True:
+            self._fill()
+            if not self.buffer:
+                self._start_epoch(self.epoch + 1)
+                continue
+            k = int(self.rng.integers(len(self.buffer)))
+            self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
+            u, i = self.buffer.pop()
+            if self._load(u) is not None:  # None: a unit of a restored buffer, unreadable now
+                return u, i
 
     def next_batch(self) -> dict:
         if self.j == self.rows and not self.buffer:  # the slice has B * M / S rows: batches end with it
             self._start_epoch(self.epoch + 1)
-        picked = []
-        for _ in range(self.ds.batch_size):
-            self._fill()
-            k = int(self.rng.integers(len(self.buffer)))
-            self.buffer[k], self.buffer[-1] = self.buffer[-1], self.buffer[k]
-            picked.append(self.buffer.pop())
-        rows = [(self._load(u)[0], i) for u, i in picked]
+        picked = [self._pick() for _ in range(self.ds.batch_size)]
+        rows = [(self.cache[u][0], i) for u, i in picked]
         live = {u for u, _ in self.buffer}
         for u in [u for u in self.cache if u not in live]:
             del self.cache[u]  # no row of it left in the buffer

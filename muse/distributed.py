@@ -83,6 +83,14 @@ class Dist:
         dist.all_reduce(t)
         return bool(t.item())
 
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of every rank's `values` (one all-reduce)."""
+        if not self.ddp:
+            return list(values)
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
     def barrier(self, waiting_for: str = "the other ranks") -> None:
         """All ranks meet; a rank that waits longer than train.dist_timeout_s says for what."""
         if not self.ddp:

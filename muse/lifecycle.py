@@ -166,16 +166,17 @@ def _pump(stream, on_line: Callable[[str], None]) -> None:
     stream.close()
 
 
-def run_owned(cmd: list[str], label: str = "muse train",
-              on_line: Callable[[str], None] | None = None) -> tuple[int, str | None]:
+def run_owned(cmd: list[str], label: str = "muse train", on_line: Callable[[str], None] | None = None,
+              env: dict[str, str] | None = None) -> tuple[int, str | None]:
     """Run `cmd` (torchrun) as a child that dies with us; SIGTERM/SIGINT stop it gracefully (see
     the module docstring) -> (its exit code, the name of the signal that stopped it or None).
     With `on_line`, the job's stdout and stderr go to it line by line (unbuffered) instead of
-    to our terminal: a Prefect task sends them to its run log."""
+    to our terminal: a Prefect task sends them to its run log. `env`: added to our environment."""
     wrapped = [sys.executable, "-m", "muse.lifecycle", "--parent", str(os.getpid()), "--", *cmd]
+    env = {**os.environ, **(env or {})}
     pipe = {} if on_line is None else {"stdout": subprocess.PIPE, "stderr": subprocess.STDOUT, "text": True,
-                                       "errors": "replace", "env": {**os.environ, "PYTHONUNBUFFERED": "1"}}
-    proc = subprocess.Popen(wrapped, process_group=0, **pipe)
+                                       "errors": "replace", "env": {**env, "PYTHONUNBUFFERED": "1"}}
+    proc = subprocess.Popen(wrapped, process_group=0, **{"env": env, **pipe})
     pump = None
     if on_line is not None:
         # in a copy of our context: on_line may use context variables (Prefect's run and settings)

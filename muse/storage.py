@@ -11,23 +11,37 @@ Writes are atomic: bytes are built in memory and land with one `pipe_file` (GCS 
 appear only when the upload completes) or a temp file + `os.replace` locally. We never
 use `with fs.open(p, "wb")`, which finalises a truncated object when the body raises.
 
-Transfers of whole objects on GCS are checked with crc32c (what GCS itself computes and answers
-with each upload and in every download's `X-Goog-Hash` header): `write_bytes`/`write_many`
-compare the crc32c GCS stored with the bytes sent, `read_bytes` the bytes received with the
-header; a mismatch is tried once more, then an `IntegrityError` naming the object. Ranged reads
-(`open`: Parquet row groups) cannot be checked that way (the header is the whole object's): the
-shards carry Parquet page checksums instead (muse/layout.py `PAGE_CHECKSUMS`).
+Retries on GCS: every HTTP request gcsfs makes for us (reads, ranged reads, listings, uploads,
+deletes) goes through one `RetryPolicy`: bounded exponential backoff with full jitter, at least
+the server's `Retry-After`, a total deadline, and only for idempotent requests and the errors
+muse/transient.py calls transient. It lives in the gcsfs request method itself
+(muse/storage_gcs.py), which replaces gcsfs's own retry loop: the two are never stacked.
+
+Transfers on GCS are checked: a whole-object download against the crc32c GCS answers in its
+`X-Goog-Hash` header, a ranged read (`open`: Parquet row groups) against the byte count of its
+`Content-Range`; a short or changed body is a `transient.TransferError`, retried by the policy and
+never decoded. Uploads compare the crc32c GCS stored with the bytes sent (`write_bytes`,
+`write_many`); a mismatch is uploaded again under the same policy, and after the last try the
+object is deleted and an `IntegrityError` names it. Ranged reads cannot be checked against a hash
+(the header is the whole object's): the shards carry Parquet page checksums instead
+(muse/layout.py `PAGE_CHECKSUMS`).
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
+import email.utils
 import json
+import logging
 import os
+import random
 import tempfile
+import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 from urllib.parse import quote
 
 # gcsfs 2026.x probes hierarchical-namespace support on every bucket operation, which
@@ -38,9 +52,109 @@ import fsspec  # noqa: E402
 
 import yaml  # noqa: E402
 
+from muse.transient import TransferError, is_transient  # noqa: E402
 
-class IntegrityError(OSError):
-    """Bytes that differ from the object's crc32c on GCS, twice in a row; the message names it."""
+log = logging.getLogger("muse.storage")
+
+# Full jitter (Google's GCS retry guidance; "Exponential Backoff And Jitter", AWS 2015): the wait
+# before retry n is uniform in [0, min(CAP, BASE * 2**n)], so clients that failed together do not
+# come back together. Its own generator: library code never touches the global RNG.
+BACKOFF_BASE_S = 0.5
+BACKOFF_CAP_S = 30.0
+_JITTER = random.Random()
+
+
+class StorageError(OSError):
+    """A storage request that still failed when the retry policy gave up; the message names the
+    object, the attempts and the last error (also its `__cause__`)."""
+
+
+class IntegrityError(StorageError):
+    """Bytes that differ from what GCS says the object holds, on every try; the message names it."""
+
+
+def retry_after_s(headers) -> float | None:
+    """Seconds a `Retry-After` header asks for (a number or an HTTP date), None when absent."""
+    value = (headers or {}).get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(float(value), 0.0)
+    except ValueError:
+        when = email.utils.parsedate_to_datetime(value)
+        return max(when.timestamp() - time.time(), 0.0) if when else None
+
+
+def _reason(exc: BaseException) -> str:
+    code = getattr(exc, "code", None)
+    text = f"HTTP {code}" if isinstance(code, int) else type(exc).__name__
+    detail = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+    return f"{text}: {detail}" if detail and detail != text else text
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """When and how long to retry one storage request (module docstring; `storage.*` in the config).
+
+    `retries` tries after the first; `timeout_s` is how long one try may wait to connect or for its
+    next bytes (a stalled read fails then, and is retried); `deadline_s` bounds the request with all
+    its tries and waits. The wait before try n+1 is full jitter over `base_s * 2**n` (at most
+    `cap_s`), and never shorter than the server's `Retry-After`."""
+    retries: int = 6
+    timeout_s: float = 60.0
+    deadline_s: float = 300.0
+    base_s: float = BACKOFF_BASE_S
+    cap_s: float = BACKOFF_CAP_S
+
+    @classmethod
+    def from_config(cls, s) -> "RetryPolicy":
+        """From a StorageConfig."""
+        return cls(retries=s.retries, timeout_s=s.timeout_s, deadline_s=s.deadline_s)
+
+    def delay(self, attempt: int, exc: BaseException, started: float, what: str) -> float:
+        """Seconds to wait after failed try `attempt` (0-based) before the next, or raise a
+        `StorageError` (an `IntegrityError` for bytes that kept arriving wrong) from `exc`."""
+        remaining = self.deadline_s - (time.monotonic() - started)
+        wait = _JITTER.uniform(0, min(self.cap_s, self.base_s * 2 ** attempt))
+        asked = getattr(exc, "retry_after", None)
+        wait = max(wait, asked) if asked is not None else wait
+        tries = f"{attempt + 1} {'try' if attempt == 0 else 'tries'}"
+        if attempt >= self.retries or wait >= remaining:
+            why = "no retries left" if attempt >= self.retries else (
+                f"the server asks for {asked:g} s more" if asked is not None and asked >= remaining
+                else f"the {self.deadline_s:g} s deadline is reached")
+            error = IntegrityError if isinstance(exc, TransferError) else StorageError
+            raise error(f"{what}: failed after {tries} in {time.monotonic() - started:.1f} s ({why}); "
+                        f"last error: {_reason(exc)}") from exc
+        log.warning("%s: %s (try %d of %d); retrying in %.1f s", what, _reason(exc), attempt + 1,
+                    self.retries + 1, wait)
+        return wait
+
+    def run(self, attempt: Callable[[int], Any], what: str,
+            retry_if: Callable[[BaseException], bool] = is_transient) -> Any:
+        """`attempt(n)` for n = 0, 1, ... until it returns, or until an error is not `retry_if`
+        (raised as is) or the policy gives up (`delay`)."""
+        started, n = time.monotonic(), 0
+        while True:
+            try:
+                return attempt(n)
+            except Exception as exc:
+                if not retry_if(exc):
+                    raise
+                time.sleep(self.delay(n, exc, started, what))
+            n += 1
+
+    async def arun(self, attempt, what: str, retry_if: Callable[[BaseException], bool] = is_transient) -> Any:
+        """`run` for a coroutine function `attempt(n)` (gcsfs's event loop: waits do not block it)."""
+        started, n = time.monotonic(), 0
+        while True:
+            try:
+                return await attempt(n)
+            except Exception as exc:
+                if not retry_if(exc):
+                    raise
+                await asyncio.sleep(self.delay(n, exc, started, what))
+            n += 1
 
 
 def crc32c(data: bytes) -> str:
@@ -50,21 +164,11 @@ def crc32c(data: bytes) -> str:
     return base64.b64encode(google_crc32c.Checksum(data).digest()).decode()
 
 
-def _goog_crc32c(headers) -> str | None:
-    """The object's crc32c from a download's `X-Goog-Hash: crc32c=...,md5=...` (None if absent, or
-    if the object is stored gzip-encoded: the hash is then of the stored bytes, not those served)."""
-    if (headers.get("X-Goog-Stored-Content-Encoding") or "identity") != "identity":
-        return None
-    for part in (headers.get("X-Goog-Hash") or "").split(","):
-        name, _, value = part.strip().partition("=")
-        if name == "crc32c":
-            return value
-    return None
-
-
-def _make_fs(protocol: str, gcs_project: str | None):
+def _make_fs(protocol: str, gcs_project: str | None, retry: RetryPolicy | None = None):
     if protocol in ("gs", "gcs"):
-        kwargs: dict[str, Any] = {}
+        from muse.storage_gcs import RetryingGCSFileSystem  # gcsfs costs ~1 s to import: only for gs://
+
+        kwargs: dict[str, Any] = {"retry": retry or RetryPolicy()}
         if gcs_project:
             kwargs["project"] = gcs_project
         emulator = os.environ.get("STORAGE_EMULATOR_HOST")
@@ -72,7 +176,7 @@ def _make_fs(protocol: str, gcs_project: str | None):
             kwargs.setdefault("project", "test")
             kwargs["token"] = "anon"
             kwargs["endpoint_url"] = emulator if "://" in emulator else f"http://{emulator}"
-        return fsspec.filesystem("gs", **kwargs)
+        return RetryingGCSFileSystem(**kwargs)
     return fsspec.filesystem(protocol or "file")
 
 
@@ -87,28 +191,29 @@ def source_fs(uri: str, gcs_project: str | None = None):
 class Storage:
     """A storage root with atomic writes. Create one per process (gcsfs is not fork-safe)."""
 
-    def __init__(self, root: str, gcs_project: str | None = None):
+    def __init__(self, root: str, gcs_project: str | None = None, retry: RetryPolicy | None = None):
         self.uri = root.rstrip("/") or root
         self.gcs_project = gcs_project
+        self.retry = retry or RetryPolicy()
         protocol, path = fsspec.core.split_protocol(self.uri)
         self.protocol = protocol or "file"
         self.is_local = self.protocol in ("file", "local")
         if self.is_local:
             path = str(Path(path).expanduser().resolve())
         self.root = path.rstrip("/")
-        self.fs = _make_fs(self.protocol, gcs_project)
+        self.fs = _make_fs(self.protocol, gcs_project, self.retry)
 
     @classmethod
     def from_config(cls, cfg) -> "Storage":
-        """From a PipelineConfig (or its StorageConfig)."""
+        """From a PipelineConfig (or its StorageConfig): the root and the retry policy."""
         s = getattr(cfg, "storage", cfg)
-        return cls(s.root, s.gcs_project)
+        return cls(s.root, s.gcs_project, RetryPolicy.from_config(s))
 
     def __getstate__(self):  # rebuild the filesystem in the receiving process
-        return {"uri": self.uri, "gcs_project": self.gcs_project}
+        return {"uri": self.uri, "gcs_project": self.gcs_project, "retry": self.retry}
 
     def __setstate__(self, state):
-        self.__init__(state["uri"], state["gcs_project"])
+        self.__init__(state["uri"], state["gcs_project"], state.get("retry"))
 
     def __repr__(self) -> str:
         return f"Storage({self.uri!r})"
@@ -158,15 +263,10 @@ class Storage:
         return self.fs.exists(self.path(rel))
 
     def read_bytes(self, rel: str) -> bytes:
+        """The whole object; on GCS checked against its crc32c (module docstring)."""
         if self.is_local:
             return self.fs.cat_file(self.path(rel))
-        for _ in range(2):  # crc32c checked (see the module docstring); once more on a mismatch
-            headers, data = self.fs.call("GET", self.fs.url(self.path(rel)))
-            stored = _goog_crc32c(headers)
-            if stored is None or stored == crc32c(data):
-                return data
-        raise IntegrityError(f"{self.url(rel)}: read {len(data)} bytes twice with crc32c {crc32c(data)}, "
-                             f"GCS says the object's is {stored}: the transfer corrupts data; check the network")
+        return self.fs.call("GET", self.fs.url(self.path(rel)))[1]
 
     def read_json(self, rel: str) -> Any:
         return json.loads(self.read_bytes(rel))
@@ -251,28 +351,32 @@ class Storage:
         self.invalidate()
 
     def _upload_checked(self, files: dict[str, bytes], batch_size: int = 256) -> None:
-        """Upload to GCS, then compare the crc32c GCS stored (in each upload's answer; an object
-        resource, or for a multi-chunk upload its URL: then asked for) with the bytes sent; a
-        mismatch is uploaded once more (the object is whole either way, only its bytes differ), and
-        after a second one deleted."""
-        for _ in range(2):
-            answers = ([self.fs.pipe_file(*next(iter(files.items())))] if len(files) == 1
-                       else self.fs.pipe(files, batch_size=batch_size))  # answers in the order of `files`
-            bad = {}
-            for (p, data), out in zip(files.items(), answers):
-                if not isinstance(out, dict):  # a multi-chunk upload: ask (past any cached listing)
-                    self.fs.invalidate_cache(p)
-                    out = self.fs.info(p)
-                stored = out.get("crc32c")
-                if stored is not None and stored != crc32c(data):
-                    bad[p] = data
-            if not bad:
-                return
-            files = bad
-        self.fs.rm(list(bad))  # wrong bytes under a final name would be trusted; none is safer
-        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
-        raise IntegrityError(f"{self.fs.unstrip_protocol(next(iter(bad)))}{more}: stored twice with a crc32c other "
-                             "than the bytes sent, so deleted: the transfer corrupts data; check the network")
+        """Upload to GCS, then compare the crc32c GCS stored (in each upload's answer) with the
+        bytes sent; the objects that differ are uploaded again under the retry policy (each is
+        whole either way, only its bytes differ), and those still wrong at the end deleted."""
+        pending = dict(files)
+
+        def attempt(n: int) -> None:
+            # chunksize above the largest object: one whole-object request each, which the policy
+            # may retry (a chunk of a resumable upload may not be retried alone)
+            chunk = max(map(len, pending.values())) + 1
+            answers = ([self.fs.pipe_file(*next(iter(pending.items())), chunksize=chunk)] if len(pending) == 1
+                       else self.fs.pipe(pending, batch_size=batch_size, chunksize=chunk))  # in order
+            for (p, data), out in list(zip(pending.items(), answers)):
+                if out.get("crc32c") in (None, crc32c(data)):
+                    del pending[p]
+            if pending:
+                which = "" if len(files) == 1 else (
+                    f"{self.fs.unstrip_protocol(next(iter(pending)))} (and {len(pending) - 1} more) ")
+                raise TransferError(f"{which}stored with a crc32c other than the bytes sent")
+
+        try:
+            self.retry.run(attempt, f"upload of {len(files)} objects" if len(files) > 1
+                           else f"POST {self.fs.unstrip_protocol(next(iter(files)))}",
+                           retry_if=lambda exc: isinstance(exc, TransferError))
+        except IntegrityError as exc:
+            self.fs.rm(list(pending))  # wrong bytes under a final name would be trusted; none is safer
+            raise IntegrityError(f"{exc}; deleted: the transfer corrupts data, check the network") from exc
 
     def write_many(self, files: dict[str, bytes], batch_size: int = 256) -> None:
         """Write many small files; on GCS in one concurrent batch (each object still appears whole)."""

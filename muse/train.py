@@ -8,7 +8,11 @@ tests pass a fault injector as `main(argv, faults)` (muse/testing/faults.py).
 
 A fatal error on any rank (bad shard, unreadable checkpoint) ends the job with one line
 `muse train: <where>: <problem>: <what to do>` and a non-zero exit: the loader is closed on
-every exit path, so its workers never keep the process alive.
+every exit path, so its workers never keep the process alive. The line also goes to
+`$MUSE_CAUSE_DIR/rank<R>` when `muse train` set it, which prints it last (muse/launch.py).
+A row group that cannot be read (`data.RowGroupError`) is agreed on before the step's collectives
+(`fetch`): every rank stops there, no new checkpoint (train.on_data_error: stop), or the rank that
+met it skips it and the step goes on (skip).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import math
 import os
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -31,9 +36,10 @@ from muse.data import (DataError, LoaderSettings, StreamingDataset, close_loader
 from muse.distributed import Dist, StopRequest, setup_distributed
 from muse.gpus import amp_dtype, peak_flops
 from muse.layout import dataset_dir, empty_caption, read_manifest
+from muse.launch import CAUSE_DIR_ENV
 from muse.lifecycle import exit_with_parent
 from muse.memory import free_memory, resolve_batch
-from muse.storage import Storage
+from muse.storage import RetryPolicy, Storage
 from muse.train_callbacks import StepCallback
 
 # ----------------------------------------------------------------------------- the job's pieces
@@ -195,7 +201,7 @@ def dataset(cfg: PipelineConfig, data_dir: str, d: Dist) -> StreamingDataset:
     mix) is reported once, by rank 0."""
     t = cfg.train
     ds = StreamingDataset(cfg.storage.root, data_dir, LoaderSettings.from_config(cfg), d.rank, d.world,
-                          gcs_project=cfg.storage.gcs_project)
+                          gcs_project=cfg.storage.gcs_project, retry=RetryPolicy.from_config(cfg.storage))
     d.log(f"epoch: {ds.train_rows} trainable rows = {d.world} ranks x {ds.batches_per_epoch} batches x "
           f"{t.batch_size} + {ds.dropped_rows} dropped (the remainder of the last global batch; other rows "
           "each epoch)")
@@ -312,6 +318,36 @@ def save(job: Job, st: TrainState, ds: StreamingDataset, storage: Storage, recor
 
 # ----------------------------------------------------------------------------- the loop
 
+class PeerStopped(Exception):
+    """Another rank could not read its data: this one stops too (that rank prints the cause)."""
+
+
+def fetch(job: Job, st: TrainState, ds: StreamingDataset, batches) -> list[dict]:
+    """The step's grad_accum micro-batches. The ranks agree first, in one all-reduce before any
+    collective of the step: a DataError on one rank would leave the others waiting in DDP's
+    all-reduce, so every rank stops here (the failing one raises its error, the others
+    PeerStopped); the same all-reduce sums the row groups skipped (on_data_error: skip)."""
+    d, micro, error = job.d, [], None
+    try:
+        for _ in range(job.cfg.train.grad_accum):
+            micro.append(ds.consume(next(batches)))
+    except DataError as e:
+        error = e
+    skipped = ds.take_skipped()
+    for why in skipped:  # printed by the rank that skipped, not only rank 0
+        print(f"{f'rank {d.rank}: ' if d.ddp else ''}step {st.step + 1}: skipped {why} "
+              f"(train.on_data_error: skip)", flush=True)
+    failed, n = d.sum([float(error is not None), float(len(skipped))])
+    st.skipped_row_groups += int(n)
+    if error is not None:
+        raise error
+    if failed:
+        d.log(f"step {st.step + 1}: {int(failed)} rank(s) could not read their data (their error line says "
+              "where): every rank stops, the last checkpoint stays for `muse train` to resume from")
+        raise PeerStopped
+    return micro
+
+
 def train_loop(job: Job, st: TrainState, batches, ds: StreamingDataset, storage: Storage, records: list,
                tracker, stop: StopRequest, faults=None) -> int:
     t, d = job.cfg.train, job.d
@@ -320,8 +356,7 @@ def train_loop(job: Job, st: TrainState, batches, ds: StreamingDataset, storage:
     while st.step < job.total_steps:
         job.model.train()
         loss_sum, keys = torch.zeros((), device=d.device), []
-        for micro in range(t.grad_accum):
-            batch = ds.consume(next(batches))
+        for micro, batch in enumerate(fetch(job, st, ds, batches)):
             keys += batch["keys"]
             loss_sum += forward_backward(job, batch, sync=micro == t.grad_accum - 1,
                                          poison=faults is not None and faults.poison(st.step + 1))
@@ -333,6 +368,8 @@ def train_loop(job: Job, st: TrainState, batches, ds: StreamingDataset, storage:
 
         rec = {"step": st.step, "loss": float(loss_sum), "lr": lr, "grad_norm": grad_norm,
                "skipped": st.skipped, "epoch": ds.next_batch / job.batches_per_epoch}  # of this data pass
+        if t.on_data_error == "skip":  # all ranks, since the run began (resumes included)
+            rec["skipped_row_groups"] = st.skipped_row_groups
         if st.step % t.log_every == 0 or st.step == job.total_steps:
             rec |= throughput(job, samples, time.time() - t0)
             d.log(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in rec.items()))
@@ -407,7 +444,14 @@ def load_job(args) -> tuple[PipelineConfig, Storage, dict]:
 
 
 def fail(e: Exception, rc: int = 2) -> int:
-    print(f"muse train: {e}", file=sys.stderr, flush=True)
+    """Print the error as the rank's last line and leave it for `muse train` (MUSE_CAUSE_DIR)."""
+    from muse.cli import one_line
+
+    line = one_line(str(e))
+    print(f"muse train: {line}", file=sys.stderr, flush=True)
+    if cause_dir := os.environ.get(CAUSE_DIR_ENV):
+        with contextlib.suppress(OSError):  # the cause is also in the log above
+            Path(cause_dir, f"rank{os.environ.get('RANK', '0')}").write_text(line)
     return rc
 
 
@@ -430,6 +474,8 @@ def main(argv=None, faults=None) -> int:
             return train(cfg, storage, manifest, d, args.resume, stop, faults)
     except (ConfigError, DataError, CheckpointError) as e:
         return fail(e)
+    except PeerStopped:
+        return 2
     finally:
         d.close()
 

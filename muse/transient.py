@@ -4,30 +4,40 @@ A retry helps only when the same call can succeed a moment later: a dropped conn
 timeout, GCS saying 429 (slow down) or 5xx, an img2dataset run killed by its deadline.
 Everything else (bad data, a bug, a missing file, no permission, CUDA out of memory) fails
 at once, so a bad shard shows its error in seconds instead of after minutes of back-off.
-The orchestrator (flows/common.py) asks `is_transient`; the library never retries by itself.
+The orchestrator (flows/common.py) asks `is_transient` to retry a task; inside the library only
+muse/storage.py retries, one HTTP request at a time (its `RetryPolicy`), and asks the same question.
 """
 
 from __future__ import annotations
-
-from muse.download.runner import DownloadDeadlineError
 
 # HTTP statuses a server uses for "try again": request timeout, too many requests, 5xx.
 RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 
 
+class TransferError(ConnectionError):
+    """An answer whose bytes are not what the server said it sent: fewer bytes than its
+    `Content-Range` (a short read) or a body whose crc32c differs from its `X-Goog-Hash`. The
+    transfer broke on the way, so the same request may well succeed: transient by its type."""
+
+
 def _network_types() -> tuple[type[BaseException], ...]:
     """Connection and timeout errors of the stdlib and of the HTTP stacks under gcsfs / the hub."""
+    # imported here: muse.download imports muse.storage, which imports this module
+    from muse.download.runner import DownloadDeadlineError
+
     types: list[type[BaseException]] = [ConnectionError, TimeoutError, DownloadDeadlineError]
     try:  # requests (huggingface_hub, google-auth): its ConnectionError is not the builtin one
         import requests
 
-        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout]
+        types += [requests.exceptions.ConnectionError, requests.exceptions.Timeout,
+                  requests.exceptions.ChunkedEncodingError]  # a body cut mid-way
     except ImportError:
         pass
     try:  # aiohttp (gcsfs)
         import aiohttp
 
-        types += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError]
+        # ClientPayloadError: the connection closed before the body's Content-Length arrived
+        types += [aiohttp.ClientConnectionError, aiohttp.ServerTimeoutError, aiohttp.ClientPayloadError]
     except ImportError:
         pass
     try:  # httpx (newer huggingface_hub)

@@ -30,6 +30,16 @@ def gcs_root(gcs_emulator) -> str:
     return gcs_emulator.new_root()
 
 
+@pytest.fixture
+def gcs_proxy(gcs_emulator):
+    """A fault proxy (muse/testing/gcs_faults.py) in front of the session's emulator, at rate 0
+    until a test says otherwise; Storage objects made while it runs go through it."""
+    from muse.testing.gcs_faults import GCSFaultProxy
+
+    with GCSFaultProxy(gcs_emulator.url, stall_s=3.0, retry_after_s=0.5) as proxy:
+        yield proxy
+
+
 @pytest.fixture(params=["local", "gcs"])
 def any_root(request, tmp_path) -> str:
     """Run a test against a local folder and against the GCS emulator."""

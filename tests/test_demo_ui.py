@@ -100,10 +100,10 @@ def _started_from(marker: str) -> dict[int, str]:
 
 
 def _rank_of(pid: int) -> int | None:
-    """A training rank (`python -m muse.train`, not torchrun's own process) below `pid`."""
+    """A training rank (`python -m muse.train`, not torchrun's own process, `python -m muse.launch`) below `pid`."""
     for p in descendants(pid):
         argv = _cmdline(p)
-        if "muse.train" in argv and "torch.distributed.run" not in argv:
+        if "muse.train" in argv and not {"torch.distributed.run", "muse.launch"} & set(argv):
             return p
     return None
 

@@ -157,50 +157,37 @@ def test_read_many_and_sizes(any_root):
         st.read_many(["d/000.json", "d/missing.json"])
 
 
-def test_gcs_transfers_are_checked_with_crc32c(gcs_root, monkeypatch):
+def test_gcs_transfers_are_checked_with_crc32c(gcs_root, gcs_proxy):
     """fake-gcs-server, like GCS, answers each upload and download with the object's crc32c; a
-    transfer that changes bytes is done once more, and named when it does so again."""
+    transfer that changes bytes (the fault proxy flips one) is done again, and named when it keeps
+    doing so."""
     import muse.storage as storage_module
 
-    st = Storage(gcs_root)
+    st = Storage(gcs_root, retry=storage_module.RetryPolicy(retries=2, base_s=0.01))
     data = bytes(range(256)) * 64
     st.write_bytes("images/a.bin", data)
     assert st.fs.info(st.path("images/a.bin"))["crc32c"] == storage_module.crc32c(data)
     assert st.read_bytes("images/a.bin") == data
-    real_call, real_pipe = st.fs.call, st.fs.pipe_file
-    flips = {"n": 0}
-
-    def flipped(body: bytes) -> bytes:
-        flips["n"] -= 1
-        return body[:100] + bytes([body[100] ^ 1]) + body[101:]
-
-    def corrupt_download(method, url, *args, **kw):  # a transfer that flips a bit on the way in
-        headers, body = real_call(method, url, *args, **kw)
-        return headers, flipped(body) if flips["n"] > 0 else body
-
-    def corrupt_upload(path, body, **kw):  # ... or on the way out: GCS stores what it received
-        return real_pipe(path, flipped(body) if flips["n"] > 0 else body, **kw)
-
-    monkeypatch.setattr(st.fs, "call", corrupt_download)
-    monkeypatch.setattr(st.fs, "pipe_file", corrupt_upload)
-    flips["n"] = 1  # once: the second try is right
-    assert st.read_bytes("images/a.bin") == data and flips["n"] == 0
-    flips["n"] = 1
+    gcs_proxy.fail_always("images/a.bin", "flip", kind="read", times=1)  # once: the second try is right
+    assert st.read_bytes("images/a.bin") == data and gcs_proxy.faults() == {("read", "flip"): 1}
+    gcs_proxy.fail_always("images/b.bin", "flip", kind="upload", times=1)
     st.write_bytes("images/b.bin", data)
-    assert flips["n"] == 0 and st.fs.info(st.path("images/b.bin"))["crc32c"] == storage_module.crc32c(data)
-    flips["n"] = 2  # every try
-    with pytest.raises(storage_module.IntegrityError, match="images/a.bin: read 16384 bytes twice with crc32c"):
+    assert gcs_proxy.faults()[("upload", "flip")] == 1
+    assert st.fs.info(st.path("images/b.bin"))["crc32c"] == storage_module.crc32c(data)
+    gcs_proxy.fail_always("images/a.bin", "flip", kind="read")  # every try
+    with pytest.raises(storage_module.IntegrityError, match=r"GET gs://.*/images/a.bin: failed after 3 tries.*"
+                       r"read 16384 bytes with crc32c"):
         st.read_bytes("images/a.bin")
-    flips["n"] = 2
-    with pytest.raises(storage_module.IntegrityError, match="images/b.bin: stored twice with a crc32c"):
-        st.write_bytes("images/b.bin", data)
-    assert not st.exists("images/b.bin")  # not left with bytes nobody wrote
-    monkeypatch.undo()
-    big = data * (51 * 64)  # 51 MiB: gcsfs uploads it in chunks and answers with a URL, not the object
-    st.write_bytes("images/big.bin", big)  # (checked through an info call; a real shard's path)
+    gcs_proxy.fail_always("images/c.bin", "flip", kind="upload")
+    with pytest.raises(storage_module.IntegrityError, match=r"images/c.bin: failed after 3 tries.* stored with a "
+                       r"crc32c other than the bytes sent; deleted"):
+        st.write_bytes("images/c.bin", data)
+    assert not st.exists("images/c.bin")  # not left with bytes nobody wrote
+    big = data * (51 * 64)  # 51 MiB: past gcsfs's chunked uploads, still one request (Storage's chunk size)
+    st.write_bytes("images/big.bin", big)
     assert st.read_bytes("images/big.bin") == big
-    st.write_many({"images/c.bin": data, "images/d.bin": b"x"})  # the batch path, checked alike
-    assert st.read_many(["images/c.bin", "images/d.bin"]) == {"images/c.bin": data, "images/d.bin": b"x"}
+    st.write_many({"images/d.bin": data, "images/e.bin": b"x"})  # the batch path, checked alike
+    assert st.read_many(["images/d.bin", "images/e.bin"]) == {"images/d.bin": data, "images/e.bin": b"x"}
 
 
 def test_browser_urls_gcs_only_and_signed_urls_verify_with_a_service_account_key(tmp_path, monkeypatch):

@@ -20,6 +20,7 @@ from typing import Callable
 
 import pyarrow.parquet as pq
 
+from muse.config import ray_address
 from muse.download.sources import ROW
 
 PROGRESS_EVERY_S = 10.0
@@ -34,7 +35,7 @@ class DownloadDeadlineError(DownloadError):
 
 
 def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> list[str]:
-    distributor = "pyspark" if dl.distributor == "spark" else "multiprocessing"
+    distributor = {"spark": "pyspark"}.get(dl.distributor, dl.distributor)  # ours -> img2dataset's name
     args = {
         "url_list": str(input_path), "input_format": "parquet", "url_col": "url",
         "output_folder": str(out_dir), "output_format": "parquet",
@@ -55,17 +56,23 @@ def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> li
     return [f"--{k}={v}" for k, v in args.items()]
 
 
-def _launcher(distributor: str) -> str:
+def _launcher(dl) -> str:
     """Python code that starts img2dataset's CLI.
 
     For spark we create the session first with `getOrCreate()`, which honours the usual
     Spark settings (PYSPARK_SUBMIT_ARGS="--master spark://host:7077 pyspark-shell",
     $SPARK_CONF_DIR/spark-defaults.conf); img2dataset then uses that active session
     instead of building its own `local[processes]` one.
+    For ray we join the cluster first (download.ray_address, else $RAY_ADDRESS): img2dataset's
+    ray distributor calls `.remote()` without `ray.init`, which would start a private local
+    Ray instead.
     """
     run = "from img2dataset.main import main; main()"
-    if distributor == "spark":
+    if dl.distributor == "spark":
         return "from pyspark.sql import SparkSession; SparkSession.builder.appName('muse-download').getOrCreate(); " + run
+    if dl.distributor == "ray":
+        address = ray_address(dl.ray_address, "download.ray_address")
+        return f"import ray; ray.init(address={address!r}, log_to_driver=True); " + run
     return run
 
 
@@ -106,7 +113,7 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
     """
     log = out_dir.parent / "img2dataset.log"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", _launcher(dl.distributor), *img2dataset_args(input_path, out_dir, dl, shard_size)]
+    cmd = [sys.executable, "-c", _launcher(dl), *img2dataset_args(input_path, out_dir, dl, shard_size)]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
     env.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark workers need img2dataset too
     lock = open(out_dir.parent / ".lock", "w")  # noqa: SIM115 - held until we return

@@ -32,16 +32,24 @@ def is_http(url) -> bool:
 def reason_of(status: str | None, message: str | None) -> str:
     """Normalise img2dataset's status + error message into a short reason."""
     m = (message or "").lower()
+    # urllib refusing the URL's syntax (a bad port, a broken IPv6 host; spaces never get there:
+    # the reader percent-encodes them): first, as such a message may quote the URL
+    if any(n in m for n in ("nonnumeric port", "invalid ipv6 url")):
+        return "bad_url"
     code = re.search(r"http error (\d{3})", m)
     if code:
         return "http_5xx" if code.group(1).startswith("5") else f"http_{code.group(1)}"
+    # muse/download/reasons.py says which of these a retry can fix (tests/test_download_reasons.py
+    # produces each message with real img2dataset); the first needle found wins
     for needle, reason in (("image too small", "too_small"), ("aspect ratio too large", "aspect_ratio"),
                            ("refused", "connection_refused"), ("timed out", "timeout"),
                            ("timeout", "timeout"), ("image decoding error", "decode_error"),
-                           ("unknown url type", "bad_url"), ("name or service", "dns"),
-                           ("getaddrinfo", "dns"), ("ssl", "ssl"), ("certificate", "ssl"),
-                           ("redirect", "redirect"), ("remote end closed", "connection_closed"),
-                           ("reset by peer", "connection_reset")):
+                           ("unknown url type", "bad_url"), ("temporary failure in name resolution", "dns_temporary"),
+                           ("name or service", "dns"), ("getaddrinfo", "dns"), ("ssl", "ssl"),
+                           ("certificate", "ssl"), ("redirect", "redirect"), ("remote end closed", "connection_closed"),
+                           ("reset by peer", "connection_reset"), ("incompleteread", "incomplete_read"),
+                           ("network is unreachable", "unreachable"), ("no route to host", "unreachable"),
+                           ("x-robots-tag", "disallowed")):
         if needle in m:
             return reason
     return "resize_error" if status == "failed_to_resize" else "download_error"

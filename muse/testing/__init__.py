@@ -7,6 +7,8 @@ offline on a CPU and still show that it learns:
 - `shapes_vq`: a diffusers `VQModel` trained briefly on that world, cached per machine;
 - `tiny`: tiny random-init encoders (T5, VQ, Paella, CLIP, FID features) saved like the real ones;
 - `gcs`: `GCSEmulator`, a real fake-gcs-server on 127.0.0.1;
+- `gcs_faults`: `GCSFaultProxy`, a proxy in front of it that injects what real GCS does under load
+  (429/503, resets, stalls, short and changed bodies) by a seeded schedule, and counts requests;
 - `imageserver`: `ImageServer`, a real HTTP server of generated images and failure routes
   (or of a folder's files, for the demo);
 - `image_shards`: `write_image_shard`, phase-1 shards written directly for the encode tests;

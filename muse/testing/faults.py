@@ -10,6 +10,8 @@ The faults, from the environment (inherited by torchrun's ranks):
   MUSE_TRACE=/path/prefix          each rank appends {step, keys, weights hash} per step to
                                    /path/prefix.rank<R>.jsonl
   MUSE_PAUSE_AT_STEP=N             after step N wait (<=120 s) for SIGTERM/SIGKILL
+  MUSE_CONTINUE_FILE=/path         with MUSE_PAUSE_AT_STEP: go on once this file exists (a test
+                                   changes the data while the ranks wait, then creates it)
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 
-ENV_VARS = ("MUSE_INJECT_NONFINITE_STEPS", "MUSE_TRACE", "MUSE_PAUSE_AT_STEP")
+ENV_VARS = ("MUSE_INJECT_NONFINITE_STEPS", "MUSE_TRACE", "MUSE_PAUSE_AT_STEP", "MUSE_CONTINUE_FILE")
 MODULE = "muse.testing.faults"
 
 
@@ -38,25 +40,29 @@ class Faults:
     nonfinite_steps: frozenset = frozenset()
     pause_at: int = 0
     trace: str | None = None
+    continue_file: str | None = None
 
     @classmethod
     def from_env(cls, env=os.environ) -> Faults:
         steps = frozenset(int(s) for s in env.get("MUSE_INJECT_NONFINITE_STEPS", "").split(",") if s.strip())
-        return cls(steps, int(env.get("MUSE_PAUSE_AT_STEP", "0") or 0), env.get("MUSE_TRACE") or None)
+        return cls(steps, int(env.get("MUSE_PAUSE_AT_STEP", "0") or 0), env.get("MUSE_TRACE") or None,
+                   env.get("MUSE_CONTINUE_FILE") or None)
 
     def poison(self, step: int) -> bool:
         """Make the loss of this optimizer step NaN?"""
         return step in self.nonfinite_steps
 
     def after_step(self, rank: int, rec: dict, keys: list, model, stopped) -> None:
-        """Append the step to the trace; at MUSE_PAUSE_AT_STEP wait until `stopped()` (a signal)."""
+        """Append the step to the trace; at MUSE_PAUSE_AT_STEP wait until `stopped()` (a signal) or
+        the MUSE_CONTINUE_FILE exists."""
         if self.trace:
             with open(f"{self.trace}.rank{rank}.jsonl", "a") as f:
                 f.write(json.dumps({"step": rec["step"], "keys": keys, "hash": weights_hash(model),
                                     "loss": rec["loss"], "lr": rec["lr"], "skipped": rec["skipped"]}) + "\n")
         if rec["step"] == self.pause_at:
             deadline = time.time() + 120
-            while not stopped() and time.time() < deadline:
+            while not stopped() and time.time() < deadline and not (
+                    self.continue_file and os.path.exists(self.continue_file)):
                 time.sleep(0.05)
 
 

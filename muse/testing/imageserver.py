@@ -9,6 +9,12 @@
     /huge/<n>.jpg       a 3000x2000 JPEG
     /redirect/<n>.jpg   302 -> /img/<n>.jpg
     /404, /500          error statuses
+    /status/<code>      that HTTP status (429, 503, 410, ...)
+    /noai/<n>.jpg       /img/<n>.jpg with `X-Robots-Tag: noai` (img2dataset refuses it)
+    /tiny/<n>.jpg       a 16x16 JPEG; /wide/<n>.jpg a 320x40 one (min size / aspect ratio)
+    /short.jpg          a Content-Length longer than the body sent (a cut transfer)
+    /hangup             the connection closed without a response
+    /reset              the connection reset (RST) without a response
     /html               200 with an HTML body
     /truncated.jpg      the first half of a JPEG
     /slow               sleeps longer than any test timeout before answering
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import io
 import socket
+import struct
 import threading
 import time
 import mimetypes
@@ -69,6 +76,17 @@ def body_for(path: str) -> tuple[int, str, bytes, dict]:
         return 200, "image/jpeg", encode(source_image(num, 3000, 2000), "JPEG", quality=90), {}
     if path.startswith("/redirect/"):
         return 302, "text/plain", b"", {"Location": f"/img/{name}"}
+    if path.startswith("/noai/"):
+        return 200, "image/jpeg", encode(source_image(num), "JPEG", quality=95), {"X-Robots-Tag": "noai"}
+    if path.startswith("/tiny/"):
+        return 200, "image/jpeg", encode(source_image(num, 16, 16), "JPEG", quality=95), {}
+    if path.startswith("/wide/"):
+        return 200, "image/jpeg", encode(source_image(num, 320, 40), "JPEG", quality=95), {}
+    if path.startswith("/status/") and name.isdigit():
+        return int(name), "text/plain", b"status on demand", {}
+    if path == "/short.jpg":
+        data = encode(source_image(8), "JPEG", quality=95)
+        return 200, "image/jpeg", data[: len(data) // 2], {"Content-Length": str(len(data))}
     if path == "/404":
         return 404, "text/plain", b"not found", {}
     if path == "/500":
@@ -100,11 +118,19 @@ class _Handler(BaseHTTPRequestHandler):
         if folder is None and path == "/slow":
             time.sleep(SLOW_SECONDS)  # longer than the client's socket timeout
             path = "/img/1.jpg"
+        if folder is None and path in ("/hangup", "/reset"):
+            if path == "/reset":  # linger 0 and a close now (before the server's FIN): an RST
+                self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                self.rfile.close()  # its reference would keep the socket open past close()
+                self.connection.close()
+            self.close_connection = True
+            return
         try:
             status, ctype, body, headers = body_for(path) if folder is None else file_for(folder, path)
             self.send_response(status)
             self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
+            if "Content-Length" not in headers:  # /short.jpg announces more than it sends
+                self.send_header("Content-Length", str(len(body)))
             for k, v in headers.items():
                 self.send_header(k, v)
             self.end_headers()

@@ -1,0 +1,262 @@
+"""Storage under the faults real GCS produces: the real fake-gcs-server behind the fault proxy
+(muse/testing/gcs_faults.py), through `Storage` and its one retry policy (muse/storage.py)."""
+
+import time
+
+import pytest
+
+from muse.storage import IntegrityError, RetryPolicy, Storage, StorageError
+from muse.testing.gcs_faults import MENU
+
+# Fast waits; a try that gets no bytes for 0.5 s fails (the proxy's stalls last 3 s).
+FAST = RetryPolicy(retries=4, timeout_s=0.5, deadline_s=30, base_s=0.01, cap_s=0.05)
+DATA = bytes(range(256)) * 300  # 76,800 bytes
+
+
+def _storage(gcs_root, policy=FAST) -> Storage:
+    st = Storage(gcs_root, retry=policy)
+    st.write_bytes("d/a.bin", DATA)
+    return st
+
+
+def _read(st):
+    assert st.read_bytes("d/a.bin") == DATA
+
+
+def _read_range(st):
+    with st.open("d/a.bin") as f:  # a Parquet row group's read: one ranged GET
+        f.seek(1000)
+        assert f.read(50_000) == DATA[1000:51_000]
+
+
+def _list(st):
+    assert st.list("d") == ["d/a.bin"]
+
+
+def _upload(st):
+    st.write_bytes("d/b.bin", DATA)
+    assert st.read_bytes("d/b.bin") == DATA
+
+
+def _delete(st):
+    st.write_bytes("d/gone.bin", b"x")
+    st.delete("d/gone.bin")  # a reset after the emulator deleted it: the retry's 404 means done
+    assert not st.exists("d/gone.bin")
+
+
+OPS = {"read": ("read", _read), "read-range": ("read", _read_range), "list": ("list", _list),
+       "upload": ("upload", _upload), "delete": ("delete", _delete)}
+# A ranged read cannot see a flipped byte (no hash covers a range): Parquet page checksums do.
+CASES = [(op, fault) for op, (kind, _) in OPS.items() for fault in MENU[kind]
+         if not (op == "read-range" and fault == "flip")]
+
+
+@pytest.mark.parametrize("op,fault", CASES, ids=[f"{o}-{f}" for o, f in CASES])
+def test_each_fault_is_survived(gcs_root, gcs_proxy, op, fault):
+    """Two of the same fault in a row on one operation: it still returns the right bytes, and
+    the proxy saw exactly the two faulted tries plus the one that worked."""
+    kind, run = OPS[op]
+    st = _storage(gcs_root)
+    gcs_proxy.reset_counts()
+    gcs_proxy.fail_always("d/", fault, kind=kind, times=2)
+    started = time.monotonic()
+    run(st)
+    assert gcs_proxy.faults() == {(kind, fault): 2}
+    assert time.monotonic() - started < 20  # hang guard: stalls end at the 0.5 s read timeout
+
+
+def test_retry_after_is_honoured(gcs_root, gcs_proxy):
+    """A 503 asking for 1.5 s: the next try waits at least that, although the backoff alone
+    would wait under 0.05 s."""
+    st = _storage(gcs_root)
+    gcs_proxy.retry_after_s = 1.5
+    gcs_proxy.fail_always("d/a.bin", "503-retry-after", kind="read", times=1)
+    started = time.monotonic()
+    _read(st)
+    waited = time.monotonic() - started
+    assert 1.5 <= waited < 20, waited
+
+
+def test_permanent_fault_names_the_object_and_gcsfs_does_not_retry_under_it(gcs_root, gcs_proxy):
+    """A 503 on every try: a StorageError naming the object after retries + 1 requests exactly
+    (gcsfs's own 6-try loop is replaced, not stacked: 5 requests, not 5 x 6)."""
+    st = _storage(gcs_root)
+    gcs_proxy.reset_counts()
+    gcs_proxy.fail_always("d/a.bin", "503", kind="read")
+    with pytest.raises(StorageError, match=r"GET gs://b-\w+/data/d/a.bin: failed after 5 tries .*"
+                       r"no retries left.*HTTP 503") as err:
+        st.read_bytes("d/a.bin")
+    assert not isinstance(err.value, IntegrityError)
+    assert gcs_proxy.counts() == {"read": 5}
+    gcs_proxy.always.clear()
+    gcs_proxy.fail_always("d/a.bin", "truncate", kind="read")
+    with pytest.raises(IntegrityError, match=r"d/a.bin: failed after 5 tries .*short read: (\d+) bytes of "
+                       r"\d+ \(bytes 1000-\d+\)"):
+        _read_range(st)  # bytes that kept arriving short are never decoded
+
+
+def test_deadline_bounds_a_request(gcs_root, gcs_proxy):
+    """Retries left but the deadline reached: the request fails then, naming it; a Retry-After
+    beyond the deadline fails at once instead of sleeping past it."""
+    st = _storage(gcs_root, RetryPolicy(retries=100, timeout_s=0.5, deadline_s=2.0, base_s=0.2, cap_s=0.4))
+    gcs_proxy.fail_always("d/a.bin", "503", kind="read")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"d/a.bin: failed after \d+ tries .*the 2 s deadline is reached"):
+        st.read_bytes("d/a.bin")
+    assert time.monotonic() - started < 10  # hang guard (2 s deadline, waits of at most 0.4 s)
+    gcs_proxy.always.clear()
+    gcs_proxy.retry_after_s = 60
+    gcs_proxy.fail_always("d/a.bin", "503-retry-after", kind="read")
+    started = time.monotonic()
+    with pytest.raises(StorageError, match=r"failed after 1 try .*the server asks for 60 s more"):
+        st.read_bytes("d/a.bin")
+    assert time.monotonic() - started < 10
+
+
+def test_requests_with_a_precondition_are_not_retried(gcs_root, gcs_proxy):
+    """A create-only upload (ifGenerationMatch=0) whose answer was lost could have landed: a retry
+    would fail with 412, so the 503 is raised as is after one request."""
+    from gcsfs.retry import HttpError
+
+    st = _storage(gcs_root)
+    gcs_proxy.reset_counts()
+    gcs_proxy.fail_always("d/new.bin", "503", kind="upload", times=1)
+    with pytest.raises(HttpError):
+        st.fs.pipe_file(st.path("d/new.bin"), DATA, mode="create")
+    assert gcs_proxy.counts() == {"upload": 1}
+
+
+def _workload(st):
+    st.write_many({f"w/{i:02d}.bin": DATA[i:] for i in range(12)})
+    assert st.list("w") == [f"w/{i:02d}.bin" for i in range(12)]
+    assert st.read_many([f"w/{i:02d}.bin" for i in range(12)]) == {f"w/{i:02d}.bin": DATA[i:] for i in range(12)}
+    for i in range(0, 12, 3):
+        with st.open(f"w/{i:02d}.bin") as f:
+            f.seek(500)
+            assert f.read(20_000) == DATA[i + 500:i + 20_500]
+        assert st.read_bytes(f"w/{i:02d}.bin") == DATA[i:]
+    st.delete_many([f"w/{i:02d}.bin" for i in range(6)])
+    assert st.sizes("w") == {f"w/{i:02d}.bin": len(DATA) - i for i in range(6, 12)}
+
+
+def test_request_counts_against_a_fault_free_run(gcs_emulator, gcs_proxy):
+    """The same work at 0% and at 20% faults: the faulted run makes exactly one more request per
+    fault (each fault costs its one retry), no more: retries do not multiply work. Kinds this
+    workload never makes are absent from both counts."""
+    _workload(Storage(gcs_emulator.new_root(), retry=FAST))
+    clean = gcs_proxy.counts()
+    gcs_proxy.reset_counts()
+    gcs_proxy.rate, gcs_proxy.seed = 0.2, 7
+    _workload(Storage(gcs_emulator.new_root(), retry=FAST))
+    faulted, faults = gcs_proxy.counts(), gcs_proxy.faults()
+    per_kind = {k: sum(n for (kind, _), n in faults.items() if kind == k) for k in faulted}
+    assert sum(per_kind.values()) >= 10, faults  # the run did meet faults, of several kinds
+    assert len({f for _, f in faults}) >= 4, faults
+    exact = ("read", "upload", "delete")
+    assert {k: faulted[k] for k in exact} == {k: clean[k] + per_kind[k] for k in exact}, (clean, faulted, faults)
+    # gcsfs's `info` races an object GET against a one-item listing and cancels the loser, whose
+    # retry (after a fault) may then never be sent: at most one more request per fault there
+    assert all(faulted[k] <= clean[k] + per_kind[k] for k in ("info", "list")), (clean, faulted, faults)
+
+
+# -- end to end: the encode phase on gs:// through the proxy
+
+@pytest.fixture(scope="module")
+def tiny_encoders(tmp_path_factory):
+    from muse.testing.tiny import build_tiny_encoders
+
+    return build_tiny_encoders(tmp_path_factory.mktemp("enc"))
+
+
+def _encode(tmp_path, root, encoders, before=lambda: None):
+    """Phase 1 shards written, then `run_encode`; {path under the root: bytes} of what it wrote
+    (the root's own name and the manifest's creation time taken out: they differ by design)."""
+    import json
+
+    import yaml
+
+    from muse.config import load_config
+    from muse.encode import run_encode
+    from muse.testing.image_shards import write_image_shard
+    from muse.testing.tiny import tiny_encode_overrides
+
+    path = tmp_path / f"pipeline-{root.rsplit('/', 2)[-2]}.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": root, "retries": 8, "timeout_s": 1.0},
+                                    "source": {"paths": ["unused.parquet"]},
+                                    "encode": {"batch_size": 2, "row_group_size": 2}}))
+    cfg = load_config(path, tiny_encode_overrides(encoders))
+    st = Storage.from_config(cfg)
+    for sid in range(3):
+        write_image_shard(st, sid, [f"a caption {sid}-{i}" for i in range(4)])
+    before()
+    summary = run_encode(cfg)
+    assert summary["rows"] == 12 and summary["shards"] == 3
+    out = {}
+    for p in st.fs.find(st.path("encoded")):
+        rel = st.relative(st.fs.unstrip_protocol(p))
+        data = st.read_bytes(rel).replace(root.encode(), b"ROOT")
+        if rel.endswith("_MANIFEST.json"):
+            data = json.loads(data)
+            data.pop("created")
+        out[rel] = data
+    return out
+
+
+@pytest.mark.slow
+def test_encode_through_faults_is_byte_identical(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders, caplog):
+    """Encode on gs:// at 5% faults, then in a storm (50% for 3 s, then clear): every encoded shard
+    and the manifest (minus its timestamp) equal a fault-free run's, and the log shows retries."""
+    import threading
+
+    clean = _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders)
+    assert len([p for p in clean if p.endswith(".parquet")]) >= 4  # 3 shards + the shard table
+    gcs_proxy.reset_counts()  # the schedule counts from here
+    gcs_proxy.rate, gcs_proxy.seed = 0.05, 32  # a seed whose 5% meets reads and uploads
+    started = time.monotonic()
+    assert _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders) == clean
+    assert sum(n for (kind, _), n in gcs_proxy.faults().items() if kind in ("read", "upload")) >= 3, \
+        gcs_proxy.faults()
+    assert any("retrying in" in r.getMessage() for r in caplog.records if r.name == "muse.storage")
+    gcs_proxy.rate = 0.0
+
+    def storm():  # from the start of run_encode
+        gcs_proxy.reset_counts()
+        gcs_proxy.rate = 0.5
+        threading.Timer(3.0, lambda: setattr(gcs_proxy, "rate", 0.0)).start()
+
+    assert _encode(tmp_path, gcs_emulator.new_root(), tiny_encoders, before=storm) == clean
+    assert sum(gcs_proxy.faults().values()) >= 2, gcs_proxy.faults()  # how many: as fast as the machine
+    assert time.monotonic() - started < 150  # hang guard
+
+
+def test_policy_comes_from_the_config_and_bad_values_name_the_key(tmp_path):
+    import yaml
+
+    from muse.config import ConfigError, load_config
+
+    path = tmp_path / "pipeline.yaml"
+    path.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "root")}, "source": {"paths": ["x.parquet"]}}))
+    cfg = load_config(path, ["storage.retries=2", "storage.timeout_s=1.5", "storage.deadline_s=9"])
+    assert Storage.from_config(cfg).retry == RetryPolicy(retries=2, timeout_s=1.5, deadline_s=9)
+    for bad in ("storage.retries=-1", "storage.timeout_s=0", "storage.deadline_s=-3", "storage.retries=x"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0].replace(".", r"\.")):
+            load_config(path, [bad])
+
+
+def test_what_the_policy_retries_is_transient_py_s_word():
+    """The errors a fault produces are transient by muse/transient.py (the one owner of that list);
+    a missing object or a refusal is not; a StorageError keeps its cause, so the flow's task retry
+    sees a give-up on a 503 as transient too."""
+    import aiohttp
+    from gcsfs.retry import HttpError
+
+    from muse.transient import TransferError, is_transient
+
+    for exc in (TransferError("short read"), aiohttp.ClientPayloadError("cut"), TimeoutError(),
+                HttpError({"code": 429, "message": "slow down"}), ConnectionResetError()):
+        assert is_transient(exc), exc
+    for exc in (FileNotFoundError("gs://b/x"), PermissionError(), HttpError({"code": 400, "message": "bad"})):
+        assert not is_transient(exc), exc
+    with pytest.raises(StorageError) as err:
+        RetryPolicy(retries=0).delay(0, HttpError({"code": 503, "message": "x"}), time.monotonic(), "GET gs://b/o")
+    assert is_transient(err.value) and "GET gs://b/o: failed after 1 try" in str(err.value)
