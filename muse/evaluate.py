@@ -14,7 +14,8 @@ The eval slice is `train.eval_holdout` of the encoded rows, chosen by a hash of 
      `FrechetInceptionDistance` with the extractor of `eval.fid_features`);
    - `clip_score`: mean over rows of max(100 x cos(CLIP image, CLIP caption), 0), as
      torchmetrics' CLIPScore, with `eval.clip_model` (transformers `CLIPModel`);
-   - whatever the functions registered in `EXTRA_METRICS` (`register_metric`) return.
+   - whatever the functions of `eval.metrics` (module:function, imported here) and those
+     registered in `EXTRA_METRICS` (`register_metric`) return.
 4. writes `checkpoints/<run>/eval/step-NNNNNNNN.json` (metrics, counts, settings, checkpoint)
    and `step-NNNNNNNN.png` (a grid of the first 16 pictures, each caption under its picture and
    in the PNG's `prompt` chunk, the settings in its `parameters` chunk) on the storage root.
@@ -45,10 +46,11 @@ IN_TRAINING_SAMPLES = 32  # the cap of `train.eval_every` evaluations: a few doz
 GRID_IMAGES = 16
 
 # Extra metrics: each gets the generated pictures, uint8 [B, H, W, 3], and their captions, and
-# returns {name: float}; the results are merged into the metrics. The library registers none:
-# a caller (the demo registers its shapes-adherence scorer: testing/demo.py) adds its own
-# with `register_metric`, or passes `metrics=` to run_eval. Registration is per process: the
-# in-training evaluations (`train.eval_every`) run in the trainer's processes.
+# returns {name: float}; the results are merged into the metrics. The library has none of its
+# own: a config names them in `eval.metrics` (the demo's shapes-adherence scorer,
+# muse.testing.demo:shapes_adherence), which every process that evaluates imports (`muse eval`
+# and the trainer's ranks alike); a caller may also `register_metric` (this process only) or
+# pass `metrics=` to run_eval.
 MetricFn = Callable[[np.ndarray, list], dict]
 
 EXTRA_METRICS: list[MetricFn] = []
@@ -63,6 +65,23 @@ def register_metric(fn: MetricFn) -> MetricFn:
 
 class EvalError(RuntimeError):
     """Evaluation cannot run; the message says which key or file to change."""
+
+
+def configured_metrics(specs: list[str]) -> list[MetricFn]:
+    """`eval.metrics` (module:function each) -> the functions; EvalError naming the key otherwise."""
+    import importlib
+
+    fns = []
+    for spec in specs:
+        module, name = spec.split(":")
+        try:
+            fn = getattr(importlib.import_module(module), name)
+        except (ImportError, AttributeError) as e:
+            raise EvalError(f"eval.metrics: {spec} cannot be loaded ({type(e).__name__}: {e})") from None
+        if not callable(fn):
+            raise EvalError(f"eval.metrics: {spec} is not a function")
+        fns.append(fn)
+    return fns
 
 
 # ----------------------------------------------------------------------------- CLIP score
@@ -268,7 +287,8 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
             clip_cache.append(Clip(eval_cfg.clip_model, device))
         return clip_cache[0]
 
-    fid = make_fid(fid_extractor(eval_cfg.fid_features, clip, device), device)  # fail before generating
+    extra = configured_metrics(eval_cfg.metrics)  # fail before generating
+    fid = make_fid(fid_extractor(eval_cfg.fid_features, clip, device), device)
     clip()
     rows, skipped = eval_rows(cfg, storage, max_samples)
     manifest = read_manifest(storage, dataset_dir(cfg))
@@ -282,7 +302,7 @@ def run_eval(cfg: PipelineConfig, checkpoint_ref: str | None = None, max_samples
     captions = [r["caption"] for r in rows]
     result = {"fid": frechet_distance(real, fake, fid, eval_cfg.batch_size),
               "clip_score": clip().score(fake, captions, eval_cfg.batch_size)}
-    for fn in EXTRA_METRICS + list(metrics or []):
+    for fn in dict.fromkeys(extra + EXTRA_METRICS + list(metrics or [])):  # each once
         result.update({k: float(v) for k, v in fn(fake, captions).items()})
 
     record = {"step": step, "checkpoint": where, "metrics": result,
@@ -319,5 +339,5 @@ def _write_results(storage: Storage, run: str, record: dict, fake: np.ndarray, c
           + f" ({len(captions)} rows) -> {storage.url(rel + '.json')}", flush=True)
 
 
-__all__ = ["run_eval", "EXTRA_METRICS", "register_metric", "EvalError", "Clip", "fid_extractor", "make_fid",
+__all__ = ["run_eval", "EXTRA_METRICS", "register_metric", "configured_metrics", "EvalError", "Clip", "fid_extractor", "make_fid",
            "frechet_distance", "IN_TRAINING_SAMPLES"]

@@ -394,6 +394,8 @@ def train(cfg: PipelineConfig, storage: Storage, manifest: dict, d: Dist, which:
     """Build, resume, start the loader, run the loop; the loader is closed however it ends.
     `faults`: a test's fault injection (muse/testing/faults.py), None in a real run."""
     t, data_dir = cfg.train, dataset_dir(cfg)
+    if t.cpu_threads and not d.cuda:  # CPU kernels' sums depend on the thread count: fixed, the same weights
+        torch.set_num_threads(t.cpu_threads)
     if t.verify != "none":
         verify_shards(storage, data_dir, manifest, sha256=t.verify == "sha256", rank=d.rank, world=d.world)
     ds = dataset(cfg, data_dir, d)  # before build: train.epochs counts its batches

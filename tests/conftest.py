@@ -8,6 +8,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("DO_NOT_TRACK", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
+# as flows/demo.py: the demo subsets train on demo.THREADS threads, which spin 8x slower when the
+# shared cores are busy; set before torch loads (the trainers the tests start inherit it)
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 

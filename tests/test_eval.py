@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from muse import evaluate
-from muse.config import load_config
+from muse.config import ConfigError, load_config
 from muse.data import in_eval_slice, iter_eval_rows
 from muse.storage import Storage
 from muse.testing.tiny import build_tiny_clip, build_tiny_fid_features, build_tiny_vq
@@ -187,9 +187,10 @@ def test_extra_metrics_plug_in(world):
     assert seen == {"shape": (4, 256, 256, 3), "dtype": np.uint8, "n": 4}
 
 
-def test_the_library_registers_no_demo_metric_and_the_demo_registers_its_own():
-    """`muse eval` scores shapes adherence only where the demo registered it: the pipeline never
-    imports muse.testing (ARCHITECTURE.md), so a real run pays for no demo scorer."""
+def test_the_library_has_no_demo_metric_and_eval_metrics_names_the_demos():
+    """`muse eval` scores shapes adherence only where the config's eval.metrics names it: the
+    pipeline never imports muse.testing (ARCHITECTURE.md), so a real run pays for no demo scorer;
+    a process that evaluates the demo's config (`muse eval`, the trainer's ranks) imports it."""
     code = ("import sys, muse.evaluate, muse.sample, muse.cli, muse.preflight, muse.encode.shards; "
             "assert not [m for m in sys.modules if m.startswith('muse.testing')], 'imported muse.testing'; "
             "assert muse.evaluate.EXTRA_METRICS == []")
@@ -199,18 +200,18 @@ def test_the_library_registers_no_demo_metric_and_the_demo_registers_its_own():
 
     from muse.testing import demo, shapes
 
+    assert evaluate.configured_metrics(["muse.testing.demo:shapes_adherence"]) == [demo.shapes_adherence]
     rows = shapes.make_world(21, seed=1)
     images, captions = np.stack([r[0] for r in rows]), [r[1] for r in rows]
-    saved = list(evaluate.EXTRA_METRICS)
-    try:
-        demo.register_metrics()
-        demo.register_metrics()  # once, however often the demo prepares
-        assert evaluate.EXTRA_METRICS.count(demo.shapes_adherence) == 1
-        assert demo.shapes_adherence(images, captions) == {"adherence_colour": 1.0, "adherence_shape": 1.0,
-                                                           "adherence_both": 1.0}
-        assert demo.shapes_adherence(images, ["a photograph of a fox"] * 21) == {}
-    finally:
-        evaluate.EXTRA_METRICS[:] = saved
+    assert demo.shapes_adherence(images, captions) == {"adherence_colour": 1.0, "adherence_shape": 1.0,
+                                                       "adherence_both": 1.0}
+    assert demo.shapes_adherence(images, ["a photograph of a fox"] * 21) == {}
+    for spec, why in [("muse.nowhere:f", "No module named 'muse.nowhere'"), ("muse.testing.demo:nothing", "no attribute"),
+                      ("muse.testing.demo:THREADS", "not a function")]:
+        with pytest.raises(evaluate.EvalError, match=f"eval.metrics: {spec}.*{why}"):
+            evaluate.configured_metrics([spec])
+    with pytest.raises(ConfigError, match="eval.metrics: 'shapes_adherence' is not module:function"):
+        load_config(None, ["source.paths=[x]", "eval.metrics=[shapes_adherence]"], data={})
 
 
 def test_fid_is_zero_on_itself_and_grows_with_noise(models):
@@ -260,13 +261,14 @@ def test_feature_and_inception_errors_are_one_line(models):
 
 
 def test_eval_without_a_slice_says_which_key(tmp_path):
-    cfg = load_config(tiny_config(tmp_path, str(tmp_path / "root")))
+    # the default keeps a slice (train.eval_holdout 0.001): no slice is a user's explicit 0
+    cfg = load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_holdout=0))
     with pytest.raises(evaluate.EvalError, match="train.eval_holdout"):
         evaluate.eval_rows(cfg, Storage.from_config(cfg), 4)
     from muse.config import ConfigError
 
     with pytest.raises(ConfigError, match="train.eval_every needs an eval slice"):
-        load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_every=2))
+        load_config(tiny_config(tmp_path, str(tmp_path / "root"), eval_holdout=0, eval_every=2))
 
 
 @pytest.mark.slow

@@ -94,3 +94,9 @@ def test_a_short_run_beats_chance(tmp_path):
     assert guided["colour"] >= 0.6, {k: v["train_pairs"] for k, v in results.items()}
     saved = json.loads((tmp_path / "data" / "samples" / "adherence.json").read_text())
     assert saved[f"{scale:g}"]["train_pairs"] == guided
+    # `muse eval` on the demo's config: its eval slice, local tiny CLIP and features, and the shapes
+    # scorer that eval.metrics names (this process never registered it)
+    assert muse(["eval", "--config", str(config)]) == 0
+    rec = json.loads((tmp_path / "data" / "checkpoints" / "demo" / "eval" / "step-00000300.json").read_text())
+    assert set(rec["metrics"]) == {"fid", "clip_score", "adherence_colour", "adherence_shape", "adherence_both"}
+    assert rec["counts"]["samples"] > 10, rec["counts"]

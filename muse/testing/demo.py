@@ -5,13 +5,18 @@
 - a threaded HTTP server on 127.0.0.1 serving them (`muse.testing.imageserver`; LAION URLs are
   unreachable here), on port `PORT` when it is free so the URL list stays the same between runs;
 - a tiny T5 built on the spot and a VQ tokenizer trained on the world (`muse.testing.shapes_vq`,
-  cached per machine), both loaded through the real code path;
+  cached per machine), both loaded through the real code path; a tiny CLIP and FID feature
+  extractor for `muse eval` (random weights: offline, so FID and CLIP score only compare runs);
 - a pipeline config: the config's defaults (what `pipeline.yaml` lists) with the one list of
   overrides in `demo_overrides`, written resolved to `<output>/pipeline.yaml`;
 - `score(config)`: every colour x shape prompt sampled at guidance 1 and at the configured
   scale, judged by the shapes scorer, printed as an adherence table, saved as captioned grids;
-- `register_metrics()`: the same scorer as a `muse eval` metric (`shapes_adherence`), registered
-  by the demo, so the library itself never imports this package.
+- `shapes_adherence`: the same scorer as a `muse eval` metric, named in the config's
+  `eval.metrics`, so `muse eval` and the in-training evaluations (`train.eval_every`) import it
+  and the library itself never imports this package;
+- `THREADS`: every torch computation of the demo (encode, training, scoring; the VQ has its
+  recipe's `threads`) on a fixed number of threads, so the table is the same on any machine with
+  the same package versions.
 `flows/demo.py` runs the Prefect pipeline on it; `run_library(...)` does the same without Prefect.
 `quick=True` is the same on 48 rows with a VQ trained for seconds (the tests' subset).
 """
@@ -32,6 +37,15 @@ QUICK_VQ = dict(images=128, steps=200, decoder_steps=20, batch_size=16)
 # words whole (`text_encoder`); 32 leaves room. (At 16 with those words in pieces, 21 tokens,
 # "a picture of a yellow ..." lost its shape word.)
 TEXT_MAX_LENGTH = 32
+# torch threads of the demo's process and its trainer: CPU sums depend on the thread count, not on the
+# cores, so a fixed count is the same table on any machine (2 threads gave the same weights on one
+# core, `taskset -c 0`, as on two). 2, not 1: ~1.9x the training samples/s on a quiet 2-core machine,
+# which the 8-minute budget needs; the cost of 2 threads on a busy or 1-core machine (OpenMP threads
+# spinning while they wait on a descheduled peer, 8x slower) is removed by OMP_WAIT_POLICY=PASSIVE,
+# which flows/demo.py sets (bench/threads.py, bench/RESULTS.md "demo threads")
+THREADS = 2
+# rows kept out of training for `muse eval` (~60 of 1,200): a fraction encode counts (layout.EVAL_LEVELS)
+EVAL_HOLDOUT = 0.05
 
 
 def text_encoder(out_dir: Path) -> str:
@@ -73,7 +87,8 @@ def write_source(path: Path, base_url: str, items: list[tuple[str, str]]) -> int
 def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list[str]:
     """The demo's settings as `--set` overrides of the config's defaults: one list, read top to bottom.
 
-    `quick` (the tests' subset) changes three: shards of 25 rows, 40 steps, two prompts."""
+    `quick` (the tests' subset) changes four: shards of 25 rows, 40 steps, two prompts, an
+    evaluation at the end only."""
     prompts = shapes.all_prompts()[:2] if quick else shapes.all_prompts()
     sets = [f"storage.root={out / 'data'}", f"storage.work_dir={out / 'work'}",
             f"source.paths=[{source}]", "source.url_column=url", "source.caption_column=caption",
@@ -94,6 +109,8 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             "train.weight_decay=0.0", "train.label_smoothing=0.0", "train.num_workers=0",
             "train.shuffle_buffer=256", "train.loader_streams=1", "train.checkpoint_every=1000",
             "train.log_every=50", "train.nproc_per_node=1", "train.device=cpu", "train.mixed_precision=false",
+            f"train.cpu_threads={THREADS}", f"train.eval_holdout={EVAL_HOLDOUT}",
+            f"train.eval_every={40 if quick else 500}",  # <= 32 eval rows each, curves in TensorBoard (eval/*)
             f"sample.prompts=[{', '.join(prompts)}]", "sample.steps=16",
             # guidance 1.5: the most pictures with colour and shape right; 4 puts specks in the shapes,
             # 2 costs colour, a linear ramp to 2 gains less (the same RESULTS.md entry)
@@ -103,7 +120,11 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             "sample.temperature=1.0", "sample.out=samples/demo.png", "sample.device=cpu",
             # every prompt of `score` (96) in one batch, as bench/RESULTS.md measured the table: a
             # smaller batch draws other pictures from the one generator (and CPU memory is no limit)
-            f"sample.batch_size={len(shapes.all_prompts(4))}"]
+            f"sample.batch_size={len(shapes.all_prompts(4))}",
+            # `muse eval`: the decoding of the table above, the local tiny CLIP and feature extractor
+            f"eval.clip_model={encoders['clip_model']}", f"eval.fid_features={encoders['fid_features']}",
+            "eval.metrics=[muse.testing.demo:shapes_adherence]", "eval.max_samples=64", "eval.steps=16",
+            "eval.guidance_scale=1.5", "eval.temperature=1.0", "eval.batch_size=64", "eval.device=cpu"]
     return sets
 
 
@@ -115,30 +136,21 @@ def shapes_adherence(images, captions: list) -> dict:
     return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
 
 
-def register_metrics() -> None:
-    """Every `muse eval` of this process (`run_eval`) also reports `shapes_adherence`."""
-    from muse.evaluate import register_metric
-
-    register_metric(shapes_adherence)
-
-
 def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tuple[Path, Path]:
-    """Images, encoders, config (without the URL list, which needs the server's port); registers
-    the demo's eval metric (`register_metrics`).
+    """Images, encoders, config (without the URL list, which needs the server's port).
 
     -> (config path, images folder)."""
     from muse.config import load_config
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
     from muse.testing.tiny import TEXT_DIM
 
-    register_metrics()
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     items = make_images(out / "images", rows or (48 if quick else ROWS))
     (out / "captions.json").write_text(json.dumps(items))
     vq_path, vq_stats = shapes_vq(VQRecipe(**QUICK_VQ) if quick else VQRecipe())
     encoders = {"text_model": text_encoder(out / "encoders" / "t5"), "vq_model": vq_path,
-                "codebook_size": vq_stats["codebook_size"], "text_dim": TEXT_DIM}
+                "codebook_size": vq_stats["codebook_size"], "text_dim": TEXT_DIM, **eval_models(out / "encoders")}
     source = out / "source" / "urls.jsonl"
     source.parent.mkdir(exist_ok=True)
     # from the defaults, not the repo's pipeline.yaml (the same values, checked by a test):
@@ -147,6 +159,18 @@ def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tu
     path = out / "pipeline.yaml"
     path.write_text(cfg.to_yaml())
     return path, out / "images"
+
+
+def eval_models(folder: Path) -> dict:
+    """The tiny CLIP and FID feature extractor of `muse eval` (random, seeded), built once per folder."""
+    from muse.testing.tiny import build_tiny_clip, build_tiny_fid_features
+
+    clip, features = folder / "clip", folder / "fid-features.pt2"
+    if not (clip / "model.safetensors").exists():  # written last
+        build_tiny_clip(clip)
+    if not features.exists():
+        build_tiny_fid_features(features)
+    return {"clip_model": str(clip), "fid_features": str(features)}
 
 
 def write_urls(out: str | Path, base_url: str) -> int:

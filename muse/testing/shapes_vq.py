@@ -9,6 +9,10 @@ share a code). Its stats include the shapes scorer on its reconstructions: the c
 any transformer that samples its tokens. The result is
 saved with `save_pretrained` and cached per machine under a key of everything that
 shapes it, so the demo trains it once.
+
+The training is bit-identical on any machine with the same package versions: it runs on
+`VQRecipe.threads` torch threads whatever the core count (1 and 2 threads give other weights,
+and other demo tables), with deterministic algorithms and every draw from seeded generators.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -27,7 +32,7 @@ import torch.nn.functional as F
 
 from muse.encode.image import decode_latents
 
-CACHE_VERSION = 2  # bump when the training code changes what comes out
+CACHE_VERSION = 3  # bump when the training code changes what comes out
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,12 @@ class VQRecipe:
     restart_every: int = 25
     world_seed: int = 1234
     seed: int = 0
+    # torch intra-op threads of the training: the weights depend on the count, so it is fixed.
+    # 1: on a 2-core machine shared with other work, 2 threads spin-wait on each other (the quick
+    # VQ took 630 s at 2 threads, 74 s at 1, bench/RESULTS.md "reproducible demo"). The demo's
+    # trainer now runs 2 with OMP_WAIT_POLICY=PASSIVE, which removes that ("demo threads"); 2 here
+    # too would change the weights and every machine's cached VQ (the count is in the key): not done
+    threads: int = 1
 
     def key(self) -> str:
         from muse.testing.shapes import JITTER, WIDTH
@@ -82,8 +93,27 @@ def _restart_dead(vq, h: torch.Tensor, used: torch.Tensor, gen: torch.Generator)
     return len(dead)
 
 
+@contextmanager
+def reproducible(threads: int):
+    """`threads` torch threads and deterministic algorithms inside; the caller's settings after."""
+    was_threads, was_det = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(was_det)
+        torch.set_num_threads(was_threads)
+
+
 def train_vq(r: VQRecipe, log=print) -> tuple[object, dict]:
-    """-> (trained VQModel in eval mode, stats {psnr, codes_used, recon_colour, recon_shape, steps, seconds})."""
+    """-> (trained VQModel in eval mode, stats {psnr, codes_used, recon_colour, recon_shape, steps, seconds});
+    the same weights on every machine (`reproducible`)."""
+    with reproducible(r.threads):
+        return _train_vq(r, log)
+
+
+def _train_vq(r: VQRecipe, log) -> tuple[object, dict]:
     from muse.testing.shapes import make_world
 
     torch.manual_seed(r.seed)
