@@ -1,6 +1,7 @@
 """Storage under the faults real GCS produces: the real fake-gcs-server behind the fault proxy
 (muse/testing/gcs_faults.py), through `Storage` and its one retry policy (muse/storage.py)."""
 
+import json
 import time
 
 import pytest
@@ -260,3 +261,38 @@ def test_what_the_policy_retries_is_transient_py_s_word():
     with pytest.raises(StorageError) as err:
         RetryPolicy(retries=0).delay(0, HttpError({"code": 503, "message": "x"}), time.monotonic(), "GET gs://b/o")
     assert is_transient(err.value) and "GET gs://b/o: failed after 1 try" in str(err.value)
+
+
+@pytest.mark.slow  # two 8-step trainings in subprocesses (~40 s on 2 shared cores)
+def test_training_through_faults_gives_the_weights_of_a_fault_free_run(tmp_path, gcs_emulator, gcs_proxy):
+    """`python -m muse.train` (a subprocess: its gcsfs talks to the proxy too) for 8 steps with a
+    checkpoint at 4, on gs:// with 5% of its requests faulted (every kind but flipped bytes, which
+    only the page checksums see, on purpose: tests/test_integrity.py): the step-8 weights, the
+    loss curve and the loader's position equal a fault-free run's, and the proxy did fault it."""
+    from muse.layout import metrics_file
+    from tests.train_helpers import make_data, run_train, tiny_config
+
+    gcs_proxy.menu = {kind: tuple(f for f in faults if f != "flip") for kind, faults in MENU.items()}
+
+    def train(name: str, rate: float) -> tuple[dict, dict]:
+        (tmp_path / name).mkdir()
+        root = gcs_emulator.new_root()
+        cfg = tiny_config(tmp_path / name, root, max_steps=8)
+        gcs_proxy.rate = 0.0
+        make_data(cfg, shards=2, rows=32, row_group_size=8)
+        gcs_proxy.reset_counts()
+        gcs_proxy.rate, gcs_proxy.seed = rate, 54
+        r = run_train(cfg, "--set", "storage.retries=8", "--set", "storage.timeout_s=2", timeout=400)
+        gcs_proxy.rate = 0.0
+        assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
+        st = Storage(root)
+        step = "checkpoints/t/step-00000008/"
+        out = {f: st.read_bytes(step + f) for f in ("model.safetensors", "loader.json")}
+        losses = [json.loads(x).get("loss") for x in st.read_bytes(metrics_file("t")).decode().splitlines()]
+        return out | {"losses": losses}, gcs_proxy.faults()
+
+    clean, _ = train("clean", 0.0)
+    faulted, faults = train("faulted", 0.05)
+    # seed 54's 5% meets the loader's reads and the checkpoint's uploads (6 faults of ~43 requests)
+    assert {kind for kind, _ in faults} >= {"read", "upload"} and sum(faults.values()) >= 4, faults
+    assert faulted == clean
