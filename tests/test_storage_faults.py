@@ -354,6 +354,17 @@ def test_permanent_fault_on_one_image_shard_fails_only_that_shard(tmp_path, gcs_
     assert f"{ds}/00001.parquet" not in st.list(ds, suffix=".parquet")
 
 
+def _storm_from(proxy, kind: str, n: int, seconds: float, rate: float = 0.5) -> None:
+    """Once the proxy has seen `n` requests of `kind`, fault `rate` of all requests for `seconds`,
+    then clear (a thread's target: the storm meets a phase's later requests, not only its first)."""
+    deadline = time.monotonic() + 120
+    while proxy.counts().get(kind, 0) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.rate = rate
+    time.sleep(seconds)
+    proxy.rate = 0.0
+
+
 def _download(tmp_path, root: str, source: str, before=lambda: None) -> dict:
     """`run_download` of `source` (a URL list on gs://) into `root` with img2dataset's real CLI;
     {path under the root: bytes} of what it wrote (no timestamps there: the registry records the
@@ -372,9 +383,9 @@ def _download(tmp_path, root: str, source: str, before=lambda: None) -> dict:
 
 
 @pytest.mark.slow
-def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emulator, gcs_proxy):
+def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emulator, gcs_proxy, caplog):
     """The download phase (img2dataset against the local image server, the shards written to gs://)
-    at 5% faults, then in a storm (50% for 4 s from its start, then clear): the image shards, their
+    at 5% faults, then in a storm (50% for 4 s from its first shard's upload, then clear): the image shards, their
     stats and `_SOURCES.json` equal a fault-free run's byte for byte, and every input row is in
     exactly once (none lost, none twice)."""
     import io
@@ -396,6 +407,7 @@ def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emu
         gcs_proxy.menu = NO_FLIPS
         gcs_proxy.reset_counts()
         clean = _download(tmp_path, gcs_emulator.new_root(), source)
+        assert {"images/_SOURCES.json", "images/00001_stats.json", "images/_config.yaml"} <= set(clean)
         shards = [v for k, v in clean.items() if k.endswith(".parquet")]
         rows = pa.concat_tables([pq.read_table(io.BytesIO(b)) for b in shards])
         assert sorted(rows["SAMPLE_ID"].to_pylist()) == list(range(14))  # each row once
@@ -407,13 +419,18 @@ def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emu
         assert _download(tmp_path, gcs_emulator.new_root(), source) == clean
         faults = gcs_proxy.faults()
         assert {kind for kind, _ in faults} >= {"read", "upload"}, faults
+        assert any("retrying in" in r.getMessage() for r in caplog.records if r.name == "muse.storage")
         gcs_proxy.rate = 0.0
 
-        def storm():
-            gcs_proxy.reset_counts()
-            gcs_proxy.rate, gcs_proxy.seed = 0.5, 1
-            threading.Timer(4.0, lambda: setattr(gcs_proxy, "rate", 0.0)).start()
-
-        assert _download(tmp_path, gcs_emulator.new_root(), source, before=storm) == clean
-        assert sum(gcs_proxy.faults().values()) >= 2, gcs_proxy.faults()
+        # the storm starts at the first shard's upload (the registry's is the first upload): the
+        # planning's requests met faults above, these are the shards, markers and the summary's
+        gcs_proxy.reset_counts()
+        gcs_proxy.seed = 1
+        storm = threading.Thread(target=_storm_from, args=(gcs_proxy, "upload", 2, 4.0), daemon=True)
+        storm.start()
+        assert _download(tmp_path, gcs_emulator.new_root(), source) == clean
+        storm.join(timeout=10)
+        faults = gcs_proxy.faults()
+        assert "upload" in {kind for kind, _ in faults} and sum(faults.values()) >= 3, faults
         assert time.monotonic() - started < 120  # hang guard
+
