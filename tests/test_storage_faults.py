@@ -434,3 +434,43 @@ def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emu
         assert "upload" in {kind for kind, _ in faults} and sum(faults.values()) >= 3, faults
         assert time.monotonic() - started < 120  # hang guard
 
+
+@pytest.mark.slow
+def test_sample_through_faults_writes_the_pngs_of_a_fault_free_run(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders):
+    """`run_sample` with its checkpoint on gs:// (the run's latest, found through LATEST) and its
+    PNGs written there: at 5% faults on its reads and uploads, the PNG bytes (pixels and the
+    parameters chunk) equal those of a fault-free run from the same checkpoint."""
+    import torch
+
+    from muse import checkpoint
+    from muse.config import ModelConfig, load_config
+    from muse.models import build_model
+    from muse.sample import run_sample
+    from muse.testing.tiny import CODEBOOK, TEXT_DIM, tiny_encode_overrides
+
+    root = gcs_emulator.new_root()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="base", preset="tiny", codebook_size=CODEBOOK, text_dim=TEXT_DIM))
+    checkpoint.save(Storage(root), "t", model, checkpoint.TrainState(step=4), "train: {}\n", keep=1)
+
+    def sample(out: str) -> dict:
+        cfg = load_config(None, tiny_encode_overrides(tiny_encoders) + [f"sample.out={out}"], data={
+            "storage": {"root": root, "retries": 8, "timeout_s": 1.0}, "source": {"paths": ["unused.parquet"]},
+            "train": {"run_name": "t"}, "sample": {"steps": 4, "device": "cpu",
+                                                  "prompts": ["a red circle", "a blue square"]}})
+        written = run_sample(cfg)
+        st = Storage(root)
+        return {url.rsplit("/", 1)[-1].split("-", 1)[1]: st.read_bytes(st.relative(url)) for url in written}
+
+    gcs_proxy.menu = NO_FLIPS
+    gcs_proxy.reset_counts()
+    clean = sample("samples/clean.png")
+    assert sorted(clean) == ["000.png", "001.png", "grid.png"]
+    seed = _seed_meeting(gcs_proxy, gcs_proxy.counts(), ("read", "upload"))
+    gcs_proxy.reset_counts()
+    gcs_proxy.rate, gcs_proxy.seed = 0.05, seed
+    started = time.monotonic()
+    assert sample("samples/faulted.png") == clean
+    faults = gcs_proxy.faults()
+    assert {kind for kind, _ in faults} >= {"read", "upload"}, faults
+    assert time.monotonic() - started < 60  # hang guard
