@@ -169,26 +169,33 @@ def tiny_encoders(tmp_path_factory):
     return build_tiny_encoders(tmp_path_factory.mktemp("enc"))
 
 
-def _encode(tmp_path, root, encoders, before=lambda: None):
-    """Phase 1 shards written, then `run_encode`; {path under the root: bytes} of what it wrote
-    (the root's own name and the manifest's creation time taken out: they differ by design)."""
-    import json
-
+def _encode_config(tmp_path, root, encoders, retries: int = 8):
+    """A pipeline config on `root` with the tiny encoders, and 3 phase-1 shards of 4 rows written."""
     import yaml
 
     from muse.config import load_config
-    from muse.encode import run_encode
     from muse.testing.image_shards import write_image_shard
     from muse.testing.tiny import tiny_encode_overrides
 
     path = tmp_path / f"pipeline-{root.rsplit('/', 2)[-2]}.yaml"
-    path.write_text(yaml.safe_dump({"storage": {"root": root, "retries": 8, "timeout_s": 1.0},
+    path.write_text(yaml.safe_dump({"storage": {"root": root, "retries": retries, "timeout_s": 1.0},
                                     "source": {"paths": ["unused.parquet"]},
                                     "encode": {"batch_size": 2, "row_group_size": 2}}))
     cfg = load_config(path, tiny_encode_overrides(encoders))
     st = Storage.from_config(cfg)
     for sid in range(3):
         write_image_shard(st, sid, [f"a caption {sid}-{i}" for i in range(4)])
+    return cfg, st
+
+
+def _encode(tmp_path, root, encoders, before=lambda: None):
+    """Phase 1 shards written, then `run_encode`; {path under the root: bytes} of what it wrote
+    (the root's own name and the manifest's creation time taken out: they differ by design)."""
+    import json
+
+    from muse.encode import run_encode
+
+    cfg, st = _encode_config(tmp_path, root, encoders)
     before()
     summary = run_encode(cfg)
     assert summary["rows"] == 12 and summary["shards"] == 3
@@ -296,3 +303,174 @@ def test_training_through_faults_gives_the_weights_of_a_fault_free_run(tmp_path,
     # seed 54's 5% meets the loader's reads and the checkpoint's uploads (6 faults of ~43 requests)
     assert {kind for kind, _ in faults} >= {"read", "upload"} and sum(faults.values()) >= 4, faults
     assert faulted == clean
+
+
+# -- the other phases on gs:// through the proxy
+
+NO_FLIPS = {kind: tuple(f for f in faults if f != "flip") for kind, faults in MENU.items()}
+
+
+def _tree(st: Storage, prefix: str) -> dict:
+    """{path under the root: bytes} of everything under `prefix`, the root's own name taken out."""
+    return {rel: st.read_bytes(rel).replace(st.uri.encode(), b"ROOT")
+            for rel in (st.relative(st.fs.unstrip_protocol(p)) for p in st.fs.find(st.path(prefix)))}
+
+
+def _seed_meeting(proxy, counts: dict, kinds: tuple, rate: float = 0.05) -> int:
+    """The first seed whose schedule at `rate` faults at least one request of each of `kinds`
+    among the first `counts[kind]` (what a fault-free run made): those requests are made again
+    by the faulted run, so its faults are sure to land, however few requests the phase makes."""
+    proxy.rate = rate
+    for seed in range(10_000):
+        if all(any(proxy.planned(k, n, seed) for n in range(counts.get(k, 0))) for k in kinds):
+            proxy.rate = 0.0
+            return seed
+    raise AssertionError(f"no seed faults {kinds} within {counts}")
+
+
+@pytest.mark.slow
+def test_permanent_fault_on_one_image_shard_fails_only_that_shard(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders):
+    """Every read of images/00001.parquet stalls past the read timeout: encode names that object
+    (its gs:// URL) in the error it raises, encodes and lists the two other shards, and ends
+    within the policy's bounds (3 tries of 1 s each), not at a hang."""
+    from muse.encode import EncodeError, run_encode
+    from muse.layout import dataset_dir, read_manifest
+
+    cfg, st = _encode_config(tmp_path, gcs_emulator.new_root(), tiny_encoders, retries=2)
+    gcs_proxy.fail_always("images/00001.parquet", "stall", kind="read")
+    started = time.monotonic()
+    with pytest.raises(EncodeError) as err:
+        run_encode(cfg)
+    assert time.monotonic() - started < 60  # hang guard
+    bad = st.url("images/00001.parquet")
+    assert "1 shard(s) failed: 00001" in str(err.value) and bad in str(err.value), str(err.value)
+    assert gcs_proxy.faults()[("read", "stall")] >= 3  # the first try and both retries met it
+    gcs_proxy.always.clear()
+    ds = dataset_dir(cfg)
+    manifest = read_manifest(st, ds)
+    assert [s["id"] for s in manifest["shards"]] == [0, 2] and manifest["rows"] == 8
+    assert manifest["pending"] == [1]
+    assert {f"{ds}/00000.parquet", f"{ds}/00002.parquet"} <= set(st.list(ds, suffix=".parquet"))
+    assert f"{ds}/00001.parquet" not in st.list(ds, suffix=".parquet")
+
+
+def _storm_from(proxy, kind: str, n: int, seconds: float, rate: float = 0.5) -> None:
+    """Once the proxy has seen `n` requests of `kind`, fault `rate` of all requests for `seconds`,
+    then clear (a thread's target: the storm meets a phase's later requests, not only its first)."""
+    deadline = time.monotonic() + 120
+    while proxy.counts().get(kind, 0) < n and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proxy.rate = rate
+    time.sleep(seconds)
+    proxy.rate = 0.0
+
+
+def _download(tmp_path, root: str, source: str, before=lambda: None) -> dict:
+    """`run_download` of `source` (a URL list on gs://) into `root` with img2dataset's real CLI;
+    {path under the root: bytes} of what it wrote (no timestamps there: the registry records the
+    source's md5 and the shards' rows, never when)."""
+    from muse.config import load_config
+    from muse.download import run_download
+
+    cfg = load_config(None, data={
+        "storage": {"root": root, "work_dir": str(tmp_path / "work"), "retries": 8, "timeout_s": 1.0},
+        "source": {"paths": [source]},
+        "download": {"image_size": 32, "processes": 1, "threads": 4, "shard_size": 8, "timeout_s": 4, "retries": 0}})
+    before()
+    summary = run_download(cfg)
+    assert summary["rows_in"] == 14 and summary["shards"] == [0, 1], summary
+    return _tree(Storage(root), "images")
+
+
+@pytest.mark.slow
+def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emulator, gcs_proxy, caplog):
+    """The download phase (img2dataset against the local image server, the shards written to gs://)
+    at 5% faults, then in a storm (50% for 4 s from its first shard's upload, then clear): the image shards, their
+    stats and `_SOURCES.json` equal a fault-free run's byte for byte, and every input row is in
+    exactly once (none lost, none twice)."""
+    import io
+    import threading
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from muse.testing.imageserver import ImageServer
+
+    with ImageServer() as srv:
+        urls = [srv.url(f"/img/{i}.jpg") for i in range(12)] + [srv.url("/404"), srv.url("/png/3.png")]
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"URL": urls, "TEXT": [f"caption {i}" for i in range(14)],
+                                 "SAMPLE_ID": pa.array(range(14), pa.int64())}), buf)
+        src = Storage(gcs_emulator.new_root("lists"))  # one URL list, outside the roots: same URI in each
+        src.write_bytes("part-0.parquet", buf.getvalue())
+        source = src.url("part-0.parquet")
+        gcs_proxy.menu = NO_FLIPS
+        gcs_proxy.reset_counts()
+        clean = _download(tmp_path, gcs_emulator.new_root(), source)
+        assert {"images/_SOURCES.json", "images/00001_stats.json", "images/_config.yaml"} <= set(clean)
+        shards = [v for k, v in clean.items() if k.endswith(".parquet")]
+        rows = pa.concat_tables([pq.read_table(io.BytesIO(b)) for b in shards])
+        assert sorted(rows["SAMPLE_ID"].to_pylist()) == list(range(14))  # each row once
+        assert rows["replaced"].to_pylist().count(True) == 1  # the 404, with its placeholder
+        seed = _seed_meeting(gcs_proxy, gcs_proxy.counts(), ("read", "upload"))
+        gcs_proxy.reset_counts()
+        gcs_proxy.rate, gcs_proxy.seed = 0.05, seed
+        started = time.monotonic()
+        assert _download(tmp_path, gcs_emulator.new_root(), source) == clean
+        faults = gcs_proxy.faults()
+        assert {kind for kind, _ in faults} >= {"read", "upload"}, faults
+        assert any("retrying in" in r.getMessage() for r in caplog.records if r.name == "muse.storage")
+        gcs_proxy.rate = 0.0
+
+        # the storm starts at the first shard's upload (the registry's is the first upload): the
+        # planning's requests met faults above, these are the shards, markers and the summary's
+        gcs_proxy.reset_counts()
+        gcs_proxy.seed = 1
+        storm = threading.Thread(target=_storm_from, args=(gcs_proxy, "upload", 2, 4.0), daemon=True)
+        storm.start()
+        assert _download(tmp_path, gcs_emulator.new_root(), source) == clean
+        storm.join(timeout=10)
+        faults = gcs_proxy.faults()
+        assert "upload" in {kind for kind, _ in faults} and sum(faults.values()) >= 3, faults
+        assert time.monotonic() - started < 120  # hang guard
+
+
+@pytest.mark.slow
+def test_sample_through_faults_writes_the_pngs_of_a_fault_free_run(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders):
+    """`run_sample` with its checkpoint on gs:// (the run's latest, found through LATEST) and its
+    PNGs written there: at 5% faults on its reads and uploads, the PNG bytes (pixels and the
+    parameters chunk) equal those of a fault-free run from the same checkpoint."""
+    import torch
+
+    from muse import checkpoint
+    from muse.config import ModelConfig, load_config
+    from muse.models import build_model
+    from muse.sample import run_sample
+    from muse.testing.tiny import CODEBOOK, TEXT_DIM, tiny_encode_overrides
+
+    root = gcs_emulator.new_root()
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(kind="base", preset="tiny", codebook_size=CODEBOOK, text_dim=TEXT_DIM))
+    checkpoint.save(Storage(root), "t", model, checkpoint.TrainState(step=4), "train: {}\n", keep=1)
+
+    def sample(out: str) -> dict:
+        cfg = load_config(None, tiny_encode_overrides(tiny_encoders) + [f"sample.out={out}"], data={
+            "storage": {"root": root, "retries": 8, "timeout_s": 1.0}, "source": {"paths": ["unused.parquet"]},
+            "train": {"run_name": "t"}, "sample": {"steps": 4, "device": "cpu",
+                                                  "prompts": ["a red circle", "a blue square"]}})
+        written = run_sample(cfg)
+        st = Storage(root)
+        return {url.rsplit("/", 1)[-1].split("-", 1)[1]: st.read_bytes(st.relative(url)) for url in written}
+
+    gcs_proxy.menu = NO_FLIPS
+    gcs_proxy.reset_counts()
+    clean = sample("samples/clean.png")
+    assert sorted(clean) == ["000.png", "001.png", "grid.png"]
+    seed = _seed_meeting(gcs_proxy, gcs_proxy.counts(), ("read", "upload"))
+    gcs_proxy.reset_counts()
+    gcs_proxy.rate, gcs_proxy.seed = 0.05, seed
+    started = time.monotonic()
+    assert sample("samples/faulted.png") == clean
+    faults = gcs_proxy.faults()
+    assert {kind for kind, _ in faults} >= {"read", "upload"}, faults
+    assert time.monotonic() - started < 60  # hang guard

@@ -131,15 +131,23 @@ class GCSFaultProxy:
                 if rule[0] == kind and rule[1] in name and rule[3] != 0:
                     fault, rule[3] = rule[2], (None if rule[3] is None else rule[3] - 1)
                     break
-            menu = self.menu.get(kind, ())
-            if fault is None and menu and self.rate > 0:
-                h = hashlib.blake2b(f"{self.seed}:{kind}:{n}".encode(), digest_size=16).digest()
-                u, pick = struct.unpack("<QQ", h)
-                if u / 2**64 < self.rate:
-                    fault = menu[pick % len(menu)]
+            if fault is None:
+                fault = self.planned(kind, n)
             if fault is not None:
                 self._faults[(kind, fault)] += 1
             return fault
+
+    def planned(self, kind: str, n: int, seed: int | None = None) -> str | None:
+        """The schedule's fault for the `n`-th request of `kind` (0-based) under `seed` (default
+        the proxy's), at the proxy's rate and menu, or None; counts nothing (a test picks with it
+        a seed whose faults meet the requests a run makes)."""
+        menu = self.menu.get(kind, ())
+        if not menu or self.rate <= 0:
+            return None
+        seed = self.seed if seed is None else seed
+        h = hashlib.blake2b(f"{seed}:{kind}:{n}".encode(), digest_size=16).digest()
+        u, pick = struct.unpack("<QQ", h)
+        return menu[pick % len(menu)] if u / 2**64 < self.rate else None
 
     def counts(self) -> dict[str, int]:
         """Requests seen per kind since the start (or `reset_counts`), faulted ones included."""
