@@ -26,6 +26,10 @@ os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 # machine): threads that sleep while they wait, rather than spin, keep that from costing 8x
 # (bench/RESULTS.md, "demo threads"). Read when torch loads, so set before it; the trainer inherits it
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# ...but a short spin first (torch's libgomp; other OpenMP runtimes ignore it): a thread that sleeps
+# at once pays a wake-up per parallel region, 22% of a quiet machine's training step; 20,000 spins
+# cost nothing measurable on one core or on busy ones (bench/RESULTS.md, "wait policy")
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")
 # the temporary server's first start (database set-up) can pass Prefect's 20 s on 2 busy cores
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 

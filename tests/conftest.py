@@ -11,6 +11,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 # as flows/demo.py: the demo subsets train on demo.THREADS threads, which spin 8x slower when the
 # shared cores are busy; set before torch loads (the trainers the tests start inherit it)
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("GOMP_SPINCOUNT", "20000")  # as flows/demo.py: a short spin before sleeping
 
 import pytest  # noqa: E402
 
