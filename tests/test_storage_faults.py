@@ -270,18 +270,37 @@ def test_what_the_policy_retries_is_transient_py_s_word():
     assert is_transient(err.value) and "GET gs://b/o: failed after 1 try" in str(err.value)
 
 
-@pytest.mark.slow  # two 8-step trainings in subprocesses (~40 s on 2 shared cores)
+def storm_at_first_request(proxy, seconds: float) -> None:
+    """From the proxy's next request on, fault 50% of requests for `seconds`, then none (a storm
+    that falls on the work, not on a subprocess's imports); counts start afresh."""
+    import threading
+
+    proxy.reset_counts()
+
+    def run():
+        deadline = time.monotonic() + 120
+        while not proxy.counts() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        proxy.rate = 0.5
+        time.sleep(seconds)
+        proxy.rate = 0.0
+
+    threading.Thread(target=run, daemon=True).start()
+
+
+@pytest.mark.slow  # three 8-step trainings in subprocesses (~30 s on 2 quiet cores)
 def test_training_through_faults_gives_the_weights_of_a_fault_free_run(tmp_path, gcs_emulator, gcs_proxy):
     """`python -m muse.train` (a subprocess: its gcsfs talks to the proxy too) for 8 steps with a
     checkpoint at 4, on gs:// with 5% of its requests faulted (every kind but flipped bytes, which
     only the page checksums see, on purpose: tests/test_integrity.py): the step-8 weights, the
-    loss curve and the loader's position equal a fault-free run's, and the proxy did fault it."""
+    loss curve and the loader's position equal a fault-free run's, and the proxy did fault it; the
+    same after a storm (50% of requests for 3 s from the run's first request, then none)."""
     from muse.layout import metrics_file
     from tests.train_helpers import make_data, run_train, tiny_config
 
     gcs_proxy.menu = {kind: tuple(f for f in faults if f != "flip") for kind, faults in MENU.items()}
 
-    def train(name: str, rate: float) -> tuple[dict, dict]:
+    def train(name: str, rate: float, before=lambda: None) -> tuple[dict, dict]:
         (tmp_path / name).mkdir()
         root = gcs_emulator.new_root()
         cfg = tiny_config(tmp_path / name, root, max_steps=8)
@@ -289,6 +308,7 @@ def test_training_through_faults_gives_the_weights_of_a_fault_free_run(tmp_path,
         make_data(cfg, shards=2, rows=32, row_group_size=8)
         gcs_proxy.reset_counts()
         gcs_proxy.rate, gcs_proxy.seed = rate, 54
+        before()
         r = run_train(cfg, "--set", "storage.retries=8", "--set", "storage.timeout_s=2", timeout=400)
         gcs_proxy.rate = 0.0
         assert r.returncode == 0, (r.stdout + r.stderr)[-3000:]
@@ -303,6 +323,9 @@ def test_training_through_faults_gives_the_weights_of_a_fault_free_run(tmp_path,
     # seed 54's 5% meets the loader's reads and the checkpoint's uploads (6 faults of ~43 requests)
     assert {kind for kind, _ in faults} >= {"read", "upload"} and sum(faults.values()) >= 4, faults
     assert faulted == clean
+    stormed, faults = train("storm", 0.0, before=lambda: storm_at_first_request(gcs_proxy, 3.0))
+    assert sum(faults.values()) >= 2, faults
+    assert stormed == clean
 
 
 # -- the other phases on gs:// through the proxy
@@ -439,7 +462,8 @@ def test_download_through_faults_and_a_storm_is_byte_identical(tmp_path, gcs_emu
 def test_sample_through_faults_writes_the_pngs_of_a_fault_free_run(tmp_path, gcs_emulator, gcs_proxy, tiny_encoders):
     """`run_sample` with its checkpoint on gs:// (the run's latest, found through LATEST) and its
     PNGs written there: at 5% faults on its reads and uploads, the PNG bytes (pixels and the
-    parameters chunk) equal those of a fault-free run from the same checkpoint."""
+    parameters chunk) equal those of a fault-free run from the same checkpoint, and after a storm
+    (50% for 2 s) too."""
     import torch
 
     from muse import checkpoint
@@ -473,4 +497,8 @@ def test_sample_through_faults_writes_the_pngs_of_a_fault_free_run(tmp_path, gcs
     assert sample("samples/faulted.png") == clean
     faults = gcs_proxy.faults()
     assert {kind for kind, _ in faults} >= {"read", "upload"}, faults
-    assert time.monotonic() - started < 60  # hang guard
+    gcs_proxy.rate = 0.0
+    storm_at_first_request(gcs_proxy, 2.0)
+    assert sample("samples/storm.png") == clean
+    assert sum(gcs_proxy.faults().values()) >= 2, gcs_proxy.faults()
+    assert time.monotonic() - started < 90  # hang guard
