@@ -2,12 +2,10 @@
 pool `gpu`: the encode-chunk deployment from prefect.yaml, a worker killed mid-chunk (with its flow
 run: a machine dying), Prefect's heartbeat automation marking the run Crashed, the chunk re-run."""
 
-import asyncio
 import contextvars
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -16,39 +14,13 @@ import psutil
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-PREFECT = [sys.executable, "-m", "prefect"]
+from tests import test_deployments
+from tests.test_deployments import PREFECT, REPO, _cli
+from tests.test_deployments import _with_api as _api
+
+server = test_deployments.server  # the deployments tests' Prefect server, one for this module too
+
 SHARDS, ROWS = 4, 16  # ~1 s a shard on one core: a chunk of 2 lasts long enough to be killed mid-way
-
-
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    from flows.demo_ui import free_port, start_server, stop
-
-    home = tmp_path_factory.mktemp("prefect-home")
-    log = open(home / "server.log", "wb")
-    try:
-        proc, env = start_server(home, free_port(0), log)
-    except RuntimeError:
-        log.close()
-        pytest.fail(f"prefect server did not start: {(home / 'server.log').read_text()[-2000:]}")
-    try:
-        yield env
-    finally:
-        stop(proc)
-        log.close()
-
-
-def _cli(env, *args, timeout=180):
-    r = subprocess.run(PREFECT + list(args), env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout)
-    assert r.returncode == 0, f"prefect {' '.join(args)} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-
-
-def _api(env, coro_fn):
-    from prefect.settings import PREFECT_API_URL, temporary_settings
-
-    with temporary_settings({PREFECT_API_URL: env["PREFECT_API_URL"]}):
-        return asyncio.run(coro_fn())
 
 
 async def _create_gpu_pool():
