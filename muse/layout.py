@@ -26,6 +26,15 @@ a hash of the key) stays valid.
 A shard is done when its Parquet file and its marker both exist (`done_shards`): a killed
 writer leaves no marker, so nothing half-written is ever trusted.
 
+Generations (issue 28: a retry pass re-fetches a shard's transiently failed rows): a finished
+shard is never rewritten in place; its rewrite is the next generation beside it, generation 0
+being the names above and generation K >= 1 tagged ".gK" after the id:
+    images/00042.g1.parquet, images/00042.g1_stats.json
+    encoded/<version>/00042.g1.parquet, encoded/<version>/00042.g1.json  (encoded from images' g1)
+A generation is finished by the same rule (Parquet + marker); readers take each id's newest
+finished generation (`done_generations`), so a killed rewrite leaves the one before in force.
+Rows and keys are the same in every generation of a shard; only rows fetched again differ.
+
 Phase 1, `images/NNNNN.parquet` (one row per input row, failures replaced):
     key str, caption str, caption_was_null bool, url str, image binary (JPEG, RGB,
     image_size x image_size), width int32, height int32, replaced bool, status str,
@@ -143,16 +152,35 @@ def parse_shard_id(text: str) -> int | None:
     return sid if format_shard_id(sid) == text else None
 
 
-def shard_name(phase: str, shard_id: int, suffix: str = ".parquet") -> str:
-    """Deterministic shard path: ("images", 42) -> "images/00042.parquet"."""
-    return f"{phase}/{format_shard_id(shard_id)}{suffix}"
+def shard_name(phase: str, shard_id: int, suffix: str = ".parquet", generation: int = 0) -> str:
+    """Deterministic shard path: ("images", 42) -> "images/00042.parquet"; generation 1 and on
+    (a retry pass's rewrite, see "Generations" above) -> "images/00042.g1.parquet"."""
+    if generation < 0:
+        raise ValueError(f"a generation is >= 0, got {generation}")
+    gen = f".g{generation}" if generation else ""
+    return f"{phase}/{format_shard_id(shard_id)}{gen}{suffix}"
+
+
+_SHARD_FILE = re.compile(r"([0-9]+)(?:\.g([0-9]+))?(?:[._](?!g).*)?", re.S)
+
+
+def parse_shard_name(path: str) -> tuple[int, int] | None:
+    """(shard id, generation) of a shard file or marker: ".../00042.parquet" -> (42, 0),
+    "00042.g3_stats.json" -> (42, 3), "00042.g1.json" -> (42, 1); None for any other name
+    (a stray "42.parquet", "00042.g01.parquet", "00042.g0.parquet": generation 0 has no tag)."""
+    m = _SHARD_FILE.fullmatch(path.rsplit("/", 1)[-1])
+    sid = parse_shard_id(m.group(1)) if m else None
+    gen = m.group(2) if m else None
+    if sid is None or (gen is not None and (gen == "0" or gen != str(int(gen)))):
+        return None
+    return sid, int(gen or 0)
 
 
 def shard_id_of(path: str) -> int | None:
-    """The id in a shard file's name, ".../00042.parquet" or ".../00042_stats.json" -> 42;
-    None when the name does not start with a well-spelled id."""
-    name = path.rsplit("/", 1)[-1]
-    return parse_shard_id(name.split(".", 1)[0].split("_", 1)[0])
+    """The id in a shard file's name, ".../00042.parquet", ".../00042_stats.json" or
+    ".../00042.g1.parquet" -> 42; None when the name is not a shard's."""
+    parsed = parse_shard_name(path)
+    return parsed[0] if parsed else None
 
 
 def key_row_width(shard_size: int) -> int:
@@ -175,20 +203,37 @@ def dataset_dir(cfg) -> str:
     return f"encoded/{cfg.encode.version()}"
 
 
-def done_marker(phase: str, shard_id: int) -> str:
+def done_marker(phase: str, shard_id: int, generation: int = 0) -> str:
     """The file written after a shard's Parquet file: ("images", 42) -> images/00042_stats.json
-    (img2dataset's name), (dataset_dir, 42) -> <dataset_dir>/00042.json (the encode record)."""
-    return shard_name(phase, shard_id, "_stats.json" if phase == IMAGES else ".json")
+    (img2dataset's name), (dataset_dir, 42) -> <dataset_dir>/00042.json (the encode record);
+    generation 2 -> images/00042.g2_stats.json, <dataset_dir>/00042.g2.json."""
+    return shard_name(phase, shard_id, "_stats.json" if phase == IMAGES else ".json", generation)
+
+
+def done_generations(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> dict[int, int]:
+    """{shard id: its newest finished generation} of `phase` (IMAGES or a dataset_dir): a
+    generation is finished when its Parquet file and its marker both exist, so a generation
+    being written (or killed half way) leaves the one before it in force. `listing`: as in
+    `done_shards`."""
+    names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
+    newest: dict[int, int] = {}
+    for name in names:
+        parsed = parse_shard_name(name) if name.endswith(".parquet") else None
+        if parsed is None:
+            continue
+        sid, gen = parsed
+        if (shard_name(phase, sid, generation=gen).rsplit("/", 1)[-1] == name
+                and done_marker(phase, sid, gen).rsplit("/", 1)[-1] in names and gen >= newest.get(sid, -1)):
+            newest[sid] = gen
+    return dict(sorted(newest.items()))
 
 
 def done_shards(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> list[int]:
-    """Ids of the finished shards of `phase` (IMAGES or a dataset_dir): Parquet and marker both exist.
+    """Ids of the finished shards of `phase` (IMAGES or a dataset_dir): Parquet and marker both
+    exist, of any generation (`done_generations` says which one is in force).
     `listing`: the paths (or names) of the files under `phase` when the caller has listed it
     already (e.g. the keys of `storage.sizes(phase)`), so one listing serves several uses."""
-    names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
-    ids = [shard_id_of(n) for n in names if n.endswith(".parquet")]
-    return sorted(i for i in ids if i is not None and f"{format_shard_id(i)}.parquet" in names
-                  and done_marker(phase, i).rsplit("/", 1)[-1] in names)
+    return list(done_generations(storage, phase, listing))
 
 
 def done_among(storage: Storage, phase: str, ids: Iterable[int]) -> list[int]:

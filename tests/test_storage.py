@@ -2,8 +2,8 @@
 
 import pytest
 
-from muse.layout import (IMAGES, done_among, done_marker, done_shards, format_shard_id, key_order, make_key,
-                         parse_shard_id, shard_id_of, shard_name)
+from muse.layout import (IMAGES, done_among, done_generations, done_marker, done_shards, format_shard_id, key_order,
+                         make_key, parse_shard_id, parse_shard_name, shard_id_of, shard_name)
 from muse.storage import Storage, source_fs
 
 SPARSE = [7, 99999, 100000, 123456, 10 ** 7]  # past 5 digits, without 100,000 shards
@@ -226,3 +226,47 @@ def test_browser_urls_gcs_only_and_signed_urls_verify_with_a_service_account_key
                          hashlib.sha256(canonical.encode()).hexdigest()])
     key.public_key().verify(bytes.fromhex(query["X-Goog-Signature"][0]), to_sign.encode(), padding.PKCS1v15(),
                             hashes.SHA256())  # raises InvalidSignature when it does not hold
+
+
+def test_generation_names_round_trip():
+    """Generation 0 keeps today's names; K >= 1 is tagged ".gK"; no other spelling is a shard."""
+    assert shard_name(IMAGES, 42, generation=1) == "images/00042.g1.parquet"
+    assert done_marker(IMAGES, 42, 12) == "images/00042.g12_stats.json"
+    assert done_marker("encoded/v1", 123456, 3) == "encoded/v1/123456.g3.json"
+    for sid in SPARSE + [0]:
+        for gen in (0, 1, 2, 10):
+            for name in (shard_name(IMAGES, sid, generation=gen), done_marker(IMAGES, sid, gen),
+                         done_marker("encoded/v1", sid, gen)):
+                assert parse_shard_name(name) == (sid, gen) and shard_id_of(name) == sid
+    for bad in ("00042.g0.parquet", "00042.g01.parquet", "42.g1.parquet", "00042.g.parquet", "00042.gx1.json"):
+        assert parse_shard_name(bad) is None, bad
+    with pytest.raises(ValueError):
+        shard_name(IMAGES, 1, generation=-1)
+
+
+def test_newest_finished_generation_is_in_force(any_root):
+    """A generation counts once its marker exists: an unfinished g2 leaves g1 in force, a
+    marker without its Parquet file counts for nothing, and stray names are ignored."""
+    st = Storage(any_root)
+
+    def put(sid, gen, marker=True, data=True):
+        if data:
+            st.write_bytes(shard_name(IMAGES, sid, generation=gen), b"x")
+        if marker:
+            st.write_json(done_marker(IMAGES, sid, gen), {})
+
+    put(1, 0)
+    put(1, 1)
+    put(1, 2, marker=False)          # a retry killed before its marker
+    put(2, 0)
+    put(2, 3, data=False)            # a marker whose data is gone
+    put(3, 0, marker=False)
+    put(3, 1)                        # only g1 finished (g0's marker lost): g1 stands alone
+    put(100000, 0)
+    put(100000, 10)                  # 10 sorts after 2 as a number, not as a string
+    put(100000, 2)
+    st.write_bytes("images/00004.g01.parquet", b"x")
+    st.write_json("images/00004.g01_stats.json", {})
+    assert done_generations(st, IMAGES) == {1: 1, 2: 0, 3: 1, 100000: 10}
+    assert done_shards(st, IMAGES) == [1, 2, 3, 100000]
+    assert done_among(st, IMAGES, [1, 2, 3]) == [1, 2, 3]
