@@ -12,8 +12,8 @@ from flows.encode_remote import run_chunks
 from flows.fanout import on_worker_device, submit_encode_chunks
 from flows.limits import encode_parallelism
 from muse.encode import encode_shard, finalize_manifest, plan_encode
-from muse.encode.shards import task_chunks
-from muse.layout import dataset_dir, done_among, format_shard_id
+from muse.encode.shards import encoded_among, task_chunks
+from muse.layout import dataset_dir, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
 
@@ -30,7 +30,9 @@ def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[in
     the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
     cfg = on_worker_device(cfg_from(config_path, overrides))  # on a Ray worker: the device Ray gave it
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
-    done = set(done_among(storage, ds, shard_ids))  # by an earlier try of this task: one listing
+    # by an earlier try of this task: one listing of each folder; an encoded shard of an older image
+    # generation is not done (a retry pass rewrote the image shard since)
+    done = set(encoded_among(storage, ds, shard_ids))
     records, failed = {}, {}
     for sid in shard_ids:
         if sid in done:

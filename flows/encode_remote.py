@@ -21,7 +21,9 @@ Parquet file (muse/encode/shards.py; both atomic: a temp file renamed, or a GCS 
 only once uploaded), a re-run chunk skips done shards, and the manifest is rebuilt from the
 records, one per shard id. A re-submit happens only after the old run is Crashed: its process is
 gone, or (a run whose heartbeats stopped while its process lives on) it writes the same bytes to
-the same names, so whichever lands last is a whole, identical shard.
+the same names, so whichever lands last is a whole, identical shard. Done means encoded from the image
+shard's newest generation (`encoded_among`): after a retry pass, a chunk re-encodes the shards it
+rewrote into their new generation's names and skips the rest.
 """
 
 from __future__ import annotations
@@ -37,7 +39,8 @@ from prefect.client.schemas.objects import FlowRun, StateType
 from prefect.deployments import run_deployment
 
 from flows.handoff import online_pool, run_link
-from muse.layout import dataset_dir, done_among, done_marker, format_shard_id
+from muse.encode.shards import encoded_among
+from muse.layout import dataset_dir, done_marker, format_shard_id
 from muse.storage import Storage
 
 POLL_S = 2.0
@@ -144,9 +147,9 @@ class ChunkOutcome:
                                f"{self.run.state.name}: {self.run.state.message}")
         storage, ds = Storage.from_config(self.cfg), dataset_dir(self.cfg)
         storage.invalidate()  # written by another process
-        done = done_among(storage, ds, self.ids)
-        blobs = storage.read_many([done_marker(ds, sid) for sid in done])
-        return {sid: json.loads(blobs[done_marker(ds, sid)]) for sid in done}
+        done = encoded_among(storage, ds, self.ids)  # of the image shard's newest generation only
+        blobs = storage.read_many([done_marker(ds, sid, gen) for sid, gen in done.items()])
+        return {sid: json.loads(blobs[done_marker(ds, sid, gen)]) for sid, gen in done.items()}
 
 
 def run_chunks(cfg, config_path: str, overrides: list[str], chunks: list[list[int]]):

@@ -451,6 +451,7 @@ SHARD_RECORD_SCHEMA = pa.schema([
     pa.field("bytes", pa.int64()), pa.field("sha256", pa.string()), pa.field("source", pa.string()),
     pa.field("replaced", pa.int64()),
     pa.field("crc32c", pa.string()),  # GCS's checksum of the file (`storage.crc32c`); null before it was recorded
+    pa.field("generation", pa.int64()),  # the image (and encoded) generation this shard is; null: 0, written before
 ])
 TRAINABLE_COLUMNS = [trainable_column(f, drop) for f, drop in TRAINABLE_SETTINGS]
 SHARD_TABLE_SCHEMA = pa.schema(list(SHARD_RECORD_SCHEMA) + [pa.field(c, pa.list_(pa.int32()))

@@ -7,7 +7,8 @@ Read-only: nothing is written anywhere (no registry, no retired shard, no marker
 counts come from the functions the phases run, not from a second copy of their arithmetic:
 `download.sources.plan_sources` (shard ids per source file; `plan_parts` is it plus the writes),
 `download.todo_chunks` (download tasks), `encode.shards.shards_to_encode` and `task_chunks`
-(encode tasks of the flow), `data.batches_per_epoch` and `data.total_steps` (the trainer's epoch
+(encode tasks of the flow; a shard whose newest image generation, e.g. a retry pass's, has no
+encoded shard yet counts as to encode), `data.batches_per_epoch` and `data.total_steps` (the trainer's epoch
 plan), `launch.procs_per_node` (the world size), `memory.resolve_batch` (train.global_batch).
 So shards, tasks and steps per epoch are exact for the data the plan sees.
 
@@ -27,8 +28,8 @@ from muse.config import PipelineConfig
 from muse.download import todo_chunks
 from muse.download.intact import check_image_shards
 from muse.download.sources import plan_sources
-from muse.encode.shards import shards_to_encode, task_chunks
-from muse.layout import GRID_BASE, GRID_SUPERRES, IMAGES, DataError, dataset_dir, done_marker, done_shards
+from muse.encode.shards import finished_generations, shards_to_encode, task_chunks
+from muse.layout import GRID_BASE, GRID_SUPERRES, IMAGES, DataError, dataset_dir, done_generations, done_marker
 from muse.storage import Storage
 
 DEFAULT_GPU = "H100 80GB HBM3"
@@ -54,8 +55,11 @@ def plan_data(cfg: PipelineConfig, storage: Storage, whole: list[int], broken: d
     retired = {s for e in sp.retired for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
     current = {s for p in sp.current for s in p.shard_ids()}
     images_after = (done - retired) | current  # files dropped from source.paths keep their shards
-    encoded = done_shards(storage, dataset_dir(cfg))
-    encode_ids = shards_to_encode(images_after, encoded)
+    # generations: a shard a retry pass rewrote is to encode again (its newest generation), a
+    # shard still to download will be generation 0
+    gens = done_generations(storage, IMAGES)
+    encoded = finished_generations(storage, dataset_dir(cfg))
+    encode_ids = shards_to_encode({s: gens.get(s, 0) for s in images_after}, encoded)
     rows_of = {s: p.row_range(s)[1] - p.row_range(s)[0] for p in sp.current for s in p.shard_ids()}
     entries = list(sp.registry["sources"].values())
     filtered: dict[str, int] = {}
@@ -72,7 +76,7 @@ def plan_data(cfg: PipelineConfig, storage: Storage, whole: list[int], broken: d
                      "retired": len(retired & done), "tasks": len(chunks),
                      "shards_per_task": cfg.download.shards_per_task, "shard_size": cfg.download.shard_size,
                      "cpu_hours": sum(c.row_range()[1] - c.row_range()[0] for c in chunks) * DOWNLOAD_CPU_S / 3600},
-        "encode": {"dataset": dataset_dir(cfg), "shards_done": len(set(encoded) & images_after),
+        "encode": {"dataset": dataset_dir(cfg), "shards_done": len(images_after) - len(encode_ids),
                    "shards_to_encode": len(encode_ids),
                    "rows_to_encode": sum(rows_of.get(s, cfg.download.shard_size) for s in encode_ids),
                    "tasks": len(task_chunks(encode_ids, cfg.encode.shards_per_task)),

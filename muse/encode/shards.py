@@ -2,7 +2,12 @@
 
 One output shard per input shard, same id. A shard is done when its record
 `encoded/<version>/NNNNN.json` exists (written after the Parquet file); the manifest is
-rebuilt from the records of the current image shards and written last. So N workers can
+rebuilt from the records of the current image shards and written last.
+Generations (layout.py): encode reads each image shard's newest finished generation K and writes
+encoded generation K beside the others (`00042.g1.parquet` + `00042.g1.json`; generation 0 keeps
+the plain names), in the same dataset version (the encoders did not change); a shard is to do
+while its image generation has no finished encoded one, so a retry pass re-encodes only the
+shards it rewrote and never touches the others' files. So N workers can
 encode disjoint shards of one dataset concurrently, a killed run leaves nothing that a
 reader trusts, and a re-run does only what is missing. The version is a hash of the
 encoder config, and `_ENCODERS.json` records a fingerprint of the weights loaded (hub commit or
@@ -23,6 +28,7 @@ import io
 import json
 import math
 import multiprocessing
+import os
 import queue
 import sys
 import threading
@@ -39,9 +45,9 @@ from muse.config import resolve_device
 from muse.encode.fingerprint import encoder_changes, weights_fingerprint
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, PAGE_CHECKSUMS, SCHEMA_VERSION, check_version,
-                         dataset_dir, done_marker, done_shards, empty_caption_record, encoded_schema,
-                         format_shard_id, open_shard, read_problem, shard_name, t5_to_bytes, trainable_counts,
-                         write_manifest)
+                         dataset_dir, done_generations, done_marker, done_shards, empty_caption_record,
+                         encoded_schema, format_shard_id, open_shard, parse_shard_name, read_problem, shard_name,
+                         t5_to_bytes, trainable_counts, write_manifest)
 from muse.pictures import decode_picture
 from muse.storage import Storage, crc32c
 
@@ -168,8 +174,8 @@ def _to_parquet(table: pa.Table, row_group_size: int) -> bytes:
     return buf.getvalue()
 
 
-def _read_images(storage: Storage, shard_id: int) -> pa.Table:
-    src = shard_name(IMAGES, shard_id)
+def _read_images(storage: Storage, shard_id: int, generation: int = 0) -> pa.Table:
+    src = shard_name(IMAGES, shard_id, generation=generation)
     try:
         with storage.open(src) as f:  # page checksums verified: a changed byte is named, not encoded
             table = open_shard(f).read(columns=["key", "caption", "replaced", "image"])
@@ -179,21 +185,28 @@ def _read_images(storage: Storage, shard_id: int) -> pa.Table:
     return table
 
 
-def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None) -> dict:
-    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, crc32c, source, replaced,
-    train_rows: `layout.trainable_counts`).
-    `table`: the image shard, when the caller has already read it."""
+def encode_shard(cfg, shard_id: int, storage: Storage | None = None, table: pa.Table | None = None,
+                 generation: int | None = None) -> dict:
+    """Encode and write one shard; returns its record (id, path, rows, bytes, sha256, crc32c, source,
+    generation, replaced, train_rows: `layout.trainable_counts`).
+    `generation`: the image generation to encode (None: its newest finished one); `table`: that
+    image shard, when the caller has already read it."""
     storage = storage or Storage.from_config(cfg)
-    return _encode_then_write(cfg, shard_id, storage, table)()
+    if generation is None:
+        generation = image_generations(storage, [shard_id]).get(shard_id, 0)
+    return _encode_then_write(cfg, shard_id, storage, table, generation)()
 
 
-def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | None) -> Callable[[], dict]:
-    """Run the models on one shard now; return the function that writes it (Parquet, then the
-    record), so that `run_encode` can upload in a writer thread while the next shard is encoded."""
+def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | None,
+                       generation: int) -> Callable[[], dict]:
+    """Run the models on one shard (image `generation`) now; return the function that writes it
+    (Parquet, then the record), so that `run_encode` can upload in a writer thread while the next
+    shard is encoded."""
     e, ds = cfg.encode, dataset_dir(cfg)
     enc = Encoders.get(e)
-    table = _read_images(storage, shard_id) if table is None else table
-    out = encode_table(table, enc, e, storage.url(shard_name(IMAGES, shard_id)))
+    src = shard_name(IMAGES, shard_id, generation=generation)
+    table = _read_images(storage, shard_id, generation) if table is None else table
+    out = encode_table(table, enc, e, storage.url(src))
     # Same content from every worker, so a race between two of them is harmless. Computed
     # here, not in the writer thread, which would run it beside the next shard's models.
     facts = encoder_facts_to_write(enc, e, storage, ds)
@@ -202,31 +215,74 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
         if facts is not None:
             storage.write_json(f"{ds}/{ENCODERS}", facts)
         data = _to_parquet(out, e.row_group_size)
-        rel = shard_name(ds, shard_id)
+        rel = shard_name(ds, shard_id, generation=generation)  # a new generation never overwrites an older one
         storage.write_bytes(rel, data)
         record = {"id": shard_id, "path": rel.rsplit("/", 1)[-1], "rows": out.num_rows, "bytes": len(data),
                   "sha256": hashlib.sha256(data).hexdigest(), "crc32c": crc32c(data),  # crc32c: GCS's own
-                  "source": shard_name(IMAGES, shard_id),
+                  "source": src, "generation": generation,
                   "replaced": int(np.sum(out.column("replaced").to_numpy(zero_copy_only=False))),
                   # so a loader with an eval slice or dropped placeholders reads no row group to plan
                   "train_rows": trainable_counts(out.column("key").to_pylist(), out.column("replaced").to_numpy(
                       zero_copy_only=False), e.row_group_size), **enc.runtime}
-        storage.write_json(done_marker(ds, shard_id), record)  # the done marker, after the data
+        storage.write_json(done_marker(ds, shard_id, generation), record)  # the done marker, after the data
         return record
 
     return write
 
 
+def finished_generations(storage: Storage, phase: str, listing=None) -> set[tuple[int, int]]:
+    """Every finished (shard id, generation) of `phase` (Parquet file and marker both exist; the
+    rule of `layout.done_generations`, which keeps only the newest per id). `listing`: as there."""
+    names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
+    out = set()
+    for name in names:
+        parsed = parse_shard_name(name) if name.endswith(".parquet") else None
+        if parsed is None:
+            continue
+        sid, gen = parsed
+        if (shard_name(phase, sid, generation=gen).endswith("/" + name)  # not 00042_x.parquet
+                and done_marker(phase, sid, gen).rsplit("/", 1)[-1] in names):
+            out.add(parsed)
+    return out
+
+
+def _prefix_listing(storage: Storage, phase: str, ids: list[int] | None) -> list[str]:
+    """The names of `phase` that start like all of `ids` (their common prefix, as in
+    `layout.done_among`): a chunk's few hundred names however many shards the folder holds."""
+    if ids is None:
+        return storage.list(phase)
+    if not ids:
+        return []
+    start = os.path.commonprefix([format_shard_id(min(ids)), format_shard_id(max(ids))])
+    return storage.list(phase, name_prefix=start)
+
+
+def image_generations(storage: Storage, ids: list[int] | None = None) -> dict[int, int]:
+    """{image shard id: its newest finished generation} (of `ids` only, from one listing of the names
+    that start like them; None: all)."""
+    gens = done_generations(storage, IMAGES, _prefix_listing(storage, IMAGES, ids))
+    return gens if ids is None else {s: g for s, g in gens.items() if s in set(ids)}
+
+
+def encoded_among(storage: Storage, ds: str, ids: list[int]) -> dict[int, int]:
+    """{id: generation} of those of `ids` whose image shard's newest generation is encoded already
+    (its record exists): what a chunk task skips, and whose records a chunk's outcome reads. An
+    encoded shard of an older generation does not count: the retry pass's rows are not in it."""
+    images = image_generations(storage, ids)
+    encoded = finished_generations(storage, ds, _prefix_listing(storage, ds, ids))
+    return {s: g for s, g in images.items() if (s, g) in encoded}
+
+
 def plan_encode(cfg, storage: Storage | None = None) -> list[int]:
-    """Image shards that are not yet done in this dataset version."""
+    """Image shards whose newest generation is not yet encoded in this dataset version."""
     storage = storage or Storage.from_config(cfg)
-    return shards_to_encode(done_shards(storage, IMAGES), done_shards(storage, dataset_dir(cfg)))
+    return shards_to_encode(done_generations(storage, IMAGES), finished_generations(storage, dataset_dir(cfg)))
 
 
-def shards_to_encode(image_shards, encoded) -> list[int]:
-    """The image shards (ids) without an encoded shard, in id order (also `muse plan`)."""
-    done = set(encoded)
-    return sorted(s for s in set(image_shards) if s not in done)
+def shards_to_encode(images: dict[int, int], encoded: set[tuple[int, int]]) -> list[int]:
+    """The image shards ({id: newest finished generation}) without a finished encoded shard of that
+    generation (`finished_generations`), in id order (also `muse plan`)."""
+    return sorted(s for s, g in images.items() if (s, g) not in encoded)
 
 
 def task_chunks(ids: list[int], shards_per_task: int) -> list[list[int]]:
@@ -262,7 +318,10 @@ def _encoder_facts(enc: Encoders, e) -> dict:
 
 
 def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
-    """Write the manifest (last) from the records of the current image shards.
+    """Write the manifest (last) from the records of the current image shards: per id, the encoded
+    generation of the image shard's newest generation; while that one is not encoded yet (a killed
+    or failed re-encode), the newest older encoded generation stays in force and the id is listed
+    in `pending` (as is an id with no encoded shard at all, which is not listed).
 
     Cost: one listing of each folder and the records fetched concurrently (`read_many`), not a
     round trip per shard in turn. The model facts come from `_ENCODERS.json`, written by the shard encoders, so a CPU-only
@@ -272,16 +331,21 @@ def finalize_manifest(cfg, storage: Storage | None = None) -> dict:
     facts_rel = f"{ds}/{ENCODERS}"
     facts = storage.read_json(facts_rel) if storage.exists(facts_rel) else _encoder_facts(Encoders.get(e), e)
     info = facts["info"]
-    done = set(done_shards(storage, ds))
-    current = done_shards(storage, IMAGES)
-    records = storage.read_many([done_marker(ds, sid) for sid in current if sid in done])
-    shards = [json.loads(data) for data in records.values()]
+    encoded: dict[int, list[int]] = {}
+    for sid, gen in finished_generations(storage, ds):
+        encoded.setdefault(sid, []).append(gen)
+    current = done_generations(storage, IMAGES)
+    # never a generation newer than the image's (its image shard was deleted: not what is in force)
+    chosen = {sid: max((g for g in encoded.get(sid, []) if g <= gen), default=None) for sid, gen in current.items()}
+    records = storage.read_many([done_marker(ds, sid, g) for sid, g in chosen.items() if g is not None])
+    # records written before generations were recorded are of generation 0
+    shards = [{"generation": 0} | json.loads(data) for data in records.values()]
     storage.write_config(ds, cfg)
     return write_manifest(storage, ds, shards=shards, text_dim=info["text_dim"],
                           codebook_size=info["codebook_size"], empty_caption=facts["empty_caption"],
                           superres=e.superres, encode=e.model_dump(mode="json"),
                           models={k: info[k] for k in ("text_model", "vq_model", "superres_vq_model")},
-                          pending=[sid for sid in current if sid not in done])
+                          pending=[sid for sid, gen in current.items() if chosen[sid] != gen])
 
 
 def run_encode(cfg) -> dict:
@@ -301,8 +365,8 @@ def run_encode(cfg) -> dict:
             encoder_facts_to_write(Encoders.get(work.encode), work.encode, storage, dataset_dir(cfg))
         rows, failed = _encode_ids(work, storage, todo)
     manifest = finalize_manifest(cfg, storage)
-    listed = {s["id"] for s in manifest["shards"]}
-    failed = {sid: err for sid, err in failed.items() if sid not in listed}  # a broken pool's chunk may have landed
+    pending = set(manifest["pending"])  # an older generation may be listed: pending is what is not encoded
+    failed = {sid: err for sid, err in failed.items() if sid in pending}  # a broken pool's chunk may have landed
     summary = {"dataset": storage.url(dataset_dir(cfg)), "shards": len(manifest["shards"]),
                "rows": manifest["rows"], "replaced": manifest["replaced"], "encoded_now": len(todo) - len(failed),
                "failed": {format_shard_id(k): v for k, v in sorted(failed.items())}}
@@ -319,17 +383,18 @@ def _encode_ids(cfg, storage: Storage, todo: list[int]) -> tuple[int, dict[int, 
     """Encode the shards `todo` in this process, in turn -> (rows written, {failed shard: error})."""
     failed: dict[int, str] = {}
     t0, rows = time.time(), 0
+    gens = image_generations(storage, todo)  # each shard's newest image generation, fixed for this run
     # Reader, models and writer overlap: the next image shard downloads (a GCS read of a
     # 10k-row shard takes seconds) while this one is on the models and the last one uploads.
     with ThreadPoolExecutor(max_workers=1) as writer, ThreadPoolExecutor(max_workers=1) as reader:
         pending: list[tuple[int, Future]] = []
-        reads = [reader.submit(_read_images, storage, sid) for sid in todo[:1]]
+        reads = [reader.submit(_read_images, storage, sid, gens.get(sid, 0)) for sid in todo[:1]]
         for i, sid in enumerate(todo):
             if i + 1 < len(todo):
-                reads.append(reader.submit(_read_images, storage, todo[i + 1]))
+                reads.append(reader.submit(_read_images, storage, todo[i + 1], gens.get(todo[i + 1], 0)))
             try:
                 table = reads.pop(0).result()
-                pending.append((sid, writer.submit(_encode_then_write(cfg, sid, storage, table))))
+                pending.append((sid, writer.submit(_encode_then_write(cfg, sid, storage, table, gens.get(sid, 0)))))
             except Exception as err:  # noqa: BLE001 - one bad shard must not stop the others
                 failed[sid] = str(err)
                 print(f"encode: shard {format_shard_id(sid)} FAILED: {err}", file=sys.stderr)
