@@ -57,9 +57,9 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from muse.layout import (GRID_BASE, GRID_SUPERRES, MANIFEST, DataError, check_encoded_columns, format_shard_id,
-                         in_eval_slice, open_shard, parse_shard_id, read_manifest, read_problem, read_shard_table,
-                         t5_from_bytes, trainable_column, trainable_mask)
+from muse.layout import (GRID_BASE, GRID_SUPERRES, IMAGES, MANIFEST, DataError, check_encoded_columns,
+                         format_shard_id, in_eval_slice, open_shard, parse_shard_id, read_manifest, read_problem,
+                         read_shard_table, shard_name, t5_from_bytes, trainable_column, trainable_mask)
 from muse.lifecycle import die_with_parent
 from muse.masking import pad_embeddings
 from muse.storage import RetryPolicy, Storage
@@ -161,30 +161,47 @@ FINGERPRINT_BLOCK = 1024  # shard ids per block digest: a change is named to wit
 
 def loader_fingerprint(manifest: dict, *, seed: int, streams: int, batch_size: int, shuffle_buffer: int,
                        world_size: int, replaced_rows: str, grad_accum: int = 1) -> dict:
-    """What a saved loader state is valid for: the manifest's shards (`shards_fingerprint`) and the
-    settings that fix the sample order. Saved with the loader state; see `loader_changes`."""
+    """What a saved loader state is valid for: the manifest's shards (`shards_fingerprint`, with each
+    shard's generation) and the settings that fix the sample order. Saved with the loader state;
+    see `loader_changes`."""
     shards = {int(s["id"]): s.get("sha256") or f"{s.get('bytes')}b/{s['rows']}r" for s in manifest["shards"]}
-    return {"shards": shards_fingerprint(shards), "loader_version": LOADER_VERSION, "seed": seed,
+    generations = {int(s["id"]): int(s.get("generation") or 0) for s in manifest["shards"]}
+    return {"shards": shards_fingerprint(shards, generations), "loader_version": LOADER_VERSION, "seed": seed,
             "loader_streams": streams, "batch_size": batch_size, "grad_accum": grad_accum,
             "shuffle_buffer": shuffle_buffer, "replaced_rows": replaced_rows, "world_size": world_size}
 
 
-def shards_fingerprint(shards: dict[int, str]) -> dict:
-    """{id: sha256 (or bytes/rows)} -> a few kB whatever the shard count: the count, the ids as
-    ranges ("0-229999"), a sha256 of everything and a 64-bit digest per block of FINGERPRINT_BLOCK
-    ids, so a change is named: added and removed ids exactly, a changed shard by its block."""
-    ids = sorted(shards)
-    ranges, blocks = [], {}
+def _ranges(ids: list[int]) -> str:
+    """Sorted ids as ranges: [0, 1, 2, 7] -> "0-2,7" (`_ids_of` is its inverse)."""
+    ranges: list[list[int]] = []
     for i in ids:
         if ranges and ranges[-1][1] == i - 1:
             ranges[-1][1] = i
         else:
             ranges.append([i, i])
+    return ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges)
+
+
+def shards_fingerprint(shards: dict[int, str], generations: dict[int, int] | None = None) -> dict:
+    """{id: sha256 (or bytes/rows)} -> a few kB whatever the shard count: the count, the ids as
+    ranges ("0-229999"), a sha256 of everything and a 64-bit digest per block of FINGERPRINT_BLOCK
+    ids, so a change is named: added and removed ids exactly, a changed shard by its block.
+    `generations` {id: generation}: the ids of each generation >= 1 as ranges ({"1": "3,17-19"};
+    absent when every shard is generation 0), so a shard that a retry pass rewrote is named exactly."""
+    ids = sorted(shards)
+    blocks = {}
+    for i in ids:
         blocks.setdefault(i // FINGERPRINT_BLOCK, hashlib.sha256()).update(f"{i}:{shards[i]}\n".encode())
     everything = hashlib.sha256("".join(f"{i}:{shards[i]}\n" for i in ids).encode()).hexdigest()
-    return {"count": len(ids), "ids": ",".join(f"{a}-{b}" if b > a else f"{a}" for a, b in ranges),
-            "sha256": everything, "blocks": {format_shard_id(b * FINGERPRINT_BLOCK): h.hexdigest()[:16]
-                                             for b, h in blocks.items()}}
+    out = {"count": len(ids), "ids": _ranges(ids), "sha256": everything,
+           "blocks": {format_shard_id(b * FINGERPRINT_BLOCK): h.hexdigest()[:16] for b, h in blocks.items()}}
+    by_gen: dict[int, list[int]] = {}
+    for i in ids:
+        if (generations or {}).get(i):
+            by_gen.setdefault(generations[i], []).append(i)
+    if by_gen:
+        out["generations"] = {str(g): _ranges(members) for g, members in sorted(by_gen.items())}
+    return out
 
 
 def _ids_of(ranges: str) -> set[int]:
@@ -195,21 +212,40 @@ def _ids_of(ranges: str) -> set[int]:
     return out
 
 
+def _generations_of(fingerprint: dict) -> dict[int, int]:
+    """{id: generation} of the shards of generation >= 1 (a fingerprint saved before generations: none)."""
+    return {i: int(g) for g, ranges in (fingerprint.get("generations") or {}).items() for i in _ids_of(ranges)}
+
+
+def _named(what: str, names: list[str]) -> str:
+    return f"{what}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+
+
 def shards_changes(saved: dict, now: dict) -> list[str]:
-    """What differs between two `shards_fingerprint`s, one phrase each ([] = the same)."""
+    """What differs between two `shards_fingerprint`s, one phrase each ([] = the same). A shard whose
+    generation changed is named with both ("shard 00003: generation 0 -> 1 ..."); its block is not
+    named again as changed."""
     if saved["sha256"] == now["sha256"]:
         return []
     old, new = _ids_of(saved["ids"]), _ids_of(now["ids"])
-    moved = {i // FINGERPRINT_BLOCK for i in old ^ new}  # blocks with added or removed ids: named as such
+    g_old, g_new = _generations_of(saved), _generations_of(now)
+    regen = sorted(i for i in old & new if g_old.get(i, 0) != g_new.get(i, 0))
+    # blocks with added or removed ids, or a shard of another generation: named as such
+    moved = {i // FINGERPRINT_BLOCK for i in (old ^ new) | set(regen)}
     changed = sorted((b for b in set(saved["blocks"]) | set(now["blocks"]) if saved["blocks"].get(b) !=
                       now["blocks"].get(b) and parse_shard_id(b) // FINGERPRINT_BLOCK not in moved), key=parse_shard_id)
     out = []
-    for what, ids in (("added", sorted(new - old)), ("removed", sorted(old - new)),
-                      ("changed in ids", [f"{b}-{format_shard_id(parse_shard_id(b) + FINGERPRINT_BLOCK - 1)}"
-                                          for b in changed])):
-        names = [format_shard_id(i) if isinstance(i, int) else i for i in ids]
-        if names:
-            out.append(f"shards {what}: {', '.join(names[:5])}" + (f" and {len(names) - 5} more" if len(names) > 5 else ""))
+    for what, ids in (("shards added", sorted(new - old)), ("shards removed", sorted(old - new)),
+                      ("shards changed in ids", [f"{b}-{format_shard_id(parse_shard_id(b) + FINGERPRINT_BLOCK - 1)}"
+                                                 for b in changed])):
+        if ids:
+            out.append(_named(what, [format_shard_id(i) if isinstance(i, int) else i for i in ids]))
+    for i in regen[:5]:
+        a, b = g_old.get(i, 0), g_new.get(i, 0)
+        why = "a retry pass re-fetched rows" if b > a else "an older generation is in force again"
+        out.append(f"shard {format_shard_id(i)}: generation {a} -> {b} ({why})")
+    if len(regen) > 5:
+        out.append(f"and {len(regen) - 5} more shards of another generation")
     return out or [f"shards changed ({saved['count']} -> {now['count']} shards)"]
 
 
@@ -637,7 +673,8 @@ class _Stream:
 
 
 def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
-    """The eval slice in shard order: dicts {key, caption, replaced, shard_id, t5 [L, D] float32}.
+    """The eval slice in shard order: dicts {key, caption, replaced, shard_id, source, t5 [L, D] float32};
+    `source`: the image shard (generation) the row was encoded from, as its record names it.
 
     Reads the key column of each row group and the other columns only where a key is in the slice.
     """
@@ -655,6 +692,7 @@ def iter_eval_rows(storage: Storage, dataset_dir: str, eval_holdout: float):
                 cols = _eval_slice(pf, rg, eval_holdout, f"{storage.url(rel)} row group {rg}")
                 for key, caption, replaced, t5 in zip(*(cols.column(c).to_pylist() for c in cols.column_names)):
                     yield {"key": key, "caption": caption, "replaced": bool(replaced), "shard_id": shard["id"],
+                           "source": shard.get("source") or shard_name(IMAGES, shard["id"]),
                            "t5": t5_from_bytes(t5, dim).astype(np.float32)}
 
 

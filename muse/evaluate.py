@@ -226,18 +226,20 @@ def eval_rows(cfg: PipelineConfig, storage: Storage, max_samples: int) -> tuple[
 
 
 def real_images(storage: Storage, rows: list[dict], size: int) -> np.ndarray:
-    """The rows' phase-1 images (same shard id), decoded RGB and resized to size x size."""
+    """The rows' phase-1 images, decoded RGB and resized to size x size: from the image shard each
+    row was encoded from (`source`: the generation its encoded shard's record names; a row without
+    one, the shard id's generation 0), so the real picture is the one its tokens describe."""
     import pyarrow as pa
 
     from muse.pictures import decode_picture
 
     out: dict[str, np.ndarray] = {}
-    for sid in sorted({r["shard_id"] for r in rows}):
-        rel = shard_name("images", sid)
+    source = {r["key"]: r.get("source") or shard_name("images", r["shard_id"]) for r in rows}
+    for rel in sorted(set(source.values())):
         if not storage.exists(rel):
             raise EvalError(f"{storage.url(rel)} is missing: the eval slice's real images come from the "
                             "phase-1 shards (run `muse download`, or keep them next to the encoded data)")
-        wanted = {r["key"] for r in rows if r["shard_id"] == sid}
+        wanted = {k for k, src in source.items() if src == rel}
         try:
             with storage.open(rel) as f:  # page checksums verified: a changed byte is named
                 table = open_shard(f).read(columns=["key", "image"])
