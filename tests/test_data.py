@@ -320,3 +320,32 @@ def test_loader_changes_name_shards_in_id_order():
                                              "shards changed in ids: 00000-01023"]
     many = {"shards": shards_fingerprint({i: "a" for i in range(7)})}
     assert loader_changes({"shards": shards_fingerprint({})}, many) == ["shards added: 00000, 00001, 00002, 00003, 00004 and 2 more"]
+
+
+def test_loader_changes_name_a_shard_of_another_generation():
+    """Issue 28: a shard a retry pass rewrote is named with both generations, not as a changed block;
+    a fingerprint saved before generations were recorded reads as all generation 0."""
+    from muse.data import shards_fingerprint
+
+    before = shards_fingerprint({i: "a" for i in range(10)})
+    assert "generations" not in before  # generation 0 everywhere: the fingerprint of old checkpoints
+    after = shards_fingerprint({i: "b" if i == 3 else "a" for i in range(10)}, {3: 1})
+    assert after["generations"] == {"1": "3"}
+    assert loader_changes({"shards": before}, {"shards": after}) == [
+        "shard 00003: generation 0 -> 1 (a retry pass re-fetched rows)"]
+    assert loader_changes({"shards": after}, {"shards": before}) == [
+        "shard 00003: generation 1 -> 0 (an older generation is in force again)"]
+    many = shards_fingerprint({i: "c" for i in range(10)}, {i: 2 for i in range(1, 8)})
+    assert many["generations"] == {"2": "1-7"}
+    assert loader_changes({"shards": after}, {"shards": many}) == [
+        "shard 00001: generation 0 -> 2 (a retry pass re-fetched rows)",
+        "shard 00002: generation 0 -> 2 (a retry pass re-fetched rows)",
+        "shard 00003: generation 1 -> 2 (a retry pass re-fetched rows)",
+        "shard 00004: generation 0 -> 2 (a retry pass re-fetched rows)",
+        "shard 00005: generation 0 -> 2 (a retry pass re-fetched rows)",
+        "and 2 more shards of another generation"]
+    # another shard's bytes changed in a block without a generation change: still named by its block
+    far = shards_fingerprint({**{i: "b" if i == 3 else "a" for i in range(10)}, 5000: "x"}, {3: 1})
+    farther = shards_fingerprint({**{i: "a" for i in range(10)}, 5000: "y"})
+    assert loader_changes({"shards": far}, {"shards": farther}) == [
+        "shards changed in ids: 04096-05119", "shard 00003: generation 1 -> 0 (an older generation is in force again)"]
