@@ -15,7 +15,7 @@ from muse.encode import EncodeError, encode_shard, plan_encode, run_encode
 from muse.encode.fingerprint import weights_fingerprint
 from muse.encode.image import load_vq, vq_from_ref
 from muse.encode.shards import Encoders
-from muse.layout import ENCODERS, dataset_dir, done_marker
+from muse.layout import ENCODERS, dataset_dir, done_marker, read_manifest
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_shard
 from muse.testing.tiny import build_tiny_t5, build_tiny_vq, tiny_encode_overrides
@@ -42,6 +42,8 @@ def test_weights_rebuilt_at_the_same_path_are_refused_and_the_same_weights_accep
     assert recorded["vq_model"].startswith("sha256:") and set(recorded) == {"text_model", "vq_model"}
 
     write_image_shard(storage, 1, ["a green circle", "two cats"])
+    # a retry pass's generation 1 of shard 0 goes into the same version: the same refusal applies
+    write_image_shard(storage, 0, ["a red fox", "a blue square"], generation=1, changed=[1])
     build_tiny_vq(tmp_path / "vq", seed=1)  # other weights, same folder, same config: same version
     Encoders._cache.clear()  # a new worker process
     assert dataset_dir(cfg) == ds
@@ -54,11 +56,13 @@ def test_weights_rebuilt_at_the_same_path_are_refused_and_the_same_weights_accep
     assert "revision" in msg and "delete" in msg  # what to do
     with pytest.raises(EncodeError, match="other weights"):  # the flow's per-shard path refuses too
         encode_shard(cfg, 1, storage)
-    assert plan_encode(cfg, storage) == [1] and not storage.exists(done_marker(ds, 1))
+    assert plan_encode(cfg, storage) == [0, 1] and not storage.exists(done_marker(ds, 1))
+    assert not storage.exists(done_marker(ds, 0, 1)) and read_manifest(storage, ds)["shards"][0]["generation"] == 0
 
     build_tiny_vq(tmp_path / "vq", seed=0)  # the recorded weights again: accepted
     Encoders._cache.clear()
     assert run_encode(cfg)["shards"] == 2 and plan_encode(cfg, storage) == []
+    assert [s["generation"] for s in read_manifest(storage, ds)["shards"]] == [1, 0]
     record = storage.read_json(done_marker(ds, 1))
     assert record["device"] == "cpu"
     assert set(record["versions"]) == {"torch", "diffusers", "transformers"}

@@ -78,3 +78,28 @@ def test_plan_text_declared_rows_and_errors(setup, capsys):
     assert "--rows: must be > 0" in capsys.readouterr().err
     assert main(["plan", *args, "--set", "train.batch_size=0"]) == 2
     assert "train.batch_size" in capsys.readouterr().err
+
+
+def test_plan_counts_a_retried_shard_as_to_encode(setup, capsys):
+    """Issue 28: an image shard whose newest generation (a retry pass's) has no encoded shard is to
+    encode again, whatever generation 0's encoded shard says; once encoded it is done."""
+    from muse.layout import dataset_dir, done_marker, shard_name
+    from muse.testing.image_shards import write_image_shard
+
+    tmp_path, args = setup
+    cfg = load_config(tmp_path / "pipeline.yaml")
+    storage = Storage.from_config(cfg)
+    ids = [s for p in plan_parts(storage, cfg) for s in p.shard_ids()]
+    ds = dataset_dir(cfg)
+    for sid in ids:  # every shard downloaded and encoded (the planner reads names and markers only)
+        write_image_shard(storage, sid, [f"c {i}" for i in range(10)], size=8)
+        storage.write_bytes(shard_name(ds, sid), b"PAR1")
+        storage.write_json(done_marker(ds, sid), {"id": sid})
+    assert _plan(capsys, args)["encode"]["shards_to_encode"] == 0
+    write_image_shard(storage, ids[3], [f"c {i}" for i in range(10)], size=8, generation=1, changed=[4])
+    e = _plan(capsys, args)["encode"]
+    assert (e["shards_done"], e["shards_to_encode"], e["rows_to_encode"], e["tasks"]) == (9, 1, 10, 1)
+    storage.write_bytes(shard_name(ds, ids[3], generation=1), b"PAR1")
+    assert _plan(capsys, args)["encode"]["shards_to_encode"] == 1  # no record: not finished
+    storage.write_json(done_marker(ds, ids[3], 1), {"id": ids[3]})
+    assert _plan(capsys, args)["encode"]["shards_to_encode"] == 0
