@@ -12,7 +12,7 @@ from flows.encode_remote import run_chunks
 from flows.fanout import on_worker_device, submit_encode_chunks
 from flows.limits import encode_parallelism
 from muse.encode import encode_shard, finalize_manifest, plan_encode
-from muse.encode.shards import encoded_among, task_chunks
+from muse.encode.shards import encoded_among, image_generations, task_chunks
 from muse.layout import dataset_dir, format_shard_id
 from muse.storage import Storage
 from muse.transient import is_transient
@@ -30,15 +30,16 @@ def encode_chunk_task(config_path: str, overrides: list[str], shard_ids: list[in
     the others; the task then fails naming it (a retry redoes only the shards not yet done)."""
     cfg = on_worker_device(cfg_from(config_path, overrides))  # on a Ray worker: the device Ray gave it
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
-    # by an earlier try of this task: one listing of each folder; an encoded shard of an older image
-    # generation is not done (a retry pass rewrote the image shard since)
-    done = set(encoded_among(storage, ds, shard_ids))
+    # done by an earlier try of this task: one listing of each folder; an encoded shard of an older
+    # image generation is not done (a retry pass rewrote the image shard since)
+    images = image_generations(storage, shard_ids)
+    done = set(encoded_among(storage, ds, shard_ids, images))
     records, failed = {}, {}
     for sid in shard_ids:
         if sid in done:
             continue
         try:
-            records[sid] = encode_shard(cfg, sid)
+            records[sid] = encode_shard(cfg, sid, generation=images.get(sid, 0))
         except Exception as exc:  # noqa: BLE001 - the others go on; raised below
             failed[sid] = exc
     if failed:

@@ -50,7 +50,7 @@ def fake_download_chunk(cfg, chunk) -> list[dict]:
     return stats
 
 
-def fake_encode_shard(cfg, sid) -> dict:
+def fake_encode_shard(cfg, sid, generation=0) -> dict:
     storage, ds = Storage.from_config(cfg), dataset_dir(cfg)
     rec = {"id": sid, "path": shard_name(ds, sid).rsplit("/", 1)[-1], "rows": 1, "bytes": 0, "sha256": "",
            "source": shard_name(IMAGES, sid), "replaced": 0}

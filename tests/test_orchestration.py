@@ -140,27 +140,31 @@ def test_code_directory_is_read_on_the_worker_when_the_run_starts(tmp_path, monk
 
 def test_an_encode_task_retry_skips_the_shards_its_first_try_did_from_one_listing(tmp_path, monkeypatch):
     """encode_chunk_task (the function under the Prefect task): the chunk's shards already done
-    (Parquet + record) come from one listing, not one request per shard; the others are encoded,
-    and a failing one is named as layout spells ids (past 5 digits too)."""
+    (Parquet + record of the image shard's newest generation) come from one listing of each folder,
+    not one request per shard; the others are encoded (a retry pass's generation by its number), and
+    a failing one is named as layout spells ids (past 5 digits too)."""
     import flows.encode as enc
     from muse.config import load_config
-    from muse.layout import dataset_dir, done_marker, shard_name
+    from muse.layout import IMAGES, dataset_dir, done_marker, shard_name
     from muse.storage import Storage
 
     config = tmp_path / "pipeline.yaml"
     config.write_text(f"storage: {{root: {tmp_path / 'root'}}}\nsource: {{paths: [urls.jsonl]}}\n")
     storage = Storage.from_config(load_config(config))
     ds = dataset_dir(load_config(config))
-    for sid in (99999, 100001, 100003):  # done by the first try
+    for sid, gen in [(s, 0) for s in range(99998, 100005)] + [(100003, 1)]:  # 100003: a retry pass's too
+        storage.write_bytes(shard_name(IMAGES, sid, generation=gen), b"")
+        storage.write_json(done_marker(IMAGES, sid, gen), {})
+    for sid in (99999, 100001, 100003):  # done by the first try (100003: generation 0 only, so not done)
         storage.write_bytes(shard_name(ds, sid), b"")
         storage.write_json(done_marker(ds, sid), {})
     storage.write_bytes(shard_name(ds, 100000), b"")  # its data without its record: not done
     encoded, calls = [], {}
 
-    def encode_shard(cfg, sid):
+    def encode_shard(cfg, sid, generation):
         if sid == 100002:
             raise ValueError("bad data")
-        encoded.append(sid)
+        encoded.append((sid, generation))
         return {"rows": 1}
 
     monkeypatch.setattr(enc, "encode_shard", encode_shard)
@@ -170,8 +174,9 @@ def test_an_encode_task_retry_skips_the_shards_its_first_try_did_from_one_listin
             {_n: calls.get(_n, 0) + 1}) or _m(*a, **k))
     with pytest.raises(RuntimeError, match=r"1 shard\(s\) failed: 100002: bad data"):
         enc.encode_chunk_task.fn(str(config), [], list(range(99998, 100005)))
-    assert encoded == [99998, 100000, 100004]
-    assert calls.get("ls") == 1 and calls.get("exists", 0) <= 1, calls  # was: one exists per shard
+    assert encoded == [(99998, 0), (100000, 0), (100003, 1), (100004, 0)]
+    # one listing (and at most one exists) per folder, images/ and the dataset; was: one exists per shard
+    assert calls.get("ls") == 2 and calls.get("exists", 0) <= 2, calls
 
 
 def test_training_progress_is_updated_at_each_metrics_line_with_step_loss_rate_and_eta(monkeypatch):

@@ -264,11 +264,12 @@ def image_generations(storage: Storage, ids: list[int] | None = None) -> dict[in
     return gens if ids is None else {s: g for s, g in gens.items() if s in set(ids)}
 
 
-def encoded_among(storage: Storage, ds: str, ids: list[int]) -> dict[int, int]:
+def encoded_among(storage: Storage, ds: str, ids: list[int], images: dict[int, int] | None = None) -> dict[int, int]:
     """{id: generation} of those of `ids` whose image shard's newest generation is encoded already
     (its record exists): what a chunk task skips, and whose records a chunk's outcome reads. An
-    encoded shard of an older generation does not count: the retry pass's rows are not in it."""
-    images = image_generations(storage, ids)
+    encoded shard of an older generation does not count: the retry pass's rows are not in it.
+    `images`: `image_generations(storage, ids)` when the caller has it."""
+    images = image_generations(storage, ids) if images is None else images
     encoded = finished_generations(storage, ds, _prefix_listing(storage, ds, ids))
     return {s: g for s, g in images.items() if (s, g) in encoded}
 
