@@ -16,11 +16,12 @@ import yaml
 
 from muse import checkpoint, train
 from muse.config import load_config
-from muse.data import LoaderSettings, StreamingDataset
+from muse.data import LoaderSettings, StreamingDataset, iter_eval_rows
 from muse.encode import plan_encode, run_encode
 from muse.encode.image import load_vq
 from muse.encode.shards import Encoders, encoded_among, finalize_manifest
-from muse.layout import (dataset_dir, done_marker, make_key, read_manifest, read_shard_table, shard_name)
+from muse.evaluate import real_images
+from muse.layout import dataset_dir, done_marker, make_key, read_manifest, read_shard_table, shard_name
 from muse.pictures import decode_picture
 from muse.storage import Storage
 from muse.testing.image_shards import write_image_shard
@@ -120,6 +121,11 @@ def test_a_new_image_generation_is_encoded_alone_and_the_loader_reads_it(tmp_pat
         assert new_tokens[key] == want[j].tolist() != old_tokens[key]
     unchanged = [make_key(s, i, ROWS) for s in range(3) for i in range(ROWS) if s != 1 or i not in CHANGED]
     assert all(new_tokens[k] == old_tokens[k] for k in unchanged)
+    # muse eval's real pictures come from the generation the tokens were made from
+    rows = [r for r in iter_eval_rows(storage, ds, 0.999999) if r["shard_id"] == 1]
+    assert {r["source"] for r in rows} == {"images/00001.g1.parquet"} and len(rows) == ROWS
+    real = real_images(storage, rows, 32)
+    assert np.array_equal(real, np.stack([decode_picture(pictures[int(r["key"][-5:])], 32) for r in rows]))
     g1 = pq.read_table(root / ds / "00001.g1.parquet")
     assert g1.column("key").to_pylist() == [make_key(1, i, ROWS) for i in range(ROWS)]
     assert not any(g1.column("replaced").to_pylist())
