@@ -2,16 +2,18 @@
 
 One output shard per input shard, same id. A shard is done when its record
 `encoded/<version>/NNNNN.json` exists (written after the Parquet file); the manifest is
-rebuilt from the records of the current image shards and written last.
-Generations (layout.py): encode reads each image shard's newest finished generation K and writes
-encoded generation K beside the others (`00042.g1.parquet` + `00042.g1.json`; generation 0 keeps
-the plain names), in the same dataset version (the encoders did not change); a shard is to do
-while its image generation has no finished encoded one, so a retry pass re-encodes only the
-shards it rewrote and never touches the others' files. So N workers can
+rebuilt from the records of the current image shards and written last. So N workers can
 encode disjoint shards of one dataset concurrently, a killed run leaves nothing that a
 reader trusts, and a re-run does only what is missing. The version is a hash of the
 encoder config, and `_ENCODERS.json` records a fingerprint of the weights loaded (hub commit or
 sha256 of local files): shards from other weights are refused, so encoders never mix.
+
+Generations (layout.py): encode reads each image shard's newest finished generation K and writes
+encoded generation K beside the others (`00042.g1.parquet` + `00042.g1.json`; generation 0 keeps
+the plain names), in the same dataset version (the encoders did not change); a shard is to do
+while its image generation has no finished encoded one, so after a retry pass only the shards it
+rewrote are encoded again and no other file is touched. The manifest lists per id the generation
+matching the image's newest; until it exists the older one stays in force (`finalize_manifest`).
 
 Throughput (`run_encode`): one thread reads the next image shard from storage, another
 decodes the next batches of this one while the models run, and a writer thread serialises
@@ -261,7 +263,8 @@ def image_generations(storage: Storage, ids: list[int] | None = None) -> dict[in
     """{image shard id: its newest finished generation} (of `ids` only, from one listing of the names
     that start like them; None: all)."""
     gens = done_generations(storage, IMAGES, _prefix_listing(storage, IMAGES, ids))
-    return gens if ids is None else {s: g for s, g in gens.items() if s in set(ids)}
+    wanted = None if ids is None else set(ids)
+    return gens if wanted is None else {s: g for s, g in gens.items() if s in wanted}
 
 
 def encoded_among(storage: Storage, ds: str, ids: list[int], images: dict[int, int] | None = None) -> dict[int, int]:
