@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,11 @@ class DownloadError(RuntimeError):
 
 class DownloadDeadlineError(DownloadError):
     """img2dataset ran past download.deadline_s (a slow network): worth a retry."""
+
+
+def work_base(cfg) -> Path:
+    """The local folder under which img2dataset's work dirs go: storage.work_dir, else a temp dir."""
+    return Path(cfg.storage.work_dir or Path(tempfile.gettempdir()) / "muse-download").expanduser()
 
 
 def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> list[str]:
