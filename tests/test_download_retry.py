@@ -178,8 +178,8 @@ def test_kill_9_mid_pass_then_rerun_writes_the_bytes_of_an_uninterrupted_pass(wo
             os.utime(p, (time.time() - 7200,) * 2)
     # one img2dataset run per shard, so the kill lands between the two shards' generations
     cfgs = {n: _cfg(r, src, tmp_path / f"work-{n}", retry_after_s=3600, shards_per_task=1) for n, r in roots.items()}
-    whole = _muse_download(cfgs["whole"], env)
-    assert whole.wait(timeout=300) == 0, whole.stdout.read()[-3000:]
+    run_download(cfgs["whole"].model_copy(update={"download": cfgs["whole"].download.model_copy(
+        update={"retry_replaced": True})}))   # uninterrupted, in this process
     proc = _muse_download(cfgs["killed"], env)
     first = roots["killed"] / shard_name(IMAGES, 0, generation=1)
     deadline = time.monotonic() + 240
@@ -195,3 +195,69 @@ def test_kill_9_mid_pass_then_rerun_writes_the_bytes_of_an_uninterrupted_pass(wo
     assert rerun.returncode == 0, out[-3000:]
     assert _generations(roots["killed"]) == _generations(roots["whole"])
     assert done_generations(st, IMAGES) == {0: 1, 1: 1, 2: 0}
+
+
+@pytest.fixture(scope="module")
+def harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield
+
+
+def _latest_download_stats() -> tuple[str, dict]:
+    import asyncio
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterKey
+    from prefect.client.schemas.sorting import ArtifactSort
+
+    async def read():
+        async with get_client() as client:
+            return await client.read_artifacts(artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[
+                "download-stats"])), sort=ArtifactSort.CREATED_DESC, limit=1)
+
+    art = asyncio.run(read())[0]
+    return art.description, {r["what"]: r for r in json.loads(art.data)}
+
+
+@pytest.mark.slow
+def test_data_refresh_downloads_new_files_and_retries_in_one_run_then_waits_the_interval(
+        world, harness, demo_subset, tmp_path):
+    """On a real local Prefect server: run 1 downloads a.jsonl while /flaky/ fails (too young to
+    retry); two hours later run 2 downloads the new b.jsonl and retries a's rows in the same run;
+    run 3 at once retries nothing (the interval), though a row that always fails is still retryable."""
+    from flows.pipeline import data_refresh_flow
+
+    srv, _, _, _ = world
+    _, config = demo_subset
+    src = tmp_path / "src"
+    src.mkdir()
+    a = ["/img/1.jpg", "/flaky/10.jpg", "/404", "/flaky/11.jpg", "/status/503", "/img/2.jpg"]
+    (src / "a.jsonl").write_text("".join(json.dumps({"url": srv.url(r), "caption": f"a {i}", "sample_id": i}) + "\n"
+                                         for i, r in enumerate(a)))
+    overrides = [f"storage.root={tmp_path / 'root'}", f"storage.work_dir={tmp_path / 'work'}",
+                 f"source.paths=['{src}/*.jsonl']", "download.retry_replaced=true", "download.retry_after_s=3600"]
+    st = Storage(str(tmp_path / "root"))
+    srv.flaky = 503
+    first = data_refresh_flow(str(config), overrides)
+    assert first["this_run"]["shards"] == 1 and done_generations(st, IMAGES) == {0: 0}
+    description, rows = _latest_download_stats()
+    assert "retry pass: 0 real image(s) gained" in description and rows["retried: total"]["this run"] == 0
+
+    srv.flaky = None
+    os.utime(st.path(done_marker(IMAGES, 0)), (time.time() - 7200,) * 2)   # run 1 was two hours ago
+    (src / "b.jsonl").write_text("".join(json.dumps({"url": srv.url(f"/img/{20 + i}.jpg"), "caption": f"b {i}",
+                                                     "sample_id": 100 + i}) + "\n" for i in range(3)))
+    second = data_refresh_flow(str(config), overrides)
+    assert second["this_run"]["shards"] == 1 and done_generations(st, IMAGES) == {0: 1, 1: 0}
+    description, rows = _latest_download_stats()
+    assert "retry pass: 2 real image(s) gained" in description, description
+    assert (rows["retried: http_5xx"]["this run"], rows["recovered: http_5xx"]["this run"],
+            rows["still failed: http_5xx"]["this run"]) == (3, 2, 1)
+    assert second["rows"] == 9 and rows["succeeded"]["dataset"] == 7   # 2 + 2 recovered + 3 new
+
+    third = data_refresh_flow(str(config), overrides)
+    assert third["note"].startswith("nothing new") and done_generations(st, IMAGES) == {0: 1, 1: 0}
+    description, rows = _latest_download_stats()
+    assert "retry pass: 0 real image(s) gained" in description and rows["retried: total"]["this run"] == 0

@@ -27,7 +27,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 
 from muse.download.intact import whole_image_shards
-from muse.download.retry import format_retry, run_retry
+from muse.download.retry import format_retry, gained_line, run_retry
 from muse.download.runner import DownloadError, run_img2dataset, verify_shard, work_base
 from muse.download.sources import (REGISTRY, DownloadChunk, DownloadPart, SourceError,
                                    load_registry, plan_parts, read_source, register_sources)
@@ -232,8 +232,7 @@ def run_download(cfg) -> dict:
     report = None
     if cfg.download.retry_replaced:
         report = run_retry(cfg)
-        print(f"[download] retry pass: {len(report['shards'])} shard(s) got a new generation, "
-              f"{report['recovered']} real image(s) gained\n{format_retry(report)}", file=sys.stderr, flush=True)
+        print(f"[download] {gained_line(report)}\n{format_retry(report)}", file=sys.stderr, flush=True)
     summary = finalize_download(cfg)
     return summary if report is None else {**summary, "retry": report}
 

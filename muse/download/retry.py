@@ -220,6 +220,23 @@ def retry_rows(report: dict) -> list[dict]:
                     "still failed": report["retried"] - report["recovered"]}]
 
 
+def retry_stat_rows(report: dict) -> list[dict]:
+    """The report as rows of the flow's `download-stats` table ({what, this run, dataset, share}):
+    per reason, rows retried, recovered and still failed by this run's pass."""
+    rows = []
+    for r in retry_rows(report):
+        for what in ("retried", "recovered", "still failed"):
+            rows.append({"what": f"{what}: {r['reason']}", "this run": r[what], "dataset": "", "share": ""})
+    return rows
+
+
+def gained_line(report: dict) -> str:
+    """One line: what the retry pass gained."""
+    return (f"retry pass: {report['recovered']} real image(s) gained, {report['retried'] - report['recovered']} "
+            f"of {report['retried']} row(s) fetched again still failed, {len(report['shards'])} shard(s) got a "
+            "new generation")
+
+
 def format_retry(report: dict) -> str:
     """`retry_rows` as the text `muse download --retry-replaced` prints."""
     lines = [f"{'reason':<24}{'retried':>10}{'recovered':>11}{'still failed':>14}"]
