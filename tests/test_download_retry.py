@@ -90,13 +90,22 @@ def test_the_first_download_replaced_the_flaky_rows_as_transient(world):
     assert not any(world[3]["replaced"].to_pylist()[i] for i in FLAKY)   # the clean run got them
 
 
-def test_retry_recovers_exactly_the_transient_rows_as_a_new_generation(world, tmp_path):
-    srv, src, _, clean = world
-    root = _copy(world, tmp_path)
+@pytest.fixture(scope="module")
+def retried(world, tmp_path_factory):
+    """(root, what `run_download` returned, the paths the server was asked for) of one uninterrupted
+    retry pass over a copy of the failed download, the /flaky/ routes answering again."""
+    srv, src, _, _ = world
+    tmp = tmp_path_factory.mktemp("retried")
+    root = _copy(world, tmp)
     srv.flaky = None
     before = len(srv.requests)
-    out = run_download(_cfg(root, src, tmp_path / "work", retry_replaced=True))
-    fetched = srv.requests[before:]
+    out = run_download(_cfg(root, src, tmp / "work", retry_replaced=True))
+    return root, out, srv.requests[before:]
+
+
+def test_retry_recovers_exactly_the_transient_rows_as_a_new_generation(world, retried):
+    clean = world[3]
+    root, out, fetched = retried
     assert sorted(fetched) == sorted(ROUTES[i] for i in FLAKY + ALWAYS)   # no 404, no good row again
     st = Storage(str(root))
     assert done_generations(st, IMAGES) == {0: 1, 1: 1, 2: 0}            # shard 2: nothing to retry
@@ -166,34 +175,30 @@ def _generations(root: Path) -> dict[str, bytes]:
 
 
 @pytest.mark.slow
-def test_kill_9_mid_pass_then_rerun_writes_the_bytes_of_an_uninterrupted_pass(world, tmp_path):
+def test_kill_9_mid_pass_then_rerun_writes_the_bytes_of_an_uninterrupted_pass(world, retried, tmp_path):
+    """`retried` is the uninterrupted pass (its bytes do not depend on how rows are batched)."""
     srv, src, _, _ = world
     srv.flaky = None
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    roots = {}
-    for name in ("whole", "killed"):
-        roots[name] = tmp_path / name
-        shutil.copytree(world[2], roots[name])
-        for p in (roots[name] / IMAGES).glob("*_stats.json"):   # downloaded two hours ago: due
-            os.utime(p, (time.time() - 7200,) * 2)
+    root = _copy(world, tmp_path)
+    for p in (root / IMAGES).glob("*_stats.json"):   # downloaded two hours ago: due
+        os.utime(p, (time.time() - 7200,) * 2)
     # one img2dataset run per shard, so the kill lands between the two shards' generations
-    cfgs = {n: _cfg(r, src, tmp_path / f"work-{n}", retry_after_s=3600, shards_per_task=1) for n, r in roots.items()}
-    run_download(cfgs["whole"].model_copy(update={"download": cfgs["whole"].download.model_copy(
-        update={"retry_replaced": True})}))   # uninterrupted, in this process
-    proc = _muse_download(cfgs["killed"], env)
-    first = roots["killed"] / shard_name(IMAGES, 0, generation=1)
+    cfg = _cfg(root, src, tmp_path / "work", retry_after_s=3600, shards_per_task=1)
+    proc = _muse_download(cfg, env)
+    first = root / shard_name(IMAGES, 0, generation=1)
     deadline = time.monotonic() + 240
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    st = Storage(str(roots["killed"]))
+    st = Storage(str(root))
     assert done_generations(st, IMAGES)[1] == 0   # killed mid-pass: shard 1's old generation in force
-    rerun = _muse_download(cfgs["killed"], env)
+    rerun = _muse_download(cfg, env)
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out[-3000:]
-    assert _generations(roots["killed"]) == _generations(roots["whole"])
+    assert _generations(root) == _generations(retried[0])
     assert done_generations(st, IMAGES) == {0: 1, 1: 1, 2: 0}
 
 
