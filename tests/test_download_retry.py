@@ -266,3 +266,21 @@ def test_data_refresh_downloads_new_files_and_retries_in_one_run_then_waits_the_
     assert third["note"].startswith("nothing new") and done_generations(st, IMAGES) == {0: 1, 1: 0}
     description, rows = _latest_download_stats()
     assert "retry pass: 0 real image(s) gained" in description and rows["retried: total"]["this run"] == 0
+
+
+def test_size_check_and_retiring_act_on_every_generation(tmp_path, capsys):
+    """intact.py checks the newest generation against its own marker (a cut one loses its marker:
+    the generation before is in force again); a changed source file's shards go with every generation."""
+    from muse.download.intact import check_image_shards, whole_image_shards
+    from muse.download.sources import retire
+
+    st = Storage(str(tmp_path))
+    for sid, gen in ((0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (2, 0)):
+        data = f"shard {sid} generation {gen}".encode()
+        st.write_bytes(shard_name(IMAGES, sid, generation=gen), data)
+        st.write_json(done_marker(IMAGES, sid, gen), {"bytes": len(data) + ((sid, gen) == (0, 2))})  # 00000.g2: cut
+    assert check_image_shards(st) == ([1, 2], {0: "20 bytes, its stats say 21"})
+    assert whole_image_shards(st) == [0, 1, 2] and done_generations(st, IMAGES) == {0: 1, 1: 1, 2: 0}
+    assert "00000.g2.parquet: 20 bytes, its stats say 21: the generation before it is in force" in capsys.readouterr().err
+    retire(st, {"first_shard": 0, "num_shards": 2})
+    assert sorted(p.rsplit("/", 1)[-1] for p in st.list(IMAGES)) == ["00002.parquet", "00002_stats.json"]
