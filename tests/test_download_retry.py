@@ -198,6 +198,7 @@ def test_kill_9_mid_pass_then_rerun_writes_the_bytes_of_an_uninterrupted_pass(wo
     rerun = _muse_download(cfg, env)
     out = rerun.communicate(timeout=300)[0]
     assert rerun.returncode == 0, out[-3000:]
+    assert "retry pass: " in out and "reason                     retried  recovered  still failed" in out, out
     assert _generations(root) == _generations(retried[0])
     assert done_generations(st, IMAGES) == {0: 1, 1: 1, 2: 0}
 

@@ -25,6 +25,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import io
+import json
 import shutil
 import sys
 import time
@@ -74,10 +75,10 @@ def find_candidates(cfg, storage: Storage, now: float) -> list[Candidate]:
     dl, out = cfg.download, []
     reg = load_registry(storage)
     live = {s for e in reg["sources"].values() for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
-    for sid, gen in done_generations(storage, IMAGES).items():
-        if live and sid not in live:
-            continue
-        marker = storage.read_json(done_marker(IMAGES, sid, gen))
+    gens = {sid: gen for sid, gen in done_generations(storage, IMAGES).items() if not live or sid in live}
+    markers = storage.read_many([done_marker(IMAGES, sid, gen) for sid, gen in gens.items()])  # one batch
+    for sid, gen in gens.items():
+        marker = json.loads(markers[done_marker(IMAGES, sid, gen)])
         if not any(is_retryable(r) for r in marker.get("replaced_by_reason", {})):
             continue  # the marker says so: no read of the shard
         if _age_s(storage, sid, gen, marker, now) < dl.retry_after_s:
