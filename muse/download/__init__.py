@@ -7,7 +7,8 @@
     download_chunk(cfg, chunk) -> [shard stats]    img2dataset in a subprocess, our writer as it goes
     finalize_download(cfg)     -> summary          images/_config.yaml + a table on stderr
     summarize_run(cfg, stats)  -> summary          the same counts over the shards one run wrote
-    run_download(cfg)          -> summary          plan, every chunk in turn, finalize
+    run_download(cfg)          -> summary          plan, every chunk in turn, the retry pass when
+                                                   download.retry_replaced (retry.py), finalize
 
 img2dataset writes one chunk to a local work dir (`storage.work_dir`, default a temp dir),
 keyed by root + source + fingerprint + first shard, so local disk is bounded by the chunk and
