@@ -285,3 +285,16 @@ def test_size_check_and_retiring_act_on_every_generation(tmp_path, capsys):
     assert "00000.g2.parquet: 20 bytes, its stats say 21: the generation before it is in force" in capsys.readouterr().err
     retire(st, {"first_shard": 0, "num_shards": 2})
     assert sorted(p.rsplit("/", 1)[-1] for p in st.list(IMAGES)) == ["00002.parquet", "00002_stats.json"]
+
+
+@pytest.mark.parametrize("where", ["local", "gcs"])
+def test_a_generation_0_marker_is_as_old_as_its_file(where, tmp_path, request):
+    """Generation 0 markers hold no time: the storage's modification time stands in, on a local
+    root and on gs:// (the GCS emulator's `updated`)."""
+    from muse.download.retry import _age_s
+
+    st = Storage(str(tmp_path) if where == "local" else request.getfixturevalue("gcs_root"))
+    st.write_json(done_marker(IMAGES, 3), {"rows_in": 1})
+    age = _age_s(st, 3, 0, {"rows_in": 1}, time.time())
+    assert 0 <= age < 60, age
+    assert _age_s(st, 3, 1, {"written": time.time() - 100}, time.time()) == pytest.approx(100, abs=1)
