@@ -133,6 +133,7 @@ def test_retry_recovers_exactly_the_transient_rows_as_a_new_generation(world, re
         "http_404": 1, "http_5xx": 1}
 
 
+@pytest.mark.slow
 def test_interval_and_max_retries_per_row(world, tmp_path):
     """A generation younger than retry_after_s is left alone; a row is fetched again at most
     max_retries_per_row times."""
