@@ -1,6 +1,9 @@
 """Prefect flow for phase 1: one task per chunk of `download.shards_per_task` shards of a source
 file (one img2dataset run that writes each shard as it finishes), then the summary as a table:
-this run's counts beside the dataset's totals, so a refresh that found nothing new says so."""
+this run's counts beside the dataset's totals, so a refresh that found nothing new says so.
+With `download.retry_replaced` a retry pass follows the chunks (muse/download/retry.py): its
+rows retried, recovered and still failed per reason join the table, and the table's summary
+says how many real images it gained."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from flows.common import RETRY_DELAYS, cfg_from, stats_table, transient, user_er
 from flows.limits import submit_bounded
 from muse.download import (DownloadPlan, SourceError, download_chunk, finalize_download, plan_run, run_rows,
                            summarize_run)
+from muse.download.retry import gained_line, retry_stat_rows, run_retry
 
 
 @task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient,
@@ -28,6 +32,12 @@ def plan_task(config_path: str, overrides: list[str]) -> DownloadPlan | str:
         return plan_run(cfg_from(config_path, overrides))
     except SourceError as exc:
         return str(exc)
+
+
+@task(retries=len(RETRY_DELAYS), retry_delay_seconds=RETRY_DELAYS, retry_condition_fn=transient)
+def retry_task(config_path: str, overrides: list[str]) -> dict:
+    """The retry pass (a re-run after a failure writes the same bytes: finished generations stay)."""
+    return run_retry(cfg_from(config_path, overrides))
 
 
 @task
@@ -61,11 +71,18 @@ def download_flow(config_path: str = "pipeline.yaml", overrides: list[str] | Non
             failed.append(f"{chunks[i].label}: {exc}")
         update_progress_artifact(progress, 100.0 * (i + 1) / len(chunks),
                                  description=f"{i + 1}/{len(chunks)} download tasks done")
+    retry = None
+    if cfg.download.retry_replaced and not failed:  # after the new rows: their shards are complete
+        retry = retry_task(config_path, overrides)
+        print(f"download: {gained_line(retry)}")
     summary, this_run = finalize_task(config_path, overrides, written)
-    stats_table("download-stats", run_rows(this_run, summary),
-                f"{note}. Rows in, filtered before download, succeeded and replaced by reason: 'this run' counts "
+    gained = f"; {gained_line(retry)}" if retry is not None else ""
+    stats_table("download-stats", run_rows(this_run, summary) + (retry_stat_rows(retry) if retry else []),
+                f"{note}{gained}. Rows in, filtered before download, succeeded and replaced by reason"
+                f"{', retried, recovered and still failed by the retry pass' if retry else ''}: 'this run' counts "
                 "the shards this run wrote, 'dataset' every current shard")
     if failed:
         raise RuntimeError(f"{len(failed)} download task(s) failed (re-run to finish them): " + "; ".join(failed))
-    return {**summary, "note": note, "this_run": {k: this_run[k] for k in ("rows_in", "succeeded")}
-            | {"shards": len(this_run["shards"])}}
+    out = {**summary, "note": note, "this_run": {k: this_run[k] for k in ("rows_in", "succeeded")}
+           | {"shards": len(this_run["shards"])}}
+    return out if retry is None else {**out, "retry": retry}

@@ -85,6 +85,11 @@ def build_parser() -> argparse.ArgumentParser:
             p.add_argument("--out", help="output PNG path")
         if name == "plan":
             _plan_args(p)
+        if name == "download":
+            p.add_argument("--retry-replaced", action="store_true",
+                           help="then fetch rows replaced for a retryable reason again, into new shard "
+                                "generations (download.retry_replaced; see download.retry_after_s, "
+                                "download.max_retries_per_row)")
         if name == "eval":
             p.add_argument("--checkpoint", help="checkpoint dir (default: latest of train.run_name)")
             p.add_argument("--max-samples", type=int, help="eval rows to score (default: eval.max_samples)")
@@ -230,6 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     where = f"muse {args.command}"
     try:
         overrides = args.overrides + _sample_overrides(args) + _node_overrides(args)
+        if getattr(args, "retry_replaced", False):
+            overrides.append("download.retry_replaced=true")
         cfg = load_config(args.config, overrides)
         _run(args, cfg, overrides)
     except Exception as err:  # noqa: BLE001 - sorted by report(): one line or a traceback

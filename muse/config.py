@@ -106,6 +106,14 @@ class DownloadConfig(_Section):
     max_aspect_ratio: Optional[float] = Field(None, ge=1, description="max(w,h)/min(w,h); null: no limit")
     max_parallel_tasks: int = Field(1, ge=1, description="download tasks (chunks of shards_per_task shards) the flow "
                                     "runs at once (each is one img2dataset run of processes x threads)")
+    # The retry pass (docs/download.md "Retrying failed rows"): after the download, rows replaced
+    # for a retryable reason (muse/download/reasons.py) are fetched again into a new generation of
+    # their shard. A generation younger than retry_after_s is left alone, so a row is fetched at
+    # most once per interval, and at most max_retries_per_row times in all.
+    retry_replaced: bool = Field(False, description="after the download, fetch rows replaced for a retryable "
+                                 "reason again (muse download --retry-replaced)")
+    retry_after_s: float = Field(86400.0, ge=0, description="a shard generation younger than this is not retried")
+    max_retries_per_row: int = Field(3, ge=0, description="times one row is fetched again, at most")
 
 
 class ModelRef(BaseModel):

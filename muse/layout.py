@@ -39,6 +39,8 @@ Phase 1, `images/NNNNN.parquet` (one row per input row, failures replaced):
     key str, caption str, caption_was_null bool, url str, image binary (JPEG, RGB,
     image_size x image_size), width int32, height int32, replaced bool, status str,
     error_message str, reason str (normalised), + carried source columns (e.g. SAMPLE_ID, similarity).
+    Generations K >= 1 (the retry pass, muse/download/retry.py) add, last, retries int32: times the
+    row was fetched again (absent in generation 0: 0); their markers record `written` (Unix seconds).
 
 Phase 2, `encoded/<version>/NNNNN.parquet`:
     key str, caption str, replaced bool,

@@ -7,7 +7,8 @@
     download_chunk(cfg, chunk) -> [shard stats]    img2dataset in a subprocess, our writer as it goes
     finalize_download(cfg)     -> summary          images/_config.yaml + a table on stderr
     summarize_run(cfg, stats)  -> summary          the same counts over the shards one run wrote
-    run_download(cfg)          -> summary          plan, every chunk in turn, finalize
+    run_download(cfg)          -> summary          plan, every chunk in turn, the retry pass when
+                                                   download.retry_replaced (retry.py), finalize
 
 img2dataset writes one chunk to a local work dir (`storage.work_dir`, default a temp dir),
 keyed by root + source + fingerprint + first shard, so local disk is bounded by the chunk and
@@ -21,20 +22,18 @@ from __future__ import annotations
 import hashlib
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
 from muse.download.intact import whole_image_shards
-from muse.download.runner import DownloadError, run_img2dataset, verify_shard
-from muse.download.sources import (REGISTRY, ROW, DownloadChunk, DownloadPart, SourceError,
+from muse.download.retry import format_retry, gained_line, run_retry
+from muse.download.runner import DownloadError, run_img2dataset, verify_shard, work_base
+from muse.download.sources import (REGISTRY, DownloadChunk, DownloadPart, SourceError,
                                    load_registry, plan_parts, read_source, register_sources)
-from muse.download.writer import build_shard, is_http
-from muse.layout import IMAGES, done_among, done_marker, done_shards, shard_name
+from muse.download.writer import build_shard, fetch_list
+from muse.layout import IMAGES, done_among, done_generations, done_marker, shard_name
 from muse.storage import Storage
 
 __all__ = ["REGISTRY", "run_download", "plan_download", "plan_chunks", "plan_run", "download_part", "download_chunk",
@@ -85,17 +84,9 @@ def plan_chunks(cfg) -> list[DownloadChunk]:
 
 
 def work_dir_for(cfg, storage: Storage, chunk: DownloadChunk) -> Path:
-    base = Path(cfg.storage.work_dir or Path(tempfile.gettempdir()) / "muse-download")
     tag = hashlib.sha256(f"{storage.uri}|{chunk.part.source}|{chunk.part.fingerprint}|{chunk.first_shard}"
                          .encode()).hexdigest()[:16]
-    return base.expanduser() / tag
-
-
-def _fetch_list(rows: pa.Table) -> pa.Table:
-    """What img2dataset gets: http(s) URLs (non-ASCII percent-encoded) or "" (fails at once)."""
-    urls = [quote(u.strip(), safe=":/?#[]@!$&'()*+,;=%~") if is_http(u) else ""
-            for u in rows.column("url").to_pylist()]
-    return pa.table({"url": pa.array(urls, pa.string()), ROW: rows.column(ROW)})
+    return work_base(cfg) / tag
 
 
 def download_part(cfg, part: DownloadPart) -> list[dict]:
@@ -120,7 +111,7 @@ def download_chunk(cfg, chunk: DownloadChunk) -> list[dict]:
     out_dir = work / "out"
     out_dir.mkdir(parents=True, exist_ok=True)
     first_row, end_row = chunk.row_range()
-    pq.write_table(_fetch_list(table.slice(first_row, end_row - first_row)), work / "input.parquet")
+    pq.write_table(fetch_list(table.slice(first_row, end_row - first_row)), work / "input.parquet")
     for sid in set(chunk.shard_ids()) - set(todo):  # tell img2dataset to skip finished shards
         marker = out_dir / f"{sid - chunk.first_shard:05d}_stats.json"
         if not marker.exists():
@@ -164,7 +155,8 @@ def summarize(storage: Storage, only: set[int] | None = None) -> dict:
     row, filtered ones included: a file's filtered rows count once all its shards are in (and,
     with `only`, one of them is among `only`)."""
     reg = load_registry(storage)
-    done = set(done_shards(storage, IMAGES))
+    gens = done_generations(storage, IMAGES)  # each shard's newest finished generation is in force
+    done = set(gens)
     live = {s for e in reg["sources"].values()
             for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
     summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "filtered_by_reason": {},
@@ -172,7 +164,7 @@ def summarize(storage: Storage, only: set[int] | None = None) -> dict:
     for sid in sorted(done):
         if (live and sid not in live) or (only is not None and sid not in only):
             continue
-        st = storage.read_json(done_marker(IMAGES, sid))
+        st = storage.read_json(done_marker(IMAGES, sid, gens[sid]))
         summary["shards"].append(sid)
         summary["rows_in"] += st["rows_in"]
         summary["succeeded"] += st["succeeded"]
@@ -233,8 +225,15 @@ def summarize_run(cfg, shard_stats: list[dict]) -> dict:
 
 
 def run_download(cfg) -> dict:
-    """Plan, fetch every unfinished chunk in turn, finalize. Returns the summary."""
+    """Plan, fetch every unfinished chunk in turn, then (`download.retry_replaced`) the retry pass
+    (muse/download/retry.py, its table on stderr), finalize. Returns the summary, with the retry
+    pass's report under "retry" when it ran."""
     for chunk in plan_chunks(cfg):
         download_chunk(cfg, chunk)
-    return finalize_download(cfg)
+    report = None
+    if cfg.download.retry_replaced:
+        report = run_retry(cfg)
+        print(f"[download] {gained_line(report)}\n{format_retry(report)}", file=sys.stderr, flush=True)
+    summary = finalize_download(cfg)
+    return summary if report is None else {**summary, "retry": report}
 

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -32,6 +33,11 @@ class DownloadError(RuntimeError):
 
 class DownloadDeadlineError(DownloadError):
     """img2dataset ran past download.deadline_s (a slow network): worth a retry."""
+
+
+def work_base(cfg) -> Path:
+    """The local folder under which img2dataset's work dirs go: storage.work_dir, else a temp dir."""
+    return Path(cfg.storage.work_dir or Path(tempfile.gettempdir()) / "muse-download").expanduser()
 
 
 def img2dataset_args(input_path: Path, out_dir: Path, dl, shard_size: int) -> list[str]:
@@ -113,7 +119,12 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
     """
     log = out_dir.parent / "img2dataset.log"
     out_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-c", _launcher(dl), *img2dataset_args(input_path, out_dir, dl, shard_size)]
+    pgid_file = out_dir.parent / "img2dataset.pgid"
+    # the child records its own process group first thing: if we are killed (kill -9) between its
+    # start and our write below, the next run in this work dir still finds and stops it (a leftover
+    # img2dataset in the same out dir deletes the new run's _tmp files when it ends)
+    record = f"import os; open({str(pgid_file)!r}, 'w').write(str(os.getpgid(0))); "
+    cmd = [sys.executable, "-c", record + _launcher(dl), *img2dataset_args(input_path, out_dir, dl, shard_size)]
     env = dict(os.environ, NO_ALBUMENTATIONS_UPDATE="1", WANDB_MODE="disabled")
     env.setdefault("PYSPARK_PYTHON", sys.executable)  # Spark workers need img2dataset too
     lock = open(out_dir.parent / ".lock", "w")  # noqa: SIM115 - held until we return
@@ -121,7 +132,6 @@ def run_img2dataset(input_path: Path, out_dir: Path, dl, shard_size: int, label:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         raise DownloadError(f"{label}: another download is using {out_dir.parent}") from None
-    pgid_file = out_dir.parent / "img2dataset.pgid"
     _kill_leftover(pgid_file)
     start = time.monotonic()
     with lock, open(log, "ab") as logf:

@@ -3,7 +3,7 @@
 `images/_SOURCES.json` maps every source file (its URI as listed in `source.paths`, globs
 expanded) to a fingerprint (size + md5/etag/mtime), the rows taken from it, and a
 contiguous range of global shard ids. A new file gets the next free ids; a changed file's
-old shards are retired (stats deleted first, so the shard reads as incomplete at once) and
+old shards are retired, every generation (markers deleted first, so the shard reads as incomplete at once) and
 it gets fresh ids; an unchanged file whose shards are all present is skipped. Files
 removed from `source.paths` keep their shards. The registry records `schema_version`
 (`layout.IMAGES_VERSION`, the version of everything under images/); another one is refused.
@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from muse.download.filters import FilterError, Selection, select_rows, selection_spec
 from muse.download.intact import whole_image_shards
-from muse.layout import IMAGE_COLUMNS, IMAGES, IMAGES_VERSION, REGISTRY, check_version, done_marker, shard_name
+from muse.layout import IMAGE_COLUMNS, IMAGES, IMAGES_VERSION, REGISTRY, check_version, parse_shard_name
 from muse.storage import Storage, source_fs
 
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
@@ -209,10 +209,14 @@ def load_registry(storage: Storage) -> dict:
 
 
 def retire(storage: Storage, entry: dict) -> None:
-    """Delete a changed file's old shards: stats first (the done marker), then parquet."""
-    for sid in range(entry["first_shard"], entry["first_shard"] + entry["num_shards"]):
-        storage.delete(done_marker(IMAGES, sid))
-        storage.delete(shard_name(IMAGES, sid))
+    """Delete a changed file's old shards, every generation of them (one listing of images/):
+    markers first (so no generation reads as done any more), then the Parquet files."""
+    ids = range(entry["first_shard"], entry["first_shard"] + entry["num_shards"])
+    names = [p.rsplit("/", 1)[-1] for p in storage.list(IMAGES)]
+    mine = [n for n in names if (parsed := parse_shard_name(n)) is not None and parsed[0] in ids]
+    markers = [n for n in mine if n.endswith("_stats.json")]
+    for name in markers + [n for n in mine if n not in markers]:
+        storage.delete(f"{IMAGES}/{name}")
 
 
 @dataclass

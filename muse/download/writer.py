@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import re
+from urllib.parse import quote
 
 import numpy as np
 import pyarrow as pa
@@ -27,6 +28,13 @@ BAD_URL_MESSAGE = "not an http(s) URL: not fetched"
 
 def is_http(url) -> bool:
     return isinstance(url, str) and url.strip().lower().startswith(("http://", "https://"))
+
+
+def fetch_list(rows: pa.Table) -> pa.Table:
+    """What img2dataset gets: http(s) URLs (non-ASCII percent-encoded) or "" (fails at once)."""
+    urls = [quote(u.strip(), safe=":/?#[]@!$&'()*+,;=%~") if is_http(u) else ""
+            for u in rows.column("url").to_pylist()]
+    return pa.table({"url": pa.array(urls, pa.string()), ROW: rows.column(ROW)})
 
 
 def reason_of(status: str | None, message: str | None) -> str:
@@ -76,6 +84,27 @@ def check_image(data: bytes, quality: int) -> tuple[bytes | None, int, int, str 
     return data, img.size[0], img.size[1], None
 
 
+def row_result(url, status: str | None, error: str | None, jpg, key: str, image_size: int,
+               quality: int) -> dict:
+    """One row's image columns from img2dataset's answer for it (`jpg`: the bytes on success):
+    the checked picture, or a placeholder with its reason (also the retry pass's rows)."""
+    image, w, h, reason = None, 0, 0, None
+    if not is_http(url):
+        status, error, reason = "not_fetched", BAD_URL_MESSAGE, "bad_url"
+    elif status == "success":
+        image, w, h, reason = check_image(jpg, quality)
+        if reason:
+            status, error = "failed_to_resize", f"{reason}: decoded image is {reason}"
+    else:
+        reason = reason_of(status, error)
+    replaced = image is None
+    if replaced:
+        image = _jpeg(solid_color(key, image_size), quality)
+        w = h = image_size
+    return {"image": image, "width": w, "height": h, "replaced": replaced, "status": status,
+            "error_message": error or "", "reason": reason or ""}
+
+
 def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: int,
                 image_size: int, quality: int) -> tuple[bytes, dict]:
     """(parquet bytes, stats) for one shard; `rows` is our slice, `fetched` img2dataset's."""
@@ -91,26 +120,15 @@ def build_shard(rows: pa.Table, fetched: pa.Table, shard_id: int, shard_size: in
         j = by_row.get(row)
         if j is None:
             raise ValueError(f"shard {shard_id}: row {row} missing from img2dataset's output")
-        status, error, image, w, h, reason = f_status[j], f_error[j], None, 0, 0, None
-        if not is_http(urls[i]):
-            status, error, reason = "not_fetched", BAD_URL_MESSAGE, "bad_url"
-        elif status == "success":
-            image, w, h, reason = check_image(f_jpg[j].as_py(), quality)
-            if reason:
-                status, error = "failed_to_resize", f"{reason}: decoded image is {reason}"
-        else:
-            reason = reason_of(status, error)
-        replaced = image is None
-        if replaced:
-            image = _jpeg(solid_color(key, image_size), quality)
-            w = h = image_size
-            counts[reason] = counts.get(reason, 0) + 1
+        jpg = f_jpg[j].as_py() if f_status[j] == "success" else None
+        res = row_result(urls[i], f_status[j], f_error[j], jpg, key, image_size, quality)
+        if res["replaced"]:
+            counts[res["reason"]] = counts.get(res["reason"], 0) + 1
         out["key"].append(key)
         out["caption"].append(captions[i] if captions[i] is not None else "")
         out["caption_was_null"].append(captions[i] is None)
         out["url"].append(urls[i] if urls[i] is not None else "")
-        for c, v in (("image", image), ("width", w), ("height", h), ("replaced", replaced),
-                     ("status", status), ("error_message", error or ""), ("reason", reason or "")):
+        for c, v in res.items():
             out[c].append(v)
     table = _to_table(out, rows)
     buf = io.BytesIO()

@@ -18,6 +18,9 @@
     /html               200 with an HTML body
     /truncated.jpg      the first half of a JPEG
     /slow               sleeps longer than any test timeout before answering
+    /flaky/<n>.jpg      fails while the server's `flaky` switch is set (a status such as 503, or
+                        "timeout": answers after SLOW_SECONDS), else /img/<n>.jpg: a transient
+                        failure in one run that a later run recovers (the retry pass's tests)
 """
 
 from __future__ import annotations
@@ -118,6 +121,8 @@ class _Handler(BaseHTTPRequestHandler):
         if folder is None and path == "/slow":
             time.sleep(SLOW_SECONDS)  # longer than the client's socket timeout
             path = "/img/1.jpg"
+        if folder is None and path.startswith("/flaky/"):
+            path = self._flaky(path)
         if folder is None and path in ("/hangup", "/reset"):
             if path == "/reset":  # linger 0 and a close now (before the server's FIN): an RST
                 self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
@@ -138,6 +143,15 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout tests)
 
+    def _flaky(self, path: str) -> str:
+        """The route a /flaky/ request is answered from, given the server's switch now."""
+        mode = self.server.flaky
+        if mode == "timeout":
+            time.sleep(SLOW_SECONDS)  # the client gave up long before: its row is a timeout
+        elif mode is not None:
+            return f"/status/{int(mode)}"
+        return "/img/" + path.rsplit("/", 1)[-1]
+
     def log_message(self, *args):  # keep test output quiet
         pass
 
@@ -156,8 +170,18 @@ class ImageServer:
         self.httpd.daemon_threads = True
         self.httpd.requests = []
         self.httpd.folder = None if folder is None else Path(folder)
+        self.httpd.flaky = None  # what /flaky/ answers: None serves the picture (see the module docstring)
         self.port = self.httpd.server_address[1]
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @property
+    def flaky(self) -> str | int | None:
+        """/flaky/ routes fail with this status (503, 429, ...) or "timeout"; None: they succeed."""
+        return self.httpd.flaky
+
+    @flaky.setter
+    def flaky(self, mode: str | int | None) -> None:
+        self.httpd.flaky = mode
 
     @property
     def requests(self) -> list[str]:
@@ -173,7 +197,8 @@ class ImageServer:
         prefix = self.url()
         for url in urls:
             if self.httpd.folder is None and url and url.startswith(prefix):
-                body_for(url[len(prefix):].split("?", 1)[0])
+                path = url[len(prefix):].split("?", 1)[0]
+                body_for("/img/" + path.rsplit("/", 1)[-1] if path.startswith("/flaky/") else path)
 
     def __enter__(self) -> "ImageServer":
         self.thread.start()
