@@ -299,3 +299,61 @@ def test_a_generation_0_marker_is_as_old_as_its_file(where, tmp_path, request):
     age = _age_s(st, 3, 0, {"rows_in": 1}, time.time())
     assert 0 <= age < 60, age
     assert _age_s(st, 3, 1, {"written": time.time() - 100}, time.time()) == pytest.approx(100, abs=1)
+
+
+@pytest.mark.slow
+def test_encode_after_the_retry_pass_rewrites_only_the_retried_shards(world, tmp_path):
+    """The whole refresh on real files: download (with /flaky/ failing) -> encode -> retry pass ->
+    encode. Only the shards the pass rewrote get a new encoded generation (the other shard's files
+    keep their bytes and mtimes), the manifest names them, and each recovered row now holds the
+    tokens that a clean download's picture of it encodes to."""
+    from muse.encode import run_encode
+    from muse.encode.shards import Encoders
+    from muse.layout import dataset_dir, read_manifest
+    from muse.testing.tiny import build_tiny_encoders, tiny_encode_overrides
+
+    srv, src, failed, _ = world
+    sets = tiny_encode_overrides(build_tiny_encoders(tmp_path / "enc")) + ["encode.row_group_size=4"]
+    roots = {name: tmp_path / name for name in ("refresh", "clean")}
+    shutil.copytree(failed, roots["refresh"])
+    shutil.copytree(failed.parent / "clean", roots["clean"])
+    cfgs = {name: load_config(None, sets, data={"storage": {"root": str(r), "work_dir": str(tmp_path / "work")},
+                                                "source": {"paths": [str(src)]},
+                                                "download": _cfg(r, src, tmp_path).download.model_dump()})
+            for name, r in roots.items()}
+    Encoders._cache.clear()
+    for cfg in cfgs.values():
+        run_encode(cfg)
+    ds_dir = roots["refresh"] / dataset_dir(cfgs["refresh"])
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ds_dir.iterdir()}
+    was, srv.flaky = srv.flaky, None
+    try:
+        run_download(cfgs["refresh"].model_copy(update={"download": cfgs["refresh"].download.model_copy(
+            update={"retry_replaced": True})}))
+    finally:
+        srv.flaky = was
+    run_encode(cfgs["refresh"])
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in ds_dir.iterdir()}
+    assert sorted(set(after) - set(before)) == ["00000.g1.json", "00000.g1.parquet", "00001.g1.json",
+                                                "00001.g1.parquet"]
+    for name in ("00002.parquet", "00002.json", "00000.parquet", "00001.parquet"):  # nothing rewritten
+        assert after[name] == before[name], name
+
+    def encoded(name: str) -> dict:
+        st = Storage(str(roots[name]))
+        manifest = read_manifest(st, dataset_dir(cfgs[name]))
+        rows = {}
+        for rec in manifest["shards"]:
+            t = pq.read_table(io.BytesIO(st.read_bytes(f"{dataset_dir(cfgs[name])}/{rec['path']}")))
+            rows.update({r["key"]: (r["replaced"], r["vq16"]) for r in t.select(["key", "replaced", "vq16"]).to_pylist()})
+        return manifest, rows
+
+    manifest, refreshed = encoded("refresh")
+    _, clean = encoded("clean")
+    assert {s["id"]: s["generation"] for s in manifest["shards"]} == {0: 1, 1: 1, 2: 0} and not manifest["pending"]
+    keys = sorted(refreshed)
+    assert keys == sorted(clean) and len(keys) == len(ROUTES)
+    for i in FLAKY:
+        assert refreshed[keys[i]] == clean[keys[i]] and refreshed[keys[i]][0] is False
+    for i in FINAL + ALWAYS:
+        assert refreshed[keys[i]][0] is True
