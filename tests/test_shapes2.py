@@ -97,3 +97,25 @@ def test_vq_recipe_names_its_world():
     assert VQRecipe(world="shapes2").key() != VQRecipe().key()
     with pytest.raises(ValueError, match="VQRecipe.world"):
         VQRecipe(world="nope").key()
+
+
+def test_the_compose_config_samples_its_prompts_and_eval_scores_them(tmp_path):
+    """The demo's settings with compose's on top: its prompts (training and held-out scenes), and the
+    `muse eval` metric named in the config, imported the way `muse eval` imports it."""
+    import importlib
+
+    from muse.config import load_config
+
+    encoders = {"text_model": "t5", "vq_model": "vq", "codebook_size": 64, "text_dim": 32,
+                "clip_model": "clip", "fid_features": "f.pt2"}
+    sets = demo.demo_overrides(tmp_path, encoders, tmp_path / "urls.jsonl", False) + compose.compose_overrides(False)
+    cfg = load_config(None, sets, data={})
+    assert cfg.sample.prompts == compose.score_prompts() and cfg.sample.batch_size == 2 * compose.PER_PART
+    scenes = [shapes2.parse_caption(p) for p in cfg.sample.prompts]
+    assert sum(map(shapes2.held_out, scenes)) == compose.PER_PART and len(set(scenes)) == 2 * compose.PER_PART
+    module, name = cfg.eval.metrics[0].split(":")
+    metric = getattr(importlib.import_module(module), name)
+    rows = shapes2.make_world(16, seed=2)
+    assert metric([img for img, _ in rows], [c for _, c in rows]) == {
+        "compose_first": 1.0, "compose_second": 1.0, "compose_relation": 1.0, "compose_all": 1.0}
+    assert metric([img for img, _ in rows], ["a red circle"] * 16) == {}
