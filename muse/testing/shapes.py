@@ -124,12 +124,17 @@ def parse_caption(caption: str) -> tuple[str, str] | None:
     return (m.group(1), m.group(2)) if m else None
 
 
+def saturated(image: np.ndarray) -> np.ndarray:
+    """The pixels coloured enough to be an object's (the background is grey)."""
+    hsv = np.asarray(Image.fromarray(image).convert("HSV"), dtype=np.float32) / 255
+    return (hsv[..., 1] > 0.35) & (hsv[..., 2] > 0.25)
+
+
 def object_mask(image: np.ndarray) -> np.ndarray:
     """The largest connected blob of saturated pixels (the background is grey)."""
     from scipy import ndimage
 
-    hsv = np.asarray(Image.fromarray(image).convert("HSV"), dtype=np.float32) / 255
-    mask = (hsv[..., 1] > 0.35) & (hsv[..., 2] > 0.25)
+    mask = saturated(image)
     labels, n = ndimage.label(mask)
     if n == 0:
         return mask
@@ -142,20 +147,30 @@ def classify(image: np.ndarray, min_pixels: int = 20) -> tuple[str | None, str |
     mask = object_mask(image)
     if mask.sum() < min_pixels:
         return None, None, 0.0
+    shape, iou = blob_shape(mask)
+    return blob_colour(image, mask), shape, iou
+
+
+def blob_colour(image: np.ndarray, mask: np.ndarray) -> str:
+    """The named colour nearest the circular mean hue of the blob's pixels."""
     hue = np.asarray(Image.fromarray(image).convert("HSV"))[..., 0][mask] / 256.0
     mean_hue = (np.angle(np.exp(2j * np.pi * hue).mean()) / (2 * np.pi)) % 1.0   # circular mean
-    colour = min(_HUES, key=lambda c: min(abs(_HUES[c] - mean_hue), 1 - abs(_HUES[c] - mean_hue)))
+    return min(_HUES, key=lambda c: min(abs(_HUES[c] - mean_hue), 1 - abs(_HUES[c] - mean_hue)))
+
+
+def blob_shape(mask: np.ndarray) -> tuple[str, float]:
+    """-> (shape, IoU): each shape drawn into the blob's bounding box, the best overlap wins."""
     ys, xs = np.nonzero(mask)
     box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
     ious = {}
     for shape in SHAPES:
         s = _SUPERSAMPLE
-        tpl = Image.new("L", (image.shape[1] * s, image.shape[0] * s), 0)
+        tpl = Image.new("L", (mask.shape[1] * s, mask.shape[0] * s), 0)
         draw_shape(ImageDraw.Draw(tpl), shape, tuple(v * s for v in box), 255)
-        t = np.asarray(tpl.resize(image.shape[1::-1], Image.Resampling.BOX)) > 127
+        t = np.asarray(tpl.resize(mask.shape[1::-1], Image.Resampling.BOX)) > 127
         ious[shape] = (t & mask).sum() / max((t | mask).sum(), 1)
     shape = max(ious, key=ious.get)
-    return colour, shape, float(ious[shape])
+    return shape, float(ious[shape])
 
 
 def adherence(images: np.ndarray, captions: list[str]) -> dict:

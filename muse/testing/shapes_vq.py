@@ -55,13 +55,30 @@ class VQRecipe:
     # trainer now runs 2 with OMP_WAIT_POLICY=PASSIVE, which removes that ("demo threads"); 2 here
     # too would change the weights and every machine's cached VQ (the count is in the key): not done
     threads: int = 1
+    # the module of muse.testing whose make_world / adherence it trains on and is judged by: "shapes"
+    # (the demo) or "shapes2" (the compose world, two smaller objects: the demo's VQ blurs them)
+    world: str = "shapes"
 
     def key(self) -> str:
-        from muse.testing.shapes import JITTER, WIDTH
-
-        world = {"width": WIDTH, "jitter": JITTER}   # the pictures it is trained on
-        text = json.dumps({**asdict(self), "world": world, "v": CACHE_VERSION}, sort_keys=True)
+        mod = world_module(self.world)
+        recipe = asdict(self)
+        if self.world == "shapes":   # not in the demo's key: its cached VQ stays where it was
+            recipe.pop("world")
+        world = {k.lower(): getattr(mod, k) for k in WORLD_SETTINGS if hasattr(mod, k)}  # what it trains on
+        text = json.dumps({**recipe, "world": world, "v": CACHE_VERSION}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+# the worlds' module constants that shape their pictures, in the cache key
+WORLD_SETTINGS = ("WIDTH", "JITTER", "CENTRE", "ACROSS")
+
+
+def world_module(name: str):
+    import importlib
+
+    if name not in ("shapes", "shapes2"):
+        raise ValueError(f"VQRecipe.world: {name!r} is not a world of muse.testing (shapes, shapes2)")
+    return importlib.import_module(f"muse.testing.{name}")
 
 
 def build_vq(r: VQRecipe):
@@ -114,11 +131,9 @@ def train_vq(r: VQRecipe, log=print) -> tuple[object, dict]:
 
 
 def _train_vq(r: VQRecipe, log) -> tuple[object, dict]:
-    from muse.testing.shapes import make_world
-
     torch.manual_seed(r.seed)
     gen = torch.Generator().manual_seed(r.seed)
-    world = make_world(r.images, seed=r.world_seed)
+    world = world_module(r.world).make_world(r.images, seed=r.world_seed)
     data = torch.from_numpy(np.stack([img for img, _ in world]))
     data = data.permute(0, 3, 1, 2).float().div_(255)          # open-muse VQ input: RGB in [0, 1]
     vq = build_vq(r)
@@ -146,7 +161,7 @@ def _train_vq(r: VQRecipe, log) -> tuple[object, dict]:
                 f"({time.time() - t0:.0f} s)")
     _tune_decoder(vq, data, r, gen, log)
     vq.eval()
-    stats = evaluate_vq(vq, data[:256], [caption for _, caption in world[:256]])
+    stats = evaluate_vq(vq, data[:256], [caption for _, caption in world[:256]], world=r.world)
     return vq, {**stats, "steps": r.steps, "seconds": round(time.time() - t0, 1)}
 
 
@@ -175,20 +190,21 @@ def _tune_decoder(vq, data: torch.Tensor, r: VQRecipe, gen: torch.Generator, log
 
 
 @torch.no_grad()
-def evaluate_vq(vq, x: torch.Tensor, captions: list[str] | None = None) -> dict:
-    """PSNR, codes used and, given the pictures' captions, the shapes scorer's colour / shape on the
-    reconstructions: the most a transformer sampling this VQ's tokens can score (PSNR hides a green
-    that decodes teal)."""
-    from muse.testing.shapes import adherence
-
+def evaluate_vq(vq, x: torch.Tensor, captions: list[str] | None = None, world: str = "shapes") -> dict:
+    """PSNR, codes used and, given the pictures' captions, the world's scorer on the reconstructions:
+    the most a transformer sampling this VQ's tokens can score (PSNR hides a green that decodes teal).
+    shapes: recon_colour / recon_shape; shapes2: recon_all (both objects and the relation right)."""
     xr, _, _, idx = _forward(vq, x)
     mse = F.mse_loss(xr.clamp(0, 1), x).item()
     out = {"psnr": round(10 * np.log10(1 / max(mse, 1e-12)), 2),
            "codes_used": int(idx.unique().numel()), "codebook_size": int(vq.config.num_vq_embeddings)}
     if captions is not None:
         pictures = (xr.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
-        score = adherence(pictures, captions)["all"]
-        out.update(recon_colour=round(score["colour"], 3), recon_shape=round(score["shape"], 3))
+        score = world_module(world).adherence(pictures, captions)["all"]
+        if world == "shapes":
+            out.update(recon_colour=round(score["colour"], 3), recon_shape=round(score["shape"], 3))
+        else:
+            out.update(recon_all=round(score["all"], 3))
     return out
 
 
@@ -211,7 +227,7 @@ def shapes_vq(r: VQRecipe = VQRecipe(), log=print) -> tuple[str, dict]:
         tmp.rename(out)
     except OSError:  # another process cached it first
         shutil.rmtree(tmp, ignore_errors=True)
+    recon = ", ".join(f"{k[6:]} {v:.0%}" for k, v in stats.items() if k.startswith("recon_"))
     log(f"shapes VQ: PSNR {stats['psnr']} dB, {stats['codes_used']}/{stats['codebook_size']} codes used, "
-        f"scorer on its reconstructions colour {stats['recon_colour']:.0%} shape {stats['recon_shape']:.0%}, "
-        f"{stats['seconds']} s")
+        f"scorer on its reconstructions {recon}, {stats['seconds']} s")
     return str(out), json.loads((out / "stats.json").read_text())
