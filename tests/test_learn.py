@@ -103,3 +103,33 @@ def test_a_short_run_beats_chance(tmp_path):
     rec = json.loads((tmp_path / "data" / "checkpoints" / "demo" / "eval" / "step-00000150.json").read_text())
     assert set(rec["metrics"]) == {"fid", "clip_score", "adherence_colour", "adherence_shape", "adherence_both"}
     assert rec["counts"]["samples"] == 8, rec["counts"]
+
+
+def test_a_demo_seed_draws_another_world_and_training(tmp_path):
+    """bench/learn.py --seeds: seed 0 is the demo itself (the config's defaults), another seed other
+    pictures and other training and sampling draws."""
+    from muse.config import load_config
+
+    encoders = dict(text_model="t5", vq_model="vq", codebook_size=64, text_dim=32, clip_model="clip", fid_features="f")
+    cfgs = {s: load_config(None, demo.demo_overrides(tmp_path, encoders, tmp_path / "urls.jsonl", False, s), data={})
+            for s in (0, 2)}
+    assert (cfgs[0].train.seed, cfgs[0].sample.seed, cfgs[0].eval.seed) == (0, 0, 0)
+    assert (cfgs[2].train.seed, cfgs[2].sample.seed, cfgs[2].eval.seed) == (2, 2, 2)
+    # seed 0 sets nothing the defaults do not: the demo's table stays the one recorded
+    unseeded = [s for s in demo.demo_overrides(tmp_path, encoders, tmp_path / "urls.jsonl", False) if ".seed=" not in s]
+    assert cfgs[0].model_dump() == load_config(None, unseeded, data={}).model_dump()
+    demo.make_images(tmp_path / "a", 4), demo.make_images(tmp_path / "b", 4, seed=2)
+    pixels = {s: [(tmp_path / s / f"{i:05d}.png").read_bytes() for i in range(4)] for s in "ab"}
+    assert all(x != y for x, y in zip(pixels["a"], pixels["b"]))
+
+
+def test_bench_learn_summary_gives_mean_and_worst_over_seeds():
+    from bench.learn import summary
+
+    def run(shape, seconds):
+        part = {"colour": 1.0, "shape": shape, "both": shape}
+        return {"results": {1.5: {"train_pairs": part, "held_out": part}}, "times": {"train": seconds}}
+
+    text = summary([run(0.9, 100), run(0.7, 300)])
+    assert "| 1.5 | train_pairs | 100% / 100% | 80% / 70% | 80% / 70% |" in text
+    assert "| train | 200 / 300 |" in text
