@@ -24,6 +24,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from PIL import Image
@@ -84,7 +85,7 @@ def write_source(path: Path, base_url: str, items: list[tuple[str, str]]) -> int
     return len(rows)
 
 
-def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list[str]:
+def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool, seed: int = 0) -> list[str]:
     """The demo's settings as `--set` overrides of the config's defaults: one list, read top to bottom.
 
     `quick` (the tests' subset) changes four: shards of 25 rows, 40 steps, two prompts, an
@@ -104,6 +105,7 @@ def demo_overrides(out: Path, encoders: dict, source: Path, quick: bool) -> list
             # the demo preset merges 2x2 tokens per position (model.downsample): fast enough on 2 cores
             # that 2,500 steps learn the stars and the first run, VQ training included, fits 8 minutes
             # (measured: bench/RESULTS.md, "2026-12-02 14:35-15:36Z, "it learns": 2x2 merged tokens")
+            f"train.seed={seed}", f"sample.seed={seed}", f"eval.seed={seed}",
             "train.run_name=demo", f"train.batch_size={16 if quick else 32}", "train.grad_accum=1",
             f"train.max_steps={40 if quick else 2500}", "train.warmup_steps=50", "train.lr=3e-3",
             "train.weight_decay=0.0", "train.label_smoothing=0.0", "train.num_workers=0",
@@ -136,26 +138,30 @@ def shapes_adherence(images, captions: list) -> dict:
     return {f"adherence_{k}": v for k, v in r.items() if k != "n"}
 
 
-def prepare(out: str | Path, quick: bool = False, rows: int | None = None) -> tuple[Path, Path]:
+def prepare(out: str | Path, quick: bool = False, rows: int | None = None, seed: int = 0) -> tuple[Path, Path]:
     """Images, encoders, config (without the URL list, which needs the server's port).
 
-    -> (config path, images folder)."""
+    `seed` draws another demo: the world's pictures, the VQ (its own world and draws) and the
+    training and sampling; 0 is the demo. -> (config path, images folder)."""
     from muse.config import load_config
     from muse.testing.shapes_vq import VQRecipe, shapes_vq
     from muse.testing.tiny import TEXT_DIM
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    items = make_images(out / "images", rows or (48 if quick else ROWS))
+    items = make_images(out / "images", rows or (48 if quick else ROWS), seed=seed)
     (out / "captions.json").write_text(json.dumps(items))
-    vq_path, vq_stats = shapes_vq(VQRecipe(**QUICK_VQ) if quick else VQRecipe())
+    recipe = VQRecipe(**QUICK_VQ) if quick else VQRecipe()
+    if seed:   # the VQ's world and draws follow the seed too (0: the recipe's own, the cached demo VQ)
+        recipe = replace(recipe, world_seed=recipe.world_seed + seed, seed=recipe.seed + seed)
+    vq_path, vq_stats = shapes_vq(recipe)
     encoders = {"text_model": text_encoder(out / "encoders" / "t5"), "vq_model": vq_path,
                 "codebook_size": vq_stats["codebook_size"], "text_dim": TEXT_DIM, **eval_models(out / "encoders")}
     source = out / "source" / "urls.jsonl"
     source.parent.mkdir(exist_ok=True)
     # from the defaults, not the repo's pipeline.yaml (the same values, checked by a test):
     # an installed package has no repo, and the config is validated before anything runs
-    cfg = load_config(None, demo_overrides(out, encoders, source, quick), data={})
+    cfg = load_config(None, demo_overrides(out, encoders, source, quick, seed), data={})
     path = out / "pipeline.yaml"
     path.write_text(cfg.to_yaml())
     return path, out / "images"

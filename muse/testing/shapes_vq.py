@@ -52,8 +52,9 @@ class VQRecipe:
     # torch intra-op threads of the training: the weights depend on the count, so it is fixed.
     # 1: on a 2-core machine shared with other work, 2 threads spin-wait on each other (the quick
     # VQ took 630 s at 2 threads, 74 s at 1, bench/RESULTS.md "reproducible demo"). The demo's
-    # trainer now runs 2 with OMP_WAIT_POLICY=PASSIVE, which removes that ("demo threads"); 2 here
-    # too would change the weights and every machine's cached VQ (the count is in the key): not done
+    # trainer now runs 2 with OMP_WAIT_POLICY=PASSIVE, which removes that ("demo threads"); 2 here,
+    # with PASSIVE and the spin count, still took 2.2x the time of 1 beside other work (60 + 30 steps:
+    # 69 s vs 31 s, load 5-6; bench/RESULTS.md "demo budget and seeds"), and other weights: kept at 1
     threads: int = 1
     # the module of muse.testing whose make_world / adherence it trains on and is judged by: "shapes"
     # (the demo) or "shapes2" (the compose world, two smaller objects: the demo's VQ blurs them)
