@@ -32,20 +32,14 @@ import muse.download  # noqa: E402
 import muse.download.retry  # noqa: E402
 from muse.download import run_download  # noqa: E402
 from muse.download.retry import run_retry  # noqa: E402
-from muse.download.runner import run_img2dataset  # noqa: E402
 from muse.testing.imageserver import ImageServer  # noqa: E402
 
-_I2D_SECONDS: list[float] = []
+# bench/download.py's timer of img2dataset's part (it patches muse.download on import), also
+# over the retry pass: what muse adds is the rest (reading, rewriting shards)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from download import I2D_SECONDS, timed_img2dataset  # noqa: E402
 
-
-def _timed_img2dataset(*args, **kwargs):
-    """Time img2dataset's part of each run, to show what muse adds (reading, rewriting shards)."""
-    t0 = time.perf_counter()
-    run_img2dataset(*args, **kwargs)
-    _I2D_SECONDS.append(time.perf_counter() - t0)
-
-
-muse.download.run_img2dataset = muse.download.retry.run_img2dataset = _timed_img2dataset
+muse.download.retry.run_img2dataset = timed_img2dataset
 
 
 def _cfg(root: Path, src: Path, work: Path, args) -> object:
@@ -75,17 +69,17 @@ def main() -> None:
         for name, flaky in (("plain download (every route answers)", None),
                             ("download, /flaky/ answering 503", 503)):
             srv.flaky = flaky
-            _I2D_SECONDS.clear()
+            I2D_SECONDS.clear()
             t0 = time.perf_counter()
             summary = run_download(_cfg(tmp / name[:5], src, tmp / "work", args))
             dt = time.perf_counter() - t0
-            results.append((name, args.rows, dt, sum(_I2D_SECONDS), summary["succeeded"]))
+            results.append((name, args.rows, dt, sum(I2D_SECONDS), summary["succeeded"]))
         srv.flaky = None
-        _I2D_SECONDS.clear()
+        I2D_SECONDS.clear()
         t0 = time.perf_counter()
         report = run_retry(_cfg(tmp / "downl", src, tmp / "work", args))
         dt = time.perf_counter() - t0
-        results.append(("retry pass (re-fetches the failed rows)", report["retried"], dt, sum(_I2D_SECONDS),
+        results.append(("retry pass (re-fetches the failed rows)", report["retried"], dt, sum(I2D_SECONDS),
                         report["recovered"]))
     print(f"{args.rows} rows, {args.failing:.0%} failing in the first download, {args.size}px, "
           f"1 process x {args.threads} threads, shard_size {args.shard_size}", file=sys.stderr)
