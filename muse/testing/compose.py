@@ -12,9 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from PIL import Image
-
-from muse.testing import demo, shapes, shapes2
+from muse.testing import demo, shapes2
 
 ROWS = 2400
 # the VQ trained on the compose world: the demo's (trained on one large object) blurs two small
@@ -26,23 +24,7 @@ PER_PART = 120   # prompts scored per part (training scenes, held-out scenes: al
 
 def text_encoder(out_dir: Path) -> str:
     """The demo's tiny T5 with the relation words whole too ("left", "above", ...)."""
-    from muse.testing.tiny import build_tiny_t5
-
-    if (out_dir / "model.safetensors").exists() and (out_dir / "tokenizer.json").exists():
-        return str(out_dir)
-    return build_tiny_t5(out_dir, words=tuple(shapes.COLOURS) + tuple(shapes.SHAPES) + shapes2.WORDS)
-
-
-def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Write n PNGs of the compose world; -> [(file name, caption)]."""
-    folder.mkdir(parents=True, exist_ok=True)
-    out = []
-    for i, (img, caption) in enumerate(shapes2.make_world(n, seed=seed)):
-        name = f"{i:05d}.png"
-        if not (folder / name).exists():
-            Image.fromarray(img).save(folder / name)
-        out.append((name, caption))
-    return out
+    return demo.text_encoder(out_dir, extra_words=shapes2.WORDS)
 
 
 def score_prompts(per_part: int = PER_PART) -> list[str]:
@@ -69,7 +51,7 @@ def prepare(out: str | Path, quick: bool = False, rows: int | None = None, seed:
 
     out = Path(out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    items = make_images(out / "images", rows or (48 if quick else ROWS), seed=seed)
+    items = demo.make_images(out / "images", rows or (48 if quick else ROWS), seed=seed, world=shapes2.make_world)
     (out / "captions.json").write_text(json.dumps(items))
     vq_path, vq_stats = shapes_vq(VQRecipe(**demo.QUICK_VQ, **VQ) if quick else VQRecipe(**VQ))
     encoders = {"text_model": text_encoder(out / "encoders" / "t5"), "vq_model": vq_path,

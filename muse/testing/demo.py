@@ -49,25 +49,26 @@ THREADS = 2
 EVAL_HOLDOUT = 0.05
 
 
-def text_encoder(out_dir: Path) -> str:
+def text_encoder(out_dir: Path, extra_words: tuple[str, ...] = ()) -> str:
     """The tiny T5, with each colour and shape word one token: the model's cross-attention then
     finds "triangle" in one place instead of spread over 3 pieces shared with other words.
 
     Built once per output folder: the tokenizer's training is not bit-for-bit repeatable (its
     scores differ in the last digits), and a rebuilt T5 at the same path is other weights to
-    the dataset's encoder fingerprint, which then refuses the shards a re-run adds."""
+    the dataset's encoder fingerprint, which then refuses the shards a re-run adds.
+    `extra_words`: more words kept whole (the compose world's relations)."""
     from muse.testing.tiny import build_tiny_t5
 
     if (out_dir / "model.safetensors").exists() and (out_dir / "tokenizer.json").exists():
         return str(out_dir)
-    return build_tiny_t5(out_dir, words=tuple(shapes.COLOURS) + tuple(shapes.SHAPES))
+    return build_tiny_t5(out_dir, words=tuple(shapes.COLOURS) + tuple(shapes.SHAPES) + tuple(extra_words))
 
 
-def make_images(folder: Path, n: int, seed: int = 0) -> list[tuple[str, str]]:
-    """Write n PNGs of the shapes world; -> [(file name, caption)]."""
+def make_images(folder: Path, n: int, seed: int = 0, world=shapes.make_world) -> list[tuple[str, str]]:
+    """Write n PNGs of the shapes world (or of `world`, a make_world like shapes2's); -> [(file name, caption)]."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
-    for i, (img, caption) in enumerate(shapes.make_world(n, seed=seed)):
+    for i, (img, caption) in enumerate(world(n, seed=seed)):
         name = f"{i:05d}.png"
         if not (folder / name).exists():
             Image.fromarray(img).save(folder / name)
