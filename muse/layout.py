@@ -212,21 +212,28 @@ def done_marker(phase: str, shard_id: int, generation: int = 0) -> str:
     return shard_name(phase, shard_id, "_stats.json" if phase == IMAGES else ".json", generation)
 
 
-def done_generations(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> dict[int, int]:
-    """{shard id: its newest finished generation} of `phase` (IMAGES or a dataset_dir): a
-    generation is finished when its Parquet file and its marker both exist, so a generation
-    being written (or killed half way) leaves the one before it in force. `listing`: as in
-    `done_shards`."""
+def finished_generations(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> set[tuple[int, int]]:
+    """Every finished (shard id, generation) of `phase` (IMAGES or a dataset_dir): its Parquet
+    file and its marker both exist. `listing`: as in `done_shards`."""
     names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
-    newest: dict[int, int] = {}
+    out = set()
     for name in names:
         parsed = parse_shard_name(name) if name.endswith(".parquet") else None
         if parsed is None:
             continue
         sid, gen = parsed
-        if (shard_name(phase, sid, generation=gen).rsplit("/", 1)[-1] == name
-                and done_marker(phase, sid, gen).rsplit("/", 1)[-1] in names and gen >= newest.get(sid, -1)):
-            newest[sid] = gen
+        if (shard_name(phase, sid, generation=gen).rsplit("/", 1)[-1] == name  # not 00042_x.parquet
+                and done_marker(phase, sid, gen).rsplit("/", 1)[-1] in names):
+            out.add(parsed)
+    return out
+
+
+def done_generations(storage: Storage, phase: str, listing: Iterable[str] | None = None) -> dict[int, int]:
+    """{shard id: its newest finished generation} of `phase` (`finished_generations`), so a
+    generation being written (or killed half way) leaves the one before it in force."""
+    newest: dict[int, int] = {}
+    for sid, gen in finished_generations(storage, phase, listing):
+        newest[sid] = max(gen, newest.get(sid, gen))
     return dict(sorted(newest.items()))
 
 
@@ -238,16 +245,24 @@ def done_shards(storage: Storage, phase: str, listing: Iterable[str] | None = No
     return list(done_generations(storage, phase, listing))
 
 
-def done_among(storage: Storage, phase: str, ids: Iterable[int]) -> list[int]:
-    """Which of `ids` (one task's shards) are done, by the rule of `done_shards`, from one listing
-    of only the names that start like all of them (the common prefix of the lowest and highest
-    id's spelling): for a chunk of consecutive ids a few hundred names, however many shards
-    the folder holds."""
+def prefix_listing(storage: Storage, phase: str, ids: Iterable[int] | None) -> list[str]:
+    """The names under `phase` that start like all of `ids` (the common prefix of the lowest and
+    highest id's spelling): for one task's consecutive ids a few hundred names, however many
+    shards the folder holds. None: the whole folder."""
+    if ids is None:
+        return storage.list(phase)
     wanted = set(ids)
     if not wanted:
         return []
     start = os.path.commonprefix([format_shard_id(min(wanted)), format_shard_id(max(wanted))])
-    return [s for s in done_shards(storage, phase, storage.list(phase, name_prefix=start)) if s in wanted]
+    return storage.list(phase, name_prefix=start)
+
+
+def done_among(storage: Storage, phase: str, ids: Iterable[int]) -> list[int]:
+    """Which of `ids` (one task's shards) are done, by the rule of `done_shards`, from one
+    `prefix_listing` of only the names that start like all of them."""
+    wanted = set(ids)
+    return [s for s in done_shards(storage, phase, prefix_listing(storage, phase, wanted)) if s in wanted]
 
 
 # ----------------------------------------------------------------------------- the run folder

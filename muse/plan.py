@@ -28,8 +28,9 @@ from muse.config import PipelineConfig
 from muse.download import todo_chunks
 from muse.download.intact import check_image_shards
 from muse.download.sources import plan_sources
-from muse.encode.shards import finished_generations, shards_to_encode, task_chunks
-from muse.layout import GRID_BASE, GRID_SUPERRES, IMAGES, DataError, dataset_dir, done_generations, done_marker
+from muse.encode.shards import shards_to_encode, task_chunks
+from muse.layout import (GRID_BASE, GRID_SUPERRES, IMAGES, DataError, dataset_dir, done_generations, done_marker,
+                         finished_generations)
 from muse.storage import Storage
 
 DEFAULT_GPU = "H100 80GB HBM3"

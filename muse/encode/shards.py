@@ -30,7 +30,6 @@ import io
 import json
 import math
 import multiprocessing
-import os
 import queue
 import sys
 import threading
@@ -48,8 +47,8 @@ from muse.encode.fingerprint import encoder_changes, weights_fingerprint
 from muse.encode.loading import LOAD_LOCK
 from muse.layout import (ENCODERS, GRID_BASE, GRID_SUPERRES, IMAGES, PAGE_CHECKSUMS, SCHEMA_VERSION, check_version,
                          dataset_dir, done_generations, done_marker, done_shards, empty_caption_record,
-                         encoded_schema, format_shard_id, open_shard, parse_shard_name, read_problem, shard_name,
-                         t5_to_bytes, trainable_counts, write_manifest)
+                         encoded_schema, finished_generations, format_shard_id, open_shard, prefix_listing,
+                         read_problem, shard_name, t5_to_bytes, trainable_counts, write_manifest)
 from muse.pictures import decode_picture
 from muse.storage import Storage, crc32c
 
@@ -232,37 +231,10 @@ def _encode_then_write(cfg, shard_id: int, storage: Storage, table: pa.Table | N
     return write
 
 
-def finished_generations(storage: Storage, phase: str, listing=None) -> set[tuple[int, int]]:
-    """Every finished (shard id, generation) of `phase` (Parquet file and marker both exist; the
-    rule of `layout.done_generations`, which keeps only the newest per id). `listing`: as there."""
-    names = {p.rsplit("/", 1)[-1] for p in (storage.list(phase) if listing is None else listing)}
-    out = set()
-    for name in names:
-        parsed = parse_shard_name(name) if name.endswith(".parquet") else None
-        if parsed is None:
-            continue
-        sid, gen = parsed
-        if (shard_name(phase, sid, generation=gen).endswith("/" + name)  # not 00042_x.parquet
-                and done_marker(phase, sid, gen).rsplit("/", 1)[-1] in names):
-            out.add(parsed)
-    return out
-
-
-def _prefix_listing(storage: Storage, phase: str, ids: list[int] | None) -> list[str]:
-    """The names of `phase` that start like all of `ids` (their common prefix, as in
-    `layout.done_among`): a chunk's few hundred names however many shards the folder holds."""
-    if ids is None:
-        return storage.list(phase)
-    if not ids:
-        return []
-    start = os.path.commonprefix([format_shard_id(min(ids)), format_shard_id(max(ids))])
-    return storage.list(phase, name_prefix=start)
-
-
 def image_generations(storage: Storage, ids: list[int] | None = None) -> dict[int, int]:
     """{image shard id: its newest finished generation} (of `ids` only, from one listing of the names
     that start like them; None: all)."""
-    gens = done_generations(storage, IMAGES, _prefix_listing(storage, IMAGES, ids))
+    gens = done_generations(storage, IMAGES, prefix_listing(storage, IMAGES, ids))
     wanted = None if ids is None else set(ids)
     return gens if wanted is None else {s: g for s, g in gens.items() if s in wanted}
 
@@ -273,7 +245,7 @@ def encoded_among(storage: Storage, ds: str, ids: list[int], images: dict[int, i
     encoded shard of an older generation does not count: the retry pass's rows are not in it.
     `images`: `image_generations(storage, ids)` when the caller has it."""
     images = image_generations(storage, ids) if images is None else images
-    encoded = finished_generations(storage, ds, _prefix_listing(storage, ds, ids))
+    encoded = finished_generations(storage, ds, prefix_listing(storage, ds, ids))
     return {s: g for s, g in images.items() if (s, g) in encoded}
 
 
