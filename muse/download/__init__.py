@@ -31,7 +31,7 @@ from muse.download.intact import whole_image_shards
 from muse.download.retry import format_retry, gained_line, run_retry
 from muse.download.runner import DownloadError, run_img2dataset, verify_shard, work_base
 from muse.download.sources import (REGISTRY, DownloadChunk, DownloadPart, SourceError,
-                                   load_registry, plan_parts, read_source, register_sources)
+                                   live_shards, load_registry, plan_parts, read_source, register_sources)
 from muse.download.writer import build_shard, fetch_list
 from muse.layout import IMAGES, done_among, done_generations, done_marker, shard_name
 from muse.storage import Storage
@@ -157,8 +157,7 @@ def summarize(storage: Storage, only: set[int] | None = None) -> dict:
     reg = load_registry(storage)
     gens = done_generations(storage, IMAGES)  # each shard's newest finished generation is in force
     done = set(gens)
-    live = {s for e in reg["sources"].values()
-            for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
+    live = live_shards(reg)
     summary = {"rows_in": 0, "succeeded": 0, "replaced_by_reason": {}, "filtered_by_reason": {},
                "shards": []}
     for sid in sorted(done):

@@ -36,7 +36,7 @@ import pyarrow.parquet as pq
 
 from muse.download.reasons import is_retryable
 from muse.download.runner import run_img2dataset, verify_shard, work_base
-from muse.download.sources import ROW, load_registry
+from muse.download.sources import ROW, live_shards, load_registry
 from muse.download.writer import fetch_list, row_result
 from muse.layout import IMAGES, PAGE_CHECKSUMS, done_generations, done_marker, open_shard, shard_name
 from muse.storage import Storage
@@ -74,7 +74,7 @@ def find_candidates(cfg, storage: Storage, now: float) -> list[Candidate]:
     """The shards (newest generation, of a registered source file) with rows worth fetching again."""
     dl, out = cfg.download, []
     reg = load_registry(storage)
-    live = {s for e in reg["sources"].values() for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
+    live = live_shards(reg)
     gens = {sid: gen for sid, gen in done_generations(storage, IMAGES).items() if not live or sid in live}
     markers = storage.read_many([done_marker(IMAGES, sid, gen) for sid, gen in gens.items()])  # one batch
     for sid, gen in gens.items():

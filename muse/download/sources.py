@@ -23,7 +23,7 @@ import pyarrow.parquet as pq
 
 from muse.download.filters import FilterError, Selection, select_rows, selection_spec
 from muse.download.intact import whole_image_shards
-from muse.layout import IMAGE_COLUMNS, IMAGES, IMAGES_VERSION, REGISTRY, check_version, parse_shard_name
+from muse.layout import IMAGE_COLUMNS, IMAGES, IMAGES_VERSION, REGISTRY, check_version, parse_shard_name, prefix_listing
 from muse.storage import Storage, source_fs
 
 ROW = "__muse_row"  # our row index, passed through img2dataset's save_additional_columns
@@ -208,11 +208,18 @@ def load_registry(storage: Storage) -> dict:
     return {"schema_version": IMAGES_VERSION, "next_shard": 0, "sources": {}}
 
 
+def live_shards(registry: dict) -> set[int]:
+    """The shard ids of the registry's current source files."""
+    return {s for e in registry["sources"].values()
+            for s in range(e["first_shard"], e["first_shard"] + e["num_shards"])}
+
+
 def retire(storage: Storage, entry: dict) -> None:
-    """Delete a changed file's old shards, every generation of them (one listing of images/):
-    markers first (so no generation reads as done any more), then the Parquet files."""
+    """Delete a changed file's old shards, every generation of them (one listing of the names
+    that start like its ids): markers first (so no generation reads as done any more), then the
+    Parquet files."""
     ids = range(entry["first_shard"], entry["first_shard"] + entry["num_shards"])
-    names = [p.rsplit("/", 1)[-1] for p in storage.list(IMAGES)]
+    names = [p.rsplit("/", 1)[-1] for p in prefix_listing(storage, IMAGES, ids)]
     mine = [n for n in names if (parsed := parse_shard_name(n)) is not None and parsed[0] in ids]
     markers = [n for n in mine if n.endswith("_stats.json")]
     for name in markers + [n for n in mine if n not in markers]:
